@@ -1,0 +1,1 @@
+"""Runnable benchmarks; each prints a table and, with --json, one JSON object."""

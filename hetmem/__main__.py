@@ -1,0 +1,6 @@
+"""`python -m hetmem ...` is the `hetmem` command."""
+import sys
+
+from hetmem.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""The `hetmem` command: one subcommand per module in hetmem/commands/.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; they are
+imported only when chosen, so `hetmem env` does not pay for the training code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "env": ("hetmem.commands.env", "report the environment: torch, ops, SIMD, IO backends, GPUs"),
+    "bench": ("hetmem.commands.bench", "run a benchmark: `hetmem bench adam`, `hetmem bench nvme`"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetmem", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("HETMEM_LOG", "warning"),
+                        help="logging level for hetmem's library logs (default: %(default)s; "
+                             "also HETMEM_LOG)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        parser.error(f"--log-level {args.log_level!r} is not a logging level; use debug, info, warning or error")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hetmem").setLevel(level)
+    command = importlib.import_module(args._module)
+    return int(command.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

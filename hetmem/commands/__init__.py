@@ -1,0 +1,1 @@
+"""Subcommands of the `hetmem` CLI; see hetmem/cli.py."""

@@ -1,0 +1,1 @@
+"""NVMe tier: async file IO, aligned buffers, swap space, and the swap benchmark core."""

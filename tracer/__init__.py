@@ -1,0 +1,1 @@
+"""Warm-up memory tracer: a clock of moments, a store of what was measured, budget policy."""
