@@ -216,7 +216,7 @@ class OpBuilder:
             )
         except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
             lines = str(exc).strip().splitlines()
-            first_error = next((ln.strip() for ln in lines if "error" in ln.lower() and ":" in ln), None)
+            first_error = next((ln.strip() for ln in lines if ": error:" in ln or ": fatal error:" in ln), None)
             logger.debug("build output of %s:\n%s", self.name, exc)
             raise OpBuildError(
                 f"building hetmem op {self.name!r} failed: {first_error or (lines[-1] if lines else exc)} "
