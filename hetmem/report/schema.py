@@ -105,10 +105,10 @@ class _Checker:
         self._dict(trace, "trace")
         fmt = trace.get("format")
         if fmt != TRACE_FORMAT:
-            raise ValueError(f"not a hetmem trace: format: expected {TRACE_FORMAT!r}, found {fmt!r}")
+            raise ValueError(f"not a hetmem trace: format: expected {TRACE_FORMAT!r}, found {_show(fmt)}")
         version = trace.get("version")
         if not _is_int(version) or version < 1:
-            raise ValueError(f"version: expected an int >= 1 (the trace format version), found {version!r}")
+            raise ValueError(f"version: expected an int >= 1 (the trace format version), found {_show(version)}")
         if version > TRACE_VERSION:
             raise TraceVersionError(
                 f"this trace has format version {version}, newer than the version {TRACE_VERSION} this "
