@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from typing import Any
 
 from hetmem.report.schema import CHUNK_KINDS, NON_MODEL, PHASE_OF_MOMENT
@@ -51,7 +50,6 @@ def render_png(trace: dict, step: int | None = None) -> bytes:
     """The PNG bytes of the timeline of ``step`` (default: the last steady step)."""
     try:
         from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter, MaxNLocator, MultipleLocator
     except ImportError as error:
         raise MatplotlibMissingError(MISSING_MATPLOTLIB) from error
     entry = select_step(trace, step)
@@ -67,10 +65,10 @@ def render_png(trace: dict, step: int | None = None) -> bytes:
     axes = list(axes) if len(tiers) > 1 else [axes]
     moments = entry["moments"]
     for ax, tier in zip(axes, tiers):
-        _draw_tier(ax, tier, moments, budgets[tier], FuncFormatter, MultipleLocator)
+        _draw_tier(ax, tier, moments, budgets[tier])
     _draw_phases(axes, moments)
     _annotate_peak(axes[0], moments)
-    _moment_ticks(axes[-1], moments, MaxNLocator)
+    _moment_ticks(axes[-1], moments)
     axes[-1].set_xlabel(f"moment of step {entry['step']} (pre-forward / pre-backward points of each "
                         f"module, then the optimizer step)")
     model = trace["meta"]["model"]["name"]
@@ -82,15 +80,7 @@ def render_png(trace: dict, step: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(trace: dict, path: str | Path, step: int | None = None) -> Path:
-    path = Path(path)
-    data = render_png(trace, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-def _draw_tier(ax, tier: str, moments: list[dict], budget: int | None, FuncFormatter, MultipleLocator) -> None:
+def _draw_tier(ax, tier: str, moments: list[dict], budget: int | None) -> None:
     rows = [moment_bytes(m, tier) for m in moments]
     keys = [k for k in CHUNK_KINDS if any(r[k] for r in rows)]
     if tier == "device":
@@ -114,7 +104,7 @@ def _draw_tier(ax, tier: str, moments: list[dict], budget: int | None, FuncForma
         ax.step(x, budgets + [budgets[-1]], where="post", color="#333333", linestyle=":", linewidth=1.4,
                 label="chunk budget (what chunks may use)")
         top = max([top] + [b for b in budgets if b == b])
-    _binary_y_axis(ax, top * 1.15 or 1024, FuncFormatter, MultipleLocator)
+    _binary_y_axis(ax, top * 1.15 or 1024)
     ax.set_ylabel(f"{TIER_TITLES[tier]} bytes")
     ax.grid(axis="y", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
@@ -122,8 +112,10 @@ def _draw_tier(ax, tier: str, moments: list[dict], budget: int | None, FuncForma
               title=TIER_TITLES[tier], title_fontsize=10, alignment="left")
 
 
-def _moment_ticks(ax, moments: list[dict], MaxNLocator) -> None:
+def _moment_ticks(ax, moments: list[dict]) -> None:
     """Moment i spans [i, i + 1): few moments get a tick in the middle naming the module."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlim(0, len(moments))
     if len(moments) > MODULE_TICKS:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=20))
@@ -137,8 +129,10 @@ def _short_module(moment: dict) -> str:
     return name if len(name) <= 18 else "..." + name[-15:]
 
 
-def _binary_y_axis(ax, top: float, FuncFormatter, MultipleLocator) -> None:
+def _binary_y_axis(ax, top: float) -> None:
     """Ticks at power-of-two multiples of one binary unit, labelled in that unit."""
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
+
     power = min(max(int(math.log(top, 1024)), 0), len(UNIT_NAMES) - 1)
     name = UNIT_NAMES[power]
     unit = parse_size(f"1{name}")

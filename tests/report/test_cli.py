@@ -95,3 +95,14 @@ def test_load_raises_typed_errors(tmp_path):
     (tmp_path / "trace.json").write_text(json.dumps(newer))
     with pytest.raises(TraceVersionError, match=r"trace\.json: this trace has format version 2"):
         MemoryReport.load(tmp_path)
+
+
+def test_report_without_matplotlib_says_so(run_dir, monkeypatch, capsys):
+    import sys
+
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "(no memory.png: save_png needs matplotlib: pip install 'hetmem[report]')" in out
+    assert not (run_dir / "memory.png").exists() and (run_dir / "report.html").is_file()

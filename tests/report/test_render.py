@@ -147,3 +147,19 @@ def test_without_matplotlib(report, tmp_path, monkeypatch, caplog):
     assert set(paths) == {"text", "json", "html", "chrome_trace"}
     assert "needs matplotlib" in caplog.text
     assert not (tmp_path / "out" / "memory.png").exists()
+
+
+@pytest.mark.parametrize("top, unit, step", [(70 * 2**20, "MiB", 16), (7.5 * 2**30, "GiB", 2), (900 * 2**10, "KiB", 256),
+                                             (1.5 * 2**20, "MiB", 0.25)])
+def test_y_axis_ticks_are_binary_units(top, unit, step):
+    from matplotlib.figure import Figure
+
+    from hetmem.report.plot import _binary_y_axis
+
+    ax = Figure().subplots()
+    _binary_y_axis(ax, top)
+    unit_bytes = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    ticks = [t for t in ax.yaxis.get_major_locator().tick_values(0, top) if 0 <= t <= top]
+    assert ticks[1] - ticks[0] == step * unit_bytes and len(ticks) >= 4
+    label = ax.yaxis.get_major_formatter()
+    assert label(ticks[1], 1) == f"{step:g} {unit}" and label(0, 0) == "0"
