@@ -7,7 +7,7 @@ One process (the run) with these tracks:
 - "compute waits": a slice where compute was blocked on a transfer, drawn at the end of
   the transfer it waited for (the trace records how long, not when);
 - one track per transfer direction ("moves host->device", ...), with more lanes
-  ("... lane 2") where transfers overlap in time: Perfetto nests slices on a track and
+  ("moves host->device (lane 2)") where transfers overlap in time: Perfetto nests slices on a track and
   cannot show two that overlap partially;
 - counters "device bytes", "host bytes", "nvme bytes" (one series per chunk kind, plus
   non-model on the device) and "chunk budget".
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hetmem.report.schema import CHUNK_KINDS, NON_MODEL, TIERS
+from hetmem.report.schema import NON_MODEL, TIERS
 from hetmem.report.summary import DIRECTIONS, direction, moment_bytes
 from hetmem.units import format_bytes
 

@@ -129,7 +129,8 @@ def test_html_is_self_contained(report, tmp_path):
     assert page.count("<table>") == 9
     for expected in ("Peak memory per tier, step 1", "26.00 MiB", "Every recorded step", "0 (warm-up)",
                      "Chunk padding", "5.40 MiB", "Top 5 moments by non-model memory", "layers.1",
-                     "waiting on transfers", "budgets: device 64.00 MiB", "&quot;format&quot;: &quot;hetmem-memory-summary"):
+                     "waiting on transfers", "budgets: device 64.00 MiB",
+                     "&quot;format&quot;: &quot;hetmem-memory-summary"):
         assert expected in page, expected
 
 
@@ -149,8 +150,8 @@ def test_without_matplotlib(report, tmp_path, monkeypatch, caplog):
     assert not (tmp_path / "out" / "memory.png").exists()
 
 
-@pytest.mark.parametrize("top, unit, step", [(70 * 2**20, "MiB", 16), (7.5 * 2**30, "GiB", 2), (900 * 2**10, "KiB", 256),
-                                             (1.5 * 2**20, "MiB", 0.25)])
+@pytest.mark.parametrize("top, unit, step", [(70 * 2**20, "MiB", 16), (7.5 * 2**30, "GiB", 2),
+                                             (900 * 2**10, "KiB", 256), (1.5 * 2**20, "MiB", 0.25)])
 def test_y_axis_ticks_are_binary_units(top, unit, step):
     from matplotlib.figure import Figure
 
