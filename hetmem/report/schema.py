@@ -122,8 +122,12 @@ class _Checker:
                 raise ValueError(f"chunks[{i}].id: expected a unique chunk id, found {chunk_id} twice")
             chunk_kinds[chunk_id] = kind
         steps = self._key(trace, "steps", "", list)
+        numbers: set[int] = set()
         for i, step in enumerate(steps):
             self.step(step, f"steps[{i}]", chunk_kinds)
+            if step["step"] in numbers:
+                raise ValueError(f"steps[{i}].step: expected a unique iteration index, found {step['step']} twice")
+            numbers.add(step["step"])
         if "non_model_by_module" in trace:
             by_module = self._key(trace, "non_model_by_module", "", dict)
             for name, value in by_module.items():

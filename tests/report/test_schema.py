@@ -83,6 +83,7 @@ BROKEN = [
     (_set(["steps", 0, "moments", 0, "t"], math.nan), "steps[0].moments[0].t: expected a finite number"),
     (_delete(["steps", 1, "moments", 0, "chunk_budget"]),
      "steps[1].moments[0].chunk_budget: missing; expected an int (bytes) or null"),
+    (_set(["steps", 1, "step"], 0), "steps[1].step: expected a unique iteration index, found 0 twice"),
     (_set(["steps", 1, "warmup"], "no"), "steps[1].warmup: expected true or false, found a string ('no')"),
     (_set(["steps", 1, "t_end"], 0.5), "steps[1].t_end: expected >= t_start=1.0, found 0.5"),
     (_set(["steps", 0, "phases", 0, "name"], "sideways"), "steps[0].phases[0].name: expected one of 'forward'"),
