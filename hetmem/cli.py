@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "env": ("hetmem.commands.env", "report the environment: torch, ops, SIMD, IO backends, GPUs"),
     "bench": ("hetmem.commands.bench", "run a benchmark: `hetmem bench adam`, `hetmem bench nvme`"),
+    "report": ("hetmem.commands.report", "render a saved run's memory report: text, PNG, HTML, Chrome trace"),
 }
 
 
