@@ -12,10 +12,11 @@
 
 #include "kernels.h"
 
-// No FMA contraction in any file that includes this one: a*b+c must round twice, as torch's
-// unfused ops do, and identically on every SIMD level (AVX512F has FMA instructions, so
-// GCC would otherwise fuse the AVX-512 path and only that one).  Clang contracts only
-// within one expression, which the intrinsic calls never are.
+// No FMA contraction in any file that includes this one: fused multiply-adds are written
+// out where torch fuses (see kernels.h), every other a*b+c rounds twice, identically on
+// every SIMD level (AVX512F has FMA instructions, so GCC would otherwise fuse the AVX-512
+// path and only that one).  Clang contracts only within one expression, which the
+// intrinsic calls never are.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #endif
@@ -115,18 +116,17 @@ inline void store_elem<ElemType::kFloat32>(void* base, size_t i, float x) {
   static_cast<float*>(base)[i] = x;
 }
 
-// exp_avg.lerp_(g, w) as torch computes it for a scalar weight w.
-static inline float lerp_moment(float m, float g, const AdamConstants& c) {
-  return c.lerp_low ? m + c.lerp_weight * (g - m) : g - (g - m) * c.lerp_complement;
-}
+// a * b + c, rounded once.  In the scalar build (no FMA instruction assumed) this is
+// libm's fmaf: hardware where the CPU has it, exact software otherwise.
+static inline float fused_multiply_add(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 
 // The Adam step for one element (see kernels.h for the formulas).
 static inline void adam_element(float g, float& p, float& m, float& v, const AdamConstants& c) {
   if (c.scaled) g = g / c.grad_scale;
-  if (c.l2) g = g + c.weight_decay * p;
+  if (c.l2) g = fused_multiply_add(c.weight_decay, p, g);
   if (c.decoupled_decay) p = p * c.decay;
-  m = lerp_moment(m, g, c);
-  v = v * c.beta2 + (c.one_minus_beta2 * g) * g;
+  m = fused_multiply_add(c.lerp_coeff, g - m, c.lerp_from_m ? m : g);
+  v = fused_multiply_add(c.one_minus_beta2 * g, g, v * c.beta2);
   const float denom = __builtin_sqrtf(v) / c.bc2_sqrt + c.eps;
   p = p + (c.neg_step_size * m) / denom;
 }

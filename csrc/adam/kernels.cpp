@@ -44,9 +44,9 @@ AdamConstants make_constants(const AdamHyper& h) {
   c.grad_scale = float(h.grad_scale);
   c.weight_decay = float(h.weight_decay);
   c.decay = float(1.0 - h.lr * h.weight_decay);
-  c.lerp_weight = float(1.0 - h.beta1);
-  c.lerp_complement = 1.0f - c.lerp_weight;
-  c.lerp_low = std::fabs(c.lerp_weight) < 0.5f;
+  const float lerp_weight = float(1.0 - h.beta1);
+  c.lerp_from_m = std::fabs(lerp_weight) < 0.5f;
+  c.lerp_coeff = c.lerp_from_m ? lerp_weight : lerp_weight - 1.0f;
   c.beta2 = float(h.beta2);
   c.one_minus_beta2 = float(1.0 - h.beta2);
   c.bc2_sqrt = float(std::pow(bias_correction2, 0.5));
@@ -75,8 +75,8 @@ SimdLevel detect_simd_level() {
 #ifdef HETMEM_X86
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return SimdLevel::kScalar;
-  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
-  if (!(osxsave && avx && f16c)) return SimdLevel::kScalar;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return SimdLevel::kScalar;
   const uint64_t xcr0 = read_xcr0();
   if ((xcr0 & 0x6) != 0x6) return SimdLevel::kScalar;  // XMM and YMM state
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return SimdLevel::kScalar;

@@ -1,20 +1,26 @@
 // CPU Adam/AdamW core: no torch, no pybind11 (see csrc/adam/binding.cpp for the binding).
 //
-// One call updates one flat range of parameters in place:
+// One call updates one flat range of parameters in place (fma(a, b, c) = a * b + c rounded
+// once):
 //
 //   g  = grad / grad_scale                      (grad read as fp32, fp16 or bf16)
-//   Adam  (L2):        g = g + weight_decay * p
-//   AdamW (decoupled): p = p * (1 - lr * weight_decay)
-//   m  = m + (1 - beta1) * (g - m)               (torch: exp_avg.lerp_(g, 1 - beta1))
-//   v  = v * beta2 + ((1 - beta2) * g) * g       (torch: exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2))
+//   Adam  (L2):        g = fma(weight_decay, p, g)          torch: grad.add(param, alpha=wd)
+//   AdamW (decoupled): p = p * (1 - lr * weight_decay)      torch: param.mul_(1 - lr * wd)
+//   m  = fma(w, g - m, m) for w = 1 - beta1 < 0.5, else fma(w - 1, g - m, g)
+//                                                            torch: exp_avg.lerp_(g, w)
+//   v  = fma((1 - beta2) * g, g, v * beta2)      torch: exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
 //   p  = p + (-step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)
+//                                                            torch: param.addcdiv_(m, denom, -step_size)
 //   out = round_to_nearest_even(p)               (optional fp16/bf16 copy of the new p)
 //
 // with step_size = lr / (1 - beta1^step) and bias_correction2 = 1 - beta2^step computed in
-// double and rounded to float once, exactly as torch.optim.Adam's single-tensor path hands
-// its Python-float scalars to fp32 kernels.  The element math is the same sequence of
-// IEEE operations (no FMA contraction) on every SIMD level, so the scalar, AVX2 and AVX-512
-// paths give bit-identical results and the SIMD tails need no special casing.
+// double and rounded to float once, as torch.optim.Adam's single-tensor path hands its
+// Python-float scalars to fp32 kernels.  The fused multiply-adds are where torch's own
+// vectorized CPU kernels (Vectorized<float> on AVX2/AVX-512) fuse: matching them matters
+// where g + wd * p cancels, because Adam divides that tiny difference by its own magnitude.
+// Every other operation rounds on its own (the files are compiled without FMA
+// contraction), so the scalar, AVX2 and AVX-512 paths give bit-identical results and the
+// SIMD tails need no special casing.
 #pragma once
 
 #include <cstddef>
@@ -49,14 +55,13 @@ struct AdamConstants {
   float grad_scale;        // divisor of the gradient; used only when `scaled`
   float weight_decay;      // L2 coefficient; used only when `l2`
   float decay;             // 1 - lr * weight_decay; used only when `decoupled_decay`
-  float lerp_weight;       // 1 - beta1
-  float lerp_complement;   // 1 - lerp_weight (in float, as torch's lerp computes it)
+  float lerp_coeff;        // w = 1 - beta1 when w < 0.5, else w - 1 (torch's lerp)
   float beta2;
   float one_minus_beta2;   // 1 - beta2
   float bc2_sqrt;          // sqrt(1 - beta2^step), or 1 without bias correction
   float eps;
   float neg_step_size;     // -lr / (1 - beta1^step), or -lr without bias correction
-  bool lerp_low;           // lerp_weight < 0.5: torch's lerp then uses m + w * (g - m)
+  bool lerp_from_m;        // w < 0.5: the lerp is fma(w, g - m, m), else fma(w - 1, g - m, g)
   bool scaled;             // grad_scale != 1
   bool l2;                 // Adam with weight_decay != 0
   bool decoupled_decay;    // AdamW with weight_decay != 0

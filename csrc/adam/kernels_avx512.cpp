@@ -78,8 +78,8 @@ struct AdamAvx512 {
   template <ElemType G, ElemType O, bool HasOut>
   void run() const {
     const __m512 grad_scale = _mm512_set1_ps(c.grad_scale), weight_decay = _mm512_set1_ps(c.weight_decay),
-                 decay = _mm512_set1_ps(c.decay), lerp_weight = _mm512_set1_ps(c.lerp_weight),
-                 lerp_complement = _mm512_set1_ps(c.lerp_complement), beta2 = _mm512_set1_ps(c.beta2),
+                 decay = _mm512_set1_ps(c.decay), lerp_coeff = _mm512_set1_ps(c.lerp_coeff),
+                 beta2 = _mm512_set1_ps(c.beta2),
                  one_minus_beta2 = _mm512_set1_ps(c.one_minus_beta2), bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt),
                  eps = _mm512_set1_ps(c.eps), neg_step_size = _mm512_set1_ps(c.neg_step_size);
     size_t i = aligned_start(b.param, begin, end);
@@ -91,11 +91,10 @@ struct AdamAvx512 {
       __m512 m = _mm512_loadu_ps(b.exp_avg + i);
       __m512 v = _mm512_loadu_ps(b.exp_avg_sq + i);
       if (c.scaled) g = _mm512_div_ps(g, grad_scale);
-      if (c.l2) g = _mm512_add_ps(g, _mm512_mul_ps(weight_decay, p));
+      if (c.l2) g = _mm512_fmadd_ps(weight_decay, p, g);
       if (c.decoupled_decay) p = _mm512_mul_ps(p, decay);
-      m = c.lerp_low ? _mm512_add_ps(m, _mm512_mul_ps(lerp_weight, _mm512_sub_ps(g, m)))
-                     : _mm512_sub_ps(g, _mm512_mul_ps(_mm512_sub_ps(g, m), lerp_complement));
-      v = _mm512_add_ps(_mm512_mul_ps(v, beta2), _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g));
+      m = _mm512_fmadd_ps(lerp_coeff, _mm512_sub_ps(g, m), c.lerp_from_m ? m : g);
+      v = _mm512_fmadd_ps(_mm512_mul_ps(one_minus_beta2, g), g, _mm512_mul_ps(v, beta2));
       const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2_sqrt), eps);
       p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step_size, m), denom));
       _mm512_storeu_ps(b.param + i, p);

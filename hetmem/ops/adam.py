@@ -139,6 +139,20 @@ def get_num_threads() -> int:
     return torch.get_num_threads() if op is None else op.num_threads()
 
 
+def set_serial_threshold(elements: int) -> None:
+    """Calls with fewer elements run on the calling thread only (waking the pool costs more)."""
+    if isinstance(elements, bool) or not isinstance(elements, int) or elements < 0:
+        raise ValueError(f"set_serial_threshold: elements must be an int >= 0, found {elements!r}")
+    op = _op()
+    if op is not None:
+        op.set_serial_threshold(elements)
+
+
+def get_serial_threshold() -> int:
+    op = _op()
+    return 0 if op is None else op.serial_threshold()
+
+
 # -- validation ----------------------------------------------------------------------------
 
 def _dtype_list(dtypes) -> str:
