@@ -145,7 +145,8 @@ static inline void adam_elements(const AdamBuffers& b, const AdamConstants& c, s
   }
 }
 
-// The roofline probe's element: Adam's loads and stores, one add per stored value.
+// The roofline probe's element: Adam's loads and stores, trivial math that keeps the
+// arrays usable by Adam afterwards (exp_avg_sq stays >= 0).
 template <ElemType G, ElemType O, bool HasOut>
 static inline void probe_elements(const AdamBuffers& b, size_t begin, size_t end) {
   for (size_t i = begin; i < end; ++i) {
@@ -153,7 +154,7 @@ static inline void probe_elements(const AdamBuffers& b, size_t begin, size_t end
     const float p = b.param[i] + g;
     b.param[i] = p;
     b.exp_avg[i] = b.exp_avg[i] + g;
-    b.exp_avg_sq[i] = b.exp_avg_sq[i] + g;
+    b.exp_avg_sq[i] = b.exp_avg_sq[i] + g * g;
     if (HasOut) static_cast<uint16_t*>(b.out)[i] = uint16_t(float_bits(p) >> 16);
   }
 }

@@ -107,7 +107,7 @@ struct Runtime {
   ThreadPool* pool = nullptr;        // created on first parallel call; size == threads
   int threads = usable_cores();
   std::atomic<int> level{int(detect_simd_level())};
-  std::atomic<size_t> serial_threshold{size_t(1) << 16};
+  std::atomic<size_t> serial_threshold{size_t(1) << 17};  // see set_serial_threshold
 };
 
 std::atomic<Runtime*> g_runtime{nullptr};
@@ -137,33 +137,37 @@ Runtime& runtime() {
 
 using RangeFn = std::function<void(size_t, size_t)>;
 
-// Splits [0, n) into one contiguous range per thread, with every inner boundary at an
-// element whose param address is 64-byte aligned (so no two threads write the same cache
-// line of the fp32 arrays), and runs them.  Small n runs on the calling thread.
+// Elements per block of work: 256 KiB of each fp32 array, long enough to stream well and
+// to make taking a block (one atomic add) free, short enough to balance the threads.
+constexpr size_t kBlock = size_t(1) << 16;
+
+// Runs fn over [0, n) in blocks of kBlock elements that the threads take in turn from a
+// shared counter, so that a thread delayed by the OS (the machine's other work, the IO
+// engine's threads) holds up no more than its current block; the others take the rest.
+// Every block but the first starts where param is 64-byte aligned.  Small n runs on the
+// calling thread.
 void run_split(size_t n, const float* param, const RangeFn& fn) {
   Runtime& rt = runtime();
   std::lock_guard<std::mutex> lock(rt.mutex);
-  const size_t kAlign = 32;  // elements: 128 bytes of fp32, 64 bytes of a 16-bit array
   const int threads = rt.threads;
-  if (threads <= 1 || n < rt.serial_threshold.load() || n < kAlign * size_t(threads)) {
+  if (threads <= 1 || n < rt.serial_threshold.load() || n < 2 * kBlock) {
     fn(0, n);
     return;
   }
   const size_t first_aligned = ((64 - reinterpret_cast<uintptr_t>(param) % 64) % 64) / sizeof(float);
-  std::vector<size_t> bounds(threads + 1);
-  bounds[0] = 0;
-  bounds[threads] = n;
-  for (int k = 1; k < threads; ++k) {
-    size_t cut = n / threads * k + n % threads * k / threads;
-    cut = cut < first_aligned ? first_aligned : first_aligned + (cut - first_aligned) / kAlign * kAlign;
-    bounds[k] = std::min(std::max(cut, bounds[k - 1]), n);
-  }
+  const size_t first_end = first_aligned + kBlock;  // < n, since n >= 2 * kBlock
+  const size_t blocks = 1 + (n - first_end + kBlock - 1) / kBlock;
   if (rt.pool == nullptr || rt.pool->size() != threads) {
     delete rt.pool;
     rt.pool = new ThreadPool(threads);
   }
-  rt.pool->run(threads, [&](int k) {
-    if (bounds[k] < bounds[k + 1]) fn(bounds[k], bounds[k + 1]);
+  std::atomic<size_t> next{0};
+  rt.pool->run(threads, [&](int) {
+    for (size_t k = next.fetch_add(1, std::memory_order_relaxed); k < blocks;
+         k = next.fetch_add(1, std::memory_order_relaxed)) {
+      const size_t begin = k == 0 ? 0 : first_end + (k - 1) * kBlock;
+      fn(begin, std::min(n, k == 0 ? first_end : begin + kBlock));
+    }
   });
 }
 

