@@ -63,9 +63,10 @@ inline void store_out(void* base, size_t i, __m512 p, bool stream) {
 }
 
 // Software prefetch of the four read streams, kPrefetchBytes ahead, into L2: one line of
-// each per 64 bytes of progress.  The hardware prefetchers alone stop at every 4 KiB page
-// and keep fewer misses in flight; measured on the benchmark machine (AMD EPYC, 2 threads,
-// 100M params) this is ~5% faster than without.  Prefetches past the end are harmless hints.
+// each per 64 bytes of progress, so that more misses are in flight than the hardware
+// prefetchers (which stop at every 4 KiB page) keep alone.  On the benchmark machine (AMD
+// EPYC, 2 threads, 100M params) it was up to ~5% faster while other processes loaded the
+// memory system and no different on a quiet one.  Prefetches past the end are harmless.
 constexpr size_t kPrefetchBytes = 1024;
 
 // (address arithmetic in integers: the address may lie past the end of the array)
