@@ -6,7 +6,8 @@ that a noisy machine hits all of them alike (medians over the rounds):
   fp32     hetmem adam_step; torch.optim.Adam(fused=True); torch.optim.Adam(foreach=True);
            the roofline: hetmem's stream probe, Adam's exact memory traffic with trivial math
   mixed    bf16 gradients in, fp32 master weights and states, bf16 parameters out:
-           hetmem adam_step(grad=bf16, out=bf16) in one pass; torch as a user would do it
+           hetmem adam_step(grad=bf16, out=bf16) in one pass, into a separate out and into
+           the gradient's own memory (the engine's layout); torch as a user would do it
            (cast the bf16 gradient into an fp32 grad buffer, fused or foreach Adam, cast the
            parameters to bf16); the roofline probe with the same traffic
 
@@ -54,7 +55,7 @@ def parse_args(argv):
 
 
 class Workload:
-    """The tensors every contender updates (about 24 bytes per parameter in all)."""
+    """The tensors every contender updates (about 26 bytes per parameter in all)."""
 
     def __init__(self, n: int):
         gen = torch.Generator().manual_seed(0)
@@ -63,6 +64,7 @@ class Workload:
         self.grad_bf16 = self.grad.to(torch.bfloat16)                   # the mixed-precision gradient
         self.grad_cast = torch.empty(n)                                 # torch's fp32 grad buffer, mixed
         self.out_bf16 = torch.empty(n, dtype=torch.bfloat16)            # bf16 parameters out
+        self.slot_bf16 = self.grad_bf16.clone()                         # grad in, param out (engine)
         self.exp_avg = torch.zeros(n)
         self.exp_avg_sq = torch.zeros(n)
         self.step = 0                                                   # hetmem's step count
@@ -88,6 +90,10 @@ def contenders(w: Workload, adam) -> dict[str, dict[str, object]]:
         w.step += 1
         adam.adam_step(w.param, w.grad_bf16, w.exp_avg, w.exp_avg_sq, step=w.step, out=w.out_bf16, **kw)
 
+    def hetmem_slot():  # the engine's layout: the new bf16 parameter overwrites its gradient
+        w.step += 1
+        adam.adam_step(w.param, w.slot_bf16, w.exp_avg, w.exp_avg_sq, step=w.step, out=w.slot_bf16, **kw)
+
     def torch_step(opt, grad):
         def run():
             w.param.grad = grad
@@ -106,7 +112,8 @@ def contenders(w: Workload, adam) -> dict[str, dict[str, object]]:
     foreach = w.torch_optimizer(fused=False, grad=w.grad)
     fp32 = {"hetmem": hetmem_fp32, "torch fused": torch_step(fused, w.grad),
             "torch foreach": torch_step(foreach, w.grad)}
-    mixed = {"hetmem": hetmem_mixed, "torch cast+fused+cast": torch_mixed(fused),
+    mixed = {"hetmem": hetmem_mixed, "hetmem, out=grad (engine layout)": hetmem_slot,
+             "torch cast+fused+cast": torch_mixed(fused),
              "torch cast+foreach+cast": torch_mixed(foreach)}
     if adam.is_available():
         fp32["roofline"] = lambda: adam.stream_probe(w.param, w.grad, w.exp_avg, w.exp_avg_sq)
@@ -173,13 +180,13 @@ def format_table(report) -> str:
     lines = [f"hetmem CPU Adam: {cfg['params']:,} params, {cfg['threads']} threads, medians of "
              f"{cfg['repeats']} rounds; {mach['cpu']}, {mach['simd_level']} path, torch {mach['torch']}",
              f"GB/s counts {BYTES_PER_PARAM} B/param for every row (what a fused step must move)",
-             f"{'':34s}{'ms':>9s}{'Mparam/s':>10s}{'GB/s':>8s}{'% roofline':>12s}{'vs torch fused':>16s}"]
+             f"{'':36s}{'ms':>9s}{'Mparam/s':>10s}{'GB/s':>8s}{'% roofline':>12s}{'vs torch fused':>16s}"]
     titles = {"fp32": "fp32 Adam", "mixed_bf16": "mixed: bf16 grad in, fp32 master/states, bf16 param out"}
     for section, rows in report["results"].items():
         lines.append(titles[section])
         for name, r in rows.items():
             pct = "-" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.1f} %"
-            lines.append(f"  {name:32s}{r['median_s'] * 1e3:9.1f}{r['params_per_s'] / 1e6:10.0f}"
+            lines.append(f"  {name:34s}{r['median_s'] * 1e3:9.1f}{r['params_per_s'] / 1e6:10.0f}"
                          f"{r['gb_per_s']:8.1f}{pct:>12s}{r['ratio_to_torch_fused']:15.2f}x")
     for section, v in report["targets"].items():
         pct = "n/a" if v["pct_of_roofline"] is None else f"{v['pct_of_roofline']:.0f}%"
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     adam.set_num_threads(args.threads)
-    progress(f"allocating {args.params:,} params (~{args.params * 24 / 2**30:.1f} GiB) and building the op")
+    progress(f"allocating {args.params:,} params (~{args.params * 26 / 2**30:.1f} GiB) and building the op")
     workload = Workload(args.params)
     sections = contenders(workload, adam)
     times = measure(sections, args.repeats, args.warmup, progress)
