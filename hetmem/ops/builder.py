@@ -266,7 +266,8 @@ def compiler_version() -> str:
 # The ops.  Each op's Python wrapper (hetmem/ops/<name>.py or hetmem/nvme) owns its fallback.
 CPU_ADAM = OpBuilder(
     name="cpu_adam",
-    sources=("adam/kernels.cpp", "adam/binding.cpp"),
+    sources=("adam/kernels.cpp", "adam/kernels_scalar.cpp", "adam/kernels_avx2.cpp",
+             "adam/kernels_avx512.cpp", "adam/thread_pool.cpp", "adam/binding.cpp"),
     description="SIMD CPU Adam/AdamW (AVX-512, AVX2, scalar; chosen at run time)",
 )
 AIO = OpBuilder(

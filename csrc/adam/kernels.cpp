@@ -1,0 +1,227 @@
+// CPU Adam: per-call constants, run-time SIMD dispatch and the split over threads.
+// The element loops live in kernels_{scalar,avx2,avx512}.cpp; see kernels.h for the math.
+#include "kernels.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <functional>
+#include <mutex>
+
+#include "thread_pool.h"
+
+// 1 - lr * weight_decay must round twice, as Python computes it (no FMA contraction).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define HETMEM_X86 1
+#endif
+
+namespace hetmem {
+namespace adam {
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::kAvx512: return "avx512";
+    case SimdLevel::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+AdamConstants make_constants(const AdamHyper& h) {
+  // Double math, one rounding to float per constant: what torch does when its Python-float
+  // scalars reach an fp32 kernel.  pow(x, 0.5) rather than sqrt matches Python's `x ** 0.5`.
+  const double step = double(h.step);
+  const double bias_correction1 = h.bias_correction ? 1.0 - std::pow(h.beta1, step) : 1.0;
+  const double bias_correction2 = h.bias_correction ? 1.0 - std::pow(h.beta2, step) : 1.0;
+  AdamConstants c;
+  c.grad_scale = float(h.grad_scale);
+  c.weight_decay = float(h.weight_decay);
+  c.decay = float(1.0 - h.lr * h.weight_decay);
+  const float lerp_weight = float(1.0 - h.beta1);
+  c.lerp_from_m = std::fabs(lerp_weight) < 0.5f;
+  c.lerp_coeff = c.lerp_from_m ? lerp_weight : lerp_weight - 1.0f;
+  c.beta2 = float(h.beta2);
+  c.one_minus_beta2 = float(1.0 - h.beta2);
+  c.bc2_sqrt = float(std::pow(bias_correction2, 0.5));
+  c.eps = float(h.eps);
+  c.neg_step_size = float(-(h.lr / bias_correction1));
+  c.scaled = c.grad_scale != 1.0f;
+  c.l2 = !h.decoupled && h.weight_decay != 0.0;
+  c.decoupled_decay = h.decoupled && h.weight_decay != 0.0;
+  return c;
+}
+
+// -- CPU features ---------------------------------------------------------------------------
+
+namespace {
+
+#ifdef HETMEM_X86
+uint64_t read_xcr0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+#endif
+
+// What the CPU has and the OS saves on context switch (XCR0), not what the compiler knew.
+SimdLevel detect_simd_level() {
+#ifdef HETMEM_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return SimdLevel::kScalar;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return SimdLevel::kScalar;
+  const uint64_t xcr0 = read_xcr0();
+  if ((xcr0 & 0x6) != 0x6) return SimdLevel::kScalar;  // XMM and YMM state
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return SimdLevel::kScalar;
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16);
+  if (!avx2) return SimdLevel::kScalar;
+  if (avx512f && (xcr0 & 0xE6) == 0xE6) return SimdLevel::kAvx512;  // + opmask, ZMM state
+  return SimdLevel::kAvx2;
+#else
+  return SimdLevel::kScalar;
+#endif
+}
+
+int usable_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw ? int(hw) : 1;
+}
+
+// Everything the dispatcher keeps between calls.  Heap-allocated and never freed: after a
+// fork() the child gets a fresh one (its parent's pool threads do not exist there, and
+// its mutex may have been copied locked), and the old one is left alone.
+struct Runtime {
+  std::mutex mutex;                  // serializes calls and guards pool/threads
+  ThreadPool* pool = nullptr;        // created on first parallel call; size == threads
+  int threads = usable_cores();
+  std::atomic<int> level{int(detect_simd_level())};
+  std::atomic<size_t> serial_threshold{size_t(1) << 17};  // see set_serial_threshold
+};
+
+std::atomic<Runtime*> g_runtime{nullptr};
+std::once_flag g_atfork_once;
+
+void reset_after_fork() {
+  Runtime* parent = g_runtime.load();
+  Runtime* fresh = new Runtime();
+  if (parent != nullptr) {  // keep the settings; the child is single-threaded here
+    fresh->threads = parent->threads;
+    fresh->level.store(parent->level.load());
+    fresh->serial_threshold.store(parent->serial_threshold.load());
+  }
+  g_runtime.store(fresh);
+}
+
+Runtime& runtime() {
+  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, reset_after_fork); });
+  Runtime* rt = g_runtime.load();
+  if (rt == nullptr) {
+    Runtime* fresh = new Runtime();
+    if (g_runtime.compare_exchange_strong(rt, fresh)) return *fresh;
+    delete fresh;  // another thread won; rt now holds its runtime
+  }
+  return *rt;
+}
+
+using RangeFn = std::function<void(size_t, size_t)>;
+
+// Elements per block of work: 256 KiB of each fp32 array, long enough to stream well and
+// to make taking a block (one atomic add) free, short enough to balance the threads.
+constexpr size_t kBlock = size_t(1) << 16;
+
+// Runs fn over [0, n) in blocks of kBlock elements that the threads take in turn from a
+// shared counter, so that a thread delayed by the OS (the machine's other work, the IO
+// engine's threads) holds up no more than its current block; the others take the rest.
+// Every block but the first starts where param is 64-byte aligned.  Small n runs on the
+// calling thread.
+void run_split(size_t n, const float* param, const RangeFn& fn) {
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  const int threads = rt.threads;
+  if (threads <= 1 || n < rt.serial_threshold.load() || n < 2 * kBlock) {
+    fn(0, n);
+    return;
+  }
+  const size_t first_aligned = ((64 - reinterpret_cast<uintptr_t>(param) % 64) % 64) / sizeof(float);
+  const size_t first_end = first_aligned + kBlock;  // < n, since n >= 2 * kBlock
+  const size_t blocks = 1 + (n - first_end + kBlock - 1) / kBlock;
+  if (rt.pool == nullptr || rt.pool->size() != threads) {
+    delete rt.pool;
+    rt.pool = new ThreadPool(threads);
+  }
+  std::atomic<size_t> next{0};
+  rt.pool->run(threads, [&](int) {
+    for (size_t k = next.fetch_add(1, std::memory_order_relaxed); k < blocks;
+         k = next.fetch_add(1, std::memory_order_relaxed)) {
+      const size_t begin = k == 0 ? 0 : first_end + (k - 1) * kBlock;
+      fn(begin, std::min(n, k == 0 ? first_end : begin + kBlock));
+    }
+  });
+}
+
+}  // namespace
+
+// -- public API -----------------------------------------------------------------------------
+
+SimdLevel max_simd_level() {
+  static const SimdLevel level = detect_simd_level();
+  return level;
+}
+
+SimdLevel simd_level() { return SimdLevel(runtime().level.load()); }
+
+SimdLevel set_simd_level(SimdLevel level) {
+  const SimdLevel capped = std::min(level, max_simd_level());
+  runtime().level.store(int(capped));
+  return capped;
+}
+
+void set_num_threads(int threads) {
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  rt.threads = threads < 1 ? 1 : threads;
+}
+
+int num_threads() {
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  return rt.threads;
+}
+
+void set_serial_threshold(size_t elements) { runtime().serial_threshold.store(elements); }
+size_t serial_threshold() { return runtime().serial_threshold.load(); }
+
+void adam_step(const AdamBuffers& buffers, const AdamHyper& hyper) {
+  if (buffers.n == 0) return;
+  const AdamConstants constants = make_constants(hyper);
+  const SimdLevel level = simd_level();
+  auto range = level == SimdLevel::kAvx512 ? detail::adam_range_avx512
+               : level == SimdLevel::kAvx2 ? detail::adam_range_avx2
+                                           : detail::adam_range_scalar;
+  run_split(buffers.n, buffers.param,
+            [&](size_t begin, size_t end) { range(buffers, constants, begin, end); });
+}
+
+void stream_probe(const AdamBuffers& buffers) {
+  if (buffers.n == 0) return;
+  const SimdLevel level = simd_level();
+  auto range = level == SimdLevel::kAvx512 ? detail::probe_range_avx512
+               : level == SimdLevel::kAvx2 ? detail::probe_range_avx2
+                                           : detail::probe_range_scalar;
+  run_split(buffers.n, buffers.param, [&](size_t begin, size_t end) { range(buffers, begin, end); });
+}
+
+}  // namespace adam
+}  // namespace hetmem

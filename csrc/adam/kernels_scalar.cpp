@@ -1,0 +1,38 @@
+// The scalar path: portable C++ for CPUs without AVX2 (and the reference the SIMD paths
+// match bit for bit).
+#include "element.h"
+#include "kernels.h"
+
+namespace hetmem {
+namespace adam {
+namespace detail {
+namespace {
+
+struct AdamScalar {
+  const AdamBuffers& b;
+  const AdamConstants& c;
+  size_t begin, end;
+  template <ElemType G, ElemType O, bool HasOut>
+  void run() const { adam_elements<G, O, HasOut>(b, c, begin, end); }
+};
+
+struct ProbeScalar {
+  const AdamBuffers& b;
+  size_t begin, end;
+  template <ElemType G, ElemType O, bool HasOut>
+  void run() const { probe_elements<G, O, HasOut>(b, begin, end); }
+};
+
+}  // namespace
+
+void adam_range_scalar(const AdamBuffers& b, const AdamConstants& c, size_t begin, size_t end) {
+  dispatch_types(b, AdamScalar{b, c, begin, end});
+}
+
+void probe_range_scalar(const AdamBuffers& b, size_t begin, size_t end) {
+  dispatch_types(b, ProbeScalar{b, begin, end});
+}
+
+}  // namespace detail
+}  // namespace adam
+}  // namespace hetmem
