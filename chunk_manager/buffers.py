@@ -1,0 +1,62 @@
+"""Payload buffers per tier, reused where allocation is expensive.
+
+Host buffers (pinned on GPU machines) and CPU "device" buffers are kept in small free lists
+keyed by (tier, dtype, numel): pinning and first-touch page faults cost more than the copy.
+CUDA device buffers come from torch's caching allocator, which already reuses them.
+
+A buffer goes back on a free list only when nothing else holds its storage (a view kept by
+user code or autograd would otherwise see its bytes overwritten).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .states import Tier
+
+logger = logging.getLogger("hetmem.chunk_manager.buffers")
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def sole_owner(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` is the only holder of its storage."""
+    if _use_count is None:
+        return False  # cannot tell: never recycle
+    # The temporary storage object made here counts once, the tensor once.
+    return _use_count(tensor.untyped_storage()._cdata) <= 2
+
+
+class BufferPool:
+    def __init__(self, device: torch.device, pin_host: bool, keep_free: int = 2):
+        self.device = device            # the compute device
+        self.pin_host = pin_host        # host buffers pinned (CUDA present)
+        self.keep_free = keep_free      # free buffers kept per key
+        self._free: dict[tuple[Tier, torch.dtype, int], list[torch.Tensor]] = {}
+        self.cached_bytes = 0           # bytes in free lists (allocated, holding nothing)
+
+    def _recycles(self, tier: Tier) -> bool:
+        return tier is Tier.HOST or self.device.type != "cuda"
+
+    def take(self, tier: Tier, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        free = self._free.get((tier, dtype, numel))
+        if free:
+            buffer = free.pop()
+            self.cached_bytes -= buffer.numel() * buffer.element_size()
+            return buffer
+        if tier is Tier.DEVICE:
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        return torch.empty(numel, dtype=dtype, pin_memory=self.pin_host)
+
+    def give(self, tier: Tier, buffer: torch.Tensor) -> None:
+        if not self._recycles(tier) or not sole_owner(buffer):
+            return
+        free = self._free.setdefault((tier, buffer.dtype, buffer.numel()), [])
+        if len(free) < self.keep_free:
+            free.append(buffer)
+            self.cached_bytes += buffer.numel() * buffer.element_size()
+
+    def clear(self) -> None:
+        self._free.clear()
+        self.cached_bytes = 0

@@ -1,0 +1,293 @@
+"""The chunk manager: where every chunk is, byte accounting per tier, moves and eviction.
+
+It places chunks, moves them between tiers (issue + wait, through ``Mover``), keeps each
+parameter's ``.data`` a view of its PARAM chunk while that chunk is on the compute device
+(and an empty placeholder otherwise), and evicts by the policy it is given.  It decides
+nothing about *when*: the scheduler (hetmem/scheduler.py) calls it at each moment.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from .buffers import BufferPool
+from .chunk import Chunk, ChunkGroup
+from .eviction import EvictionPolicy
+from .mover import Mover, Transfer
+from .states import ChunkKind, ChunkState, IllegalTransition, TensorState, Tier, check_tier_move
+
+logger = logging.getLogger("hetmem.chunk_manager")
+
+
+class DeviceBudgetError(ValueError):
+    """The chunks a moment needs plus the non-model memory do not fit the device budget."""
+
+
+class ChunkEvents:
+    """What the manager reports as it works; the recorder (report) overrides these."""
+
+    def on_move(self, chunk: Chunk, src: Tier, dst: Tier, transfer: Transfer, cause: str) -> None:
+        pass
+
+    def on_evict(self, chunk: Chunk, src: Tier, dst: Tier, reason: str) -> None:
+        pass
+
+
+class ChunkManager:
+    def __init__(self, groups: list[ChunkGroup], device: torch.device, *, pin_host: bool,
+                 events: ChunkEvents | None = None):
+        self.groups = groups
+        self.chunks: list[Chunk] = [c for g in groups for c in g.chunks.values()]
+        self.device = device                      # the compute device
+        self.mover = Mover(device)
+        self.pool = BufferPool(device, pin_host)
+        self.events = events or ChunkEvents()
+        # bytes of chunk payloads per tier and kind, counting a transfer's destination from
+        # its issue and its source until it completes (both buffers exist meanwhile)
+        self._bytes: dict[Tier, dict[ChunkKind, int]] = {t: {k: 0 for k in ChunkKind} for t in Tier}
+        # data_ptr of device-resident PARAM payloads -> chunk (saved-tensor hooks look views up)
+        self.device_storages: dict[int, Chunk] = {}
+        # what a parameter's .data is while its chunk is not on the device
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.clock = 0                            # moment counter for LRU, advanced by the scheduler
+        # CUDA: transfers the compute stream waits on without a host sync, until they are seen
+        # complete (then their source buffer is released and un-accounted)
+        self._unfinished: list[Transfer] = []
+        # where an evicted chunk goes (the NVMe tier replaces this to spill past host_budget)
+        self.eviction_target: Callable[[Chunk], Tier] = lambda chunk: Tier.HOST
+
+    # -- accounting --------------------------------------------------------------------
+
+    def bytes_on(self, tier: Tier) -> int:
+        return sum(self._bytes[tier].values())
+
+    def bytes_by_kind(self, tier: Tier) -> dict[str, int]:
+        return {k.name: v for k, v in self._bytes[tier].items()}
+
+    def _account(self, tier: Tier, chunk: Chunk, sign: int) -> None:
+        self._bytes[tier][chunk.kind] += sign * chunk.nbytes
+
+    def on_tier(self, tier: Tier) -> list[Chunk]:
+        return [c for c in self.chunks if c.tier is tier]
+
+    # -- placement ---------------------------------------------------------------------
+
+    def place(self, chunk: Chunk, tier: Tier, data: torch.Tensor | None = None) -> None:
+        """First placement of an unplaced chunk: zeros, or a copy of ``data`` (1-D)."""
+        if chunk.tier is not None:
+            raise IllegalTransition(f"{chunk.name} is already placed on {chunk.tier.value}")
+        if tier is Tier.NVME:
+            raise IllegalTransition(f"{chunk.name}: chunks are placed in memory first, then spilled")
+        buffer = self.pool.take(tier, chunk.dtype, chunk.capacity)
+        if data is None:
+            buffer.zero_()
+        else:
+            buffer[: data.numel()].copy_(data)
+            buffer[data.numel():].zero_()
+        chunk.payload, chunk.tier = buffer, tier
+        self._account(tier, chunk, +1)
+        if tier is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
+            self.device_storages[buffer.untyped_storage().data_ptr()] = chunk
+
+    def move(self, chunk: Chunk, dst: Tier, *, cause: str) -> Transfer:
+        """Start moving ``chunk`` to ``dst`` (memory tiers; NVMe is the swap tier's job)."""
+        src = chunk.tier
+        if src is None:
+            raise IllegalTransition(f"{chunk.name} is not placed yet")
+        check_tier_move(chunk.name, src, dst)
+        if chunk.pins:
+            raise IllegalTransition(f"{chunk.name} is in use ({chunk.pins} pins) and cannot move "
+                                    f"{src.value} -> {dst.value}")
+        self.wait(chunk)  # a chunk moves from where it has arrived
+        if Tier.NVME in (src, dst):
+            return self._move_nvme(chunk, src, dst, cause)
+        if src is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
+            self._unbind(chunk)
+            self.device_storages.pop(chunk.payload.untyped_storage().data_ptr(), None)
+        source = chunk.payload
+        target = self.pool.take(dst, chunk.dtype, chunk.capacity)
+        self._account(dst, chunk, +1)
+
+        def finished(transfer: Transfer, chunk=chunk, source=source, src=src) -> None:
+            self._account(src, chunk, -1)
+            self.pool.give(src, source)
+
+        transfer = self.mover.copy(target, source, f"{chunk.name} {src.value}->{dst.value}", finished,
+                                   route=(src, dst))
+        chunk.payload, chunk.tier, chunk.transfer = target, dst, transfer
+        if dst is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
+            self.device_storages[target.untyped_storage().data_ptr()] = chunk
+        self.events.on_move(chunk, src, dst, transfer, cause)
+        return transfer
+
+    def _move_nvme(self, chunk: Chunk, src: Tier, dst: Tier, cause: str) -> Transfer:
+        raise IllegalTransition(f"{chunk.name}: the NVMe tier is off (set nvme_dir to use it)")
+
+    def payload_in_memory(self, chunk: Chunk) -> torch.Tensor:
+        """The payload once any transfer has landed; a chunk on NVMe is read back to the host."""
+        if chunk.tier is Tier.NVME:
+            self.move(chunk, Tier.HOST, cause="fetch")
+        self.wait(chunk)
+        if chunk.payload is None:
+            raise IllegalTransition(f"{chunk.name} has no payload (tier {chunk.tier})")
+        return chunk.payload
+
+    def release(self, chunk: Chunk) -> None:
+        """Free a chunk's payload entirely (a GRAD chunk that in-slot gradients replaced)."""
+        if chunk.tier is None:
+            return
+        if chunk.pins:
+            raise IllegalTransition(f"{chunk.name} is in use and cannot be released")
+        self.wait(chunk)
+        self._account(chunk.tier, chunk, -1)
+        if chunk.payload is not None:
+            if chunk.tier is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
+                self._unbind(chunk)
+                self.device_storages.pop(chunk.payload.untyped_storage().data_ptr(), None)
+            self.pool.give(chunk.tier, chunk.payload)
+        chunk.payload, chunk.tier = None, None
+
+    def poll(self) -> None:
+        """Finish the transfers that have completed (cheap: an event query each)."""
+        self._unfinished = [t for t in self._unfinished if not t.done()]
+
+    def _evictions_in_flight(self) -> list[Chunk]:
+        return [c for c in self.chunks if c.transfer is not None and c.transfer.route[:1] == (Tier.DEVICE,)]
+
+    def wait(self, chunk: Chunk) -> float:
+        """Block until the chunk's transfer (if any) is complete; seconds blocked."""
+        transfer, chunk.transfer = chunk.transfer, None
+        return transfer.wait() if transfer is not None else 0.0
+
+    def ready_for_compute(self, chunk: Chunk) -> float:
+        """Make a device chunk usable by the compute stream; bind its params' views."""
+        if chunk.tier is not Tier.DEVICE:
+            raise IllegalTransition(f"{chunk.name} is on {chunk.tier}, not the device")
+        waited = 0.0
+        transfer = chunk.transfer
+        if transfer is not None:
+            if self.device.type == "cuda":
+                transfer.wait_on_stream(torch.cuda.current_stream(self.device))
+                chunk.transfer = None
+                if not transfer.done():
+                    self._unfinished.append(transfer)
+            else:
+                waited = self.wait(chunk)
+        if chunk.kind is ChunkKind.PARAM and not chunk.bound:
+            self._bind(chunk)
+        return waited
+
+    # -- parameter views ---------------------------------------------------------------
+
+    def placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        ph = self._placeholders.get(dtype)
+        if ph is None:
+            ph = self._placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
+        return ph
+
+    def _bind(self, chunk: Chunk) -> None:
+        for slot in chunk.group.slots:
+            if slot.state is not TensorState.GRAD_IN_SLOT:
+                slot.param.data = chunk.view(slot)
+        chunk.bound = True
+
+    def _unbind(self, chunk: Chunk) -> None:
+        ph = self.placeholder(chunk.dtype)
+        for slot in chunk.group.slots:
+            slot.param.data = ph
+        chunk.bound = False
+
+    def unbind_slot(self, chunk: Chunk, slot) -> None:
+        """The slot stops holding weights (its gradient goes there)."""
+        slot.param.data = self.placeholder(chunk.dtype)
+
+    def rebind(self, chunk: Chunk) -> None:
+        """After the slots hold weights again (optimizer step), refresh the views."""
+        if chunk.tier is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
+            self._bind(chunk)
+
+    # -- pins and eviction -------------------------------------------------------------
+
+    def pin(self, chunk: Chunk) -> None:
+        chunk.pins += 1
+
+    def unpin(self, chunk: Chunk) -> None:
+        if chunk.pins <= 0:
+            raise IllegalTransition(f"{chunk.name} unpinned more often than pinned")
+        chunk.pins -= 1
+
+    def evictable(self, protect: Iterable[Chunk] = ()) -> list[Chunk]:
+        protected = {c.id for c in protect}
+        return [c for c in self.chunks
+                if c.tier is Tier.DEVICE and c.pins == 0 and not c.resident and c.id not in protected
+                and c.state is not ChunkState.IN_FLIGHT]
+
+    def evict(self, chunk: Chunk, reason: str) -> Transfer:
+        dst = self.eviction_target(chunk)
+        self.events.on_evict(chunk, Tier.DEVICE, dst, reason)
+        logger.debug("evict %s -> %s: %s", chunk.name, dst.value, reason)
+        transfer = self.move(chunk, dst, cause="evict")
+        return transfer
+
+    def make_room(self, nbytes: int, budget: int, policy: EvictionPolicy,
+                  protect: Iterable[Chunk] = (), why: str = "") -> float:
+        """Evict until ``nbytes`` more fit in ``budget`` device bytes; seconds blocked.
+
+        Raises DeviceBudgetError when what is left cannot be evicted.
+        """
+        protect = list(protect)
+        blocked = 0.0
+        self.poll()
+        while self.bytes_on(Tier.DEVICE) + nbytes > budget:
+            # an eviction still copying holds its device bytes: let it land before choosing more
+            landing = self._evictions_in_flight()
+            if landing:
+                blocked += self.wait(landing[0])
+                continue
+            candidates = self.evictable(protect)
+            if not candidates:
+                # in-flight device chunks are not candidates: wait for them and try once more
+                in_flight = [c for c in self.chunks if c.tier is Tier.DEVICE and c.transfer is not None
+                             and c.pins == 0 and not c.resident and c not in protect]
+                if in_flight:
+                    for c in in_flight:
+                        blocked += self.wait(c)
+                    continue
+                raise DeviceBudgetError(self._budget_message(nbytes, budget, why))
+            victim, reason = policy.choose(candidates)
+            transfer = self.evict(victim, reason + (f"; room for {why}" if why else ""))
+            if self.device.type != "cuda":
+                blocked += transfer.wait()  # CPU: the source buffer is freed only once copied
+        return blocked
+
+    def _budget_message(self, nbytes: int, budget: int, why: str) -> str:
+        from hetmem.units import format_bytes
+
+        held = [c for c in self.chunks if c.tier is Tier.DEVICE]
+        held_bytes = sum(c.nbytes for c in held)
+        extra = f" plus {format_bytes(nbytes)} to fetch" if nbytes else ""
+        return (f"device budget exhausted ({why or 'fetch'}): {len(held)} chunk(s) in use on the device "
+                f"({format_bytes(held_bytes)}){extra} do not fit the {format_bytes(max(0, budget))} left for "
+                f"chunks; raise device_budget, or shrink the activations (smaller batch, activation "
+                f"checkpointing), or lower chunk_size")
+
+    # -- bulk operations ---------------------------------------------------------------
+
+    def wait_all(self) -> float:
+        blocked = sum(self.wait(c) for c in self.chunks if c.transfer is not None)
+        for transfer in self._unfinished:
+            blocked += transfer.wait()
+        self._unfinished.clear()
+        return blocked
+
+    def close(self) -> None:
+        self.wait_all()
+        self.mover.close()
+        self.pool.clear()
+        started = time.perf_counter()
+        for chunk in self.chunks:
+            chunk.payload = None
+        logger.debug("chunk manager closed in %.3f s", time.perf_counter() - started)

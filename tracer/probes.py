@@ -1,0 +1,153 @@
+"""Memory probes: how many non-model bytes (activations, temporaries) are live on the device.
+
+On CUDA the allocator says it: allocated bytes minus the chunk bytes hetmem placed there,
+with the interval peak from ``max_memory_allocated``.  On the CPU there is no such counter
+for one purpose, so the probe counts what autograd saves for backward (saved-tensor hooks)
+and what modules return, by distinct storage, for as long as they are held.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(data_ptr, nbytes) of the tensor's storage, or None for tensors without one."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, wrapper subclasses
+        return None
+    nbytes = storage.nbytes()
+    return (storage.data_ptr(), nbytes) if nbytes else None
+
+
+class LiveBytes:
+    """Bytes of distinct storages currently held by tracked holders, and their peak.
+
+    Holders are released from autograd's threads too, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, list[int]] = {}  # storage data_ptr -> [nbytes, holders]
+        self.current = 0                       # bytes held now
+        self.peak = 0                          # max of current since reset_peak()
+
+    def hold(self, key: tuple[int, int]) -> None:
+        ptr, nbytes = key
+        with self._lock:
+            entry = self._held.get(ptr)
+            if entry is None:
+                self._held[ptr] = [nbytes, 1]
+                self.current += nbytes
+                if self.current > self.peak:
+                    self.peak = self.current
+            else:
+                entry[1] += 1
+
+    def release(self, key: tuple[int, int]) -> None:
+        ptr, _ = key
+        with self._lock:
+            entry = self._held.get(ptr)
+            if entry is None:
+                return  # released after a reset(): nothing to undo
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._held[ptr]
+                self.current -= entry[0]
+
+    def reset_peak(self) -> int:
+        """The peak since the last reset; the new interval starts at the current level."""
+        with self._lock:
+            peak, self.peak = self.peak, self.current
+            return peak
+
+    def reset(self) -> None:
+        with self._lock:
+            self._held.clear()
+            self.current = self.peak = 0
+
+
+class _Holder:
+    """Wraps a saved tensor; its death (autograd freed the saved value) releases the bytes."""
+
+    __slots__ = ("tensor", "_key", "_live", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, key: tuple[int, int], live: LiveBytes):
+        self.tensor = tensor
+        self._key = key
+        self._live = live
+        live.hold(key)
+
+    def __del__(self) -> None:
+        self._live.release(self._key)
+
+
+class CpuProbe:
+    """Non-model bytes on a CPU compute device, from saved tensors and module outputs."""
+
+    def __init__(self) -> None:
+        self.live = LiveBytes()
+
+    def hold_saved(self, tensor: torch.Tensor) -> object:
+        """For the pack hook: returns what autograd should keep instead of the tensor."""
+        key = storage_key(tensor)
+        return tensor if key is None else _Holder(tensor, key, self.live)
+
+    @staticmethod
+    def unwrap(packed: object) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Holder) else packed
+
+    def hold_output(self, tensor: torch.Tensor) -> None:
+        key = storage_key(tensor)
+        if key is None:
+            return
+        self.live.hold(key)
+        # Released when the Python tensor object dies (its storage may live on in a saved
+        # tensor, which holds it separately).
+        weakref.finalize(tensor, self.live.release, key)
+
+    def current(self, chunk_bytes: int) -> int:
+        return self.live.current
+
+    def interval_peak(self, chunk_bytes_min: int) -> int:
+        return self.live.reset_peak()
+
+
+class CudaProbe:
+    """Non-model bytes on a CUDA device: allocator statistics less hetmem's chunk bytes.
+
+    The peak uses the smallest chunk residency seen in the interval, so it can only
+    over-estimate non-model memory, never hide it.  Reserved-but-free bytes (fragmentation)
+    are reported separately by ``reserved()``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def hold_saved(self, tensor: torch.Tensor) -> object:
+        return tensor
+
+    @staticmethod
+    def unwrap(packed: object) -> torch.Tensor:
+        return packed
+
+    def hold_output(self, tensor: torch.Tensor) -> None:
+        return None
+
+    def current(self, chunk_bytes: int) -> int:
+        return max(0, torch.cuda.memory_allocated(self.device) - chunk_bytes)
+
+    def interval_peak(self, chunk_bytes_min: int) -> int:
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return max(0, peak - chunk_bytes_min)
+
+    def reserved(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+
+def make_probe(device: torch.device) -> "CpuProbe | CudaProbe":
+    return CudaProbe(device) if device.type == "cuda" else CpuProbe()
