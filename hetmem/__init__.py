@@ -12,11 +12,20 @@ __version__ = "0.1.0"
 
 logging.getLogger("hetmem").addHandler(logging.NullHandler())
 
-# Public names and the module that defines each, imported on first access so that
-# `import hetmem` stays cheap and never compiles anything.
+# Public names -> (module, attribute); attribute None means the module itself.  Imported on
+# first access so that `import hetmem` stays cheap and never compiles anything.
 _LAZY = {
-    "optim": "hetmem.optim",
-    "ops": "hetmem.ops",
+    "initialize": ("hetmem.engine", "initialize"),
+    "Engine": ("hetmem.engine", "Engine"),
+    "Config": ("hetmem.config", "Config"),
+    "AdamConfig": ("hetmem.config", "AdamConfig"),
+    "Tier": ("hetmem.chunk_manager.states", "Tier"),
+    "ChunkKind": ("hetmem.chunk_manager.states", "ChunkKind"),
+    "DeviceBudgetError": ("hetmem.chunk_manager.manager", "DeviceBudgetError"),
+    "MemoryReport": ("hetmem.report", "MemoryReport"),
+    "profile": ("hetmem.profiler", "profile"),
+    "optim": ("hetmem.optim", None),
+    "ops": ("hetmem.ops", None),
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -26,5 +35,8 @@ def __getattr__(name: str):
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'hetmem' has no attribute {name!r}")
-    module = importlib.import_module(target)
-    return module if target.endswith("." + name) else getattr(module, name)
+    module_name, attribute = target
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value

@@ -41,3 +41,18 @@ def format_bytes(n: float) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG]?)\s*$")
+_COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(value: int | str, *, key: str = "count") -> int:
+    """A count like 250000000, "250M", "1.5B" (k, M, B/G: powers of 1000)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _COUNT.match(value)
+        if match:
+            return int(float(match.group(1)) * _COUNT_UNITS[match.group(2).lower()])
+    raise ValueError(f"{key}={value!r} is not a count; give an integer or a string like '250M' or '1.5B'")

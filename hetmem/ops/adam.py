@@ -314,6 +314,22 @@ def stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
 
 # -- fallback ------------------------------------------------------------------------------
 
+def torch_adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                    step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    decoupled: bool, grad_scale: float = 1.0, out: torch.Tensor | None = None,
+                    bias_correction: bool = True) -> None:
+    """adam_step's semantics in torch ops, for tensors on any device (the engine updates chunk
+    groups that live on a GPU with it).  Same arguments and the same aliasing rule for grad/out."""
+    n = param.numel()
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
+        if t is not None and (t.numel() != n or t.device != param.device or not t.is_contiguous()):
+            raise ValueError(f"torch_adam_step: {name} must be contiguous with {n} elements on {param.device}, "
+                             f"found {t.numel()} on {t.device}")
+    _fallback_step(param, grad, exp_avg, exp_avg_sq, out, step=_check_step(step), lr=lr, beta1=beta1,
+                   beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                   bias_correction=bias_correction, grad_scale=grad_scale)
+
+
 # torch's fused CPU Adam kernels (private API, present since torch 2.4); None without them.
 _FUSED = ((torch._fused_adam_, torch._fused_adamw_)
           if hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_") else None)
@@ -329,7 +345,7 @@ def _fallback_step(param, grad, exp_avg, exp_avg_sq, out, *, step, lr, beta1, be
         g = g.float()           # a copy: grad may be out, which is written below
     if grad_scale != 1.0:
         g = g / grad_scale
-    if _FUSED is not None and bias_correction:
+    if _FUSED is not None and bias_correction and p.device.type == "cpu":
         fused = _FUSED[1] if decoupled else _FUSED[0]
         fused([p], [g], [m], [v], [], [torch.tensor(float(step))], amsgrad=False, lr=lr, beta1=beta1,
               beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)

@@ -1,0 +1,222 @@
+"""The one typed configuration, validated once at the boundary.
+
+``Config`` is a frozen dataclass; it may also be built from a plain dict with the same keys
+(nested dicts for ``optimizer``) or from the path of a JSON file.  Sizes are ints (bytes) or
+strings with units ("512MiB", "6GiB") and are parsed here, once.  Every bad value raises
+``ValueError`` naming the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+from hetmem.units import parse_size
+
+AUTO = "auto"
+DTYPES = ("fp32", "fp16", "bf16")
+NVME_BACKENDS = ("auto", "io_uring", "linux_aio", "threads")
+
+
+def _fail(key: str, value: Any, fix: str) -> None:
+    raise ValueError(f"{key}={value!r} is invalid: {fix}")
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(key, value, "give a finite number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Adam / AdamW hyperparameters, with torch.optim.Adam(W) semantics."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = True          # True: AdamW (decoupled weight decay); False: Adam (L2 in the gradient)
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        lr = _number("optimizer.lr", self.lr)
+        if lr < 0:
+            _fail("optimizer.lr", self.lr, "the learning rate must be >= 0")
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            _fail("optimizer.betas", betas, "give two numbers (beta1, beta2), each in [0, 1)")
+        b1, b2 = (_number("optimizer.betas", b) for b in betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            _fail("optimizer.betas", betas, "each beta must be in [0, 1)")
+        eps = _number("optimizer.eps", self.eps)
+        if eps <= 0:
+            _fail("optimizer.eps", self.eps, "eps must be > 0")
+        wd = _number("optimizer.weight_decay", self.weight_decay)
+        if wd < 0:
+            _fail("optimizer.weight_decay", self.weight_decay, "weight decay must be >= 0")
+        for name in ("decoupled", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"optimizer.{name}", getattr(self, name), "give true or false")
+        object.__setattr__(self, "lr", lr)
+        object.__setattr__(self, "betas", (b1, b2))
+        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "weight_decay", wd)
+
+
+SizeOrAuto = Union[int, str]
+
+
+@dataclass(frozen=True)
+class Config:
+    """How hetmem trains a model.  See the README for each key."""
+
+    device: str = AUTO                       # "auto" | "cuda" | "cuda:N" | "cpu"
+    device_budget: SizeOrAuto = AUTO         # bytes hetmem may keep on the compute device
+    host_budget: SizeOrAuto = AUTO           # chunk bytes allowed in host memory; beyond: NVMe
+    nvme_dir: str | None = None              # a folder turns the NVMe tier on
+    dtype: str = "bf16"                      # parameters on the device: "fp32" | "fp16" | "bf16"
+    chunk_size: SizeOrAuto = AUTO            # elements per chunk (int), bytes ("64MiB"), or "auto"
+    optimizer: AdamConfig = field(default_factory=AdamConfig)
+    gradient_clipping: float | None = 1.0    # max global L2 norm, or None
+    gradient_accumulation_steps: int = 1
+    loss_scale: float | str = "dynamic"      # fp16 only: "dynamic" or a fixed scale
+    device_margin: SizeOrAuto = AUTO         # device bytes kept free for allocator slack
+    prefetch: bool = True                    # fetch the next moment's chunks ahead of use
+    memory_trace: bool = True                # record the trace behind engine.memory_report()
+    nvme_backend: str = "auto"               # "auto" | "io_uring" | "linux_aio" | "threads"
+    nvme_block_size: SizeOrAuto = "1MiB"
+    nvme_queue_depth: int = 16
+    nvme_threads: int = 1
+    nvme_checksum: bool = False              # crc32c on every swap write, verified on read
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+
+        device = self.device
+        if not isinstance(device, str) or not (device in (AUTO, "cpu", "cuda") or
+                                                (device.startswith("cuda:") and device[5:].isdigit())):
+            _fail("device", device, "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        for key in ("device_budget", "host_budget", "device_margin"):
+            value = getattr(self, key)
+            if value != AUTO:
+                set_(key, parse_size(value, key=key))
+        if self.device_budget != AUTO and self.device_budget == 0:
+            _fail("device_budget", self.device_budget, "give a positive size such as '6GiB', or 'auto'")
+        if self.nvme_dir is not None:
+            if not isinstance(self.nvme_dir, (str, os.PathLike)) or str(self.nvme_dir) == "":
+                _fail("nvme_dir", self.nvme_dir, "give a folder path, or None to keep the NVMe tier off")
+            set_("nvme_dir", str(self.nvme_dir))
+        if self.dtype not in DTYPES:
+            _fail("dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+        if self.chunk_size != AUTO:
+            if isinstance(self.chunk_size, bool):
+                _fail("chunk_size", self.chunk_size, "give elements (int), bytes ('64MiB') or 'auto'")
+            if isinstance(self.chunk_size, str):
+                set_("chunk_size", parse_size(self.chunk_size, key="chunk_size"))
+                if self.chunk_size <= 0:
+                    _fail("chunk_size", self.chunk_size, "give a positive size")
+                # bytes in the parameter dtype -> elements
+                set_("chunk_size", max(1, self.chunk_size // self.param_bytes))
+            elif not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+                _fail("chunk_size", self.chunk_size, "give a positive number of elements, bytes ('64MiB') or 'auto'")
+        if isinstance(self.optimizer, Mapping):
+            set_("optimizer", _from_mapping(AdamConfig, self.optimizer, prefix="optimizer."))
+        elif not isinstance(self.optimizer, AdamConfig):
+            _fail("optimizer", self.optimizer, "give hetmem.AdamConfig(...) or a dict of its keys")
+        if self.gradient_clipping is not None:
+            clip = _number("gradient_clipping", self.gradient_clipping)
+            if clip <= 0:
+                _fail("gradient_clipping", self.gradient_clipping, "give a max norm > 0, or None to disable")
+            set_("gradient_clipping", clip)
+        steps = self.gradient_accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            _fail("gradient_accumulation_steps", steps, "give an integer >= 1")
+        if self.loss_scale != "dynamic":
+            scale = _number("loss_scale", self.loss_scale)
+            if scale <= 0:
+                _fail("loss_scale", self.loss_scale, "give 'dynamic' or a fixed scale > 0")
+            set_("loss_scale", scale)
+        for key in ("prefetch", "memory_trace", "nvme_checksum"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(key, getattr(self, key), "give true or false")
+        if self.nvme_backend not in NVME_BACKENDS:
+            _fail("nvme_backend", self.nvme_backend, f"use one of {', '.join(NVME_BACKENDS)}")
+        block = parse_size(self.nvme_block_size, key="nvme_block_size")
+        if block < 4096 or block % 4096:
+            _fail("nvme_block_size", self.nvme_block_size, "give a multiple of 4 KiB, e.g. '1MiB'")
+        set_("nvme_block_size", block)
+        for key, low in (("nvme_queue_depth", 1), ("nvme_threads", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                _fail(key, value, f"give an integer >= {low}")
+
+    # -- derived -----------------------------------------------------------------------
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.dtype != "fp32"
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per element of a parameter on the device."""
+        return 4 if self.dtype == "fp32" else 2
+
+    @property
+    def uses_loss_scaling(self) -> bool:
+        return self.dtype == "fp16"
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def coerce(cls, value: "Config | Mapping[str, Any] | str | os.PathLike | None") -> "Config":
+        """A Config from a Config, a dict of its keys, a JSON file path, or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Config):
+            return value
+        if isinstance(value, Mapping):
+            return _from_mapping(cls, value)
+        if isinstance(value, (str, os.PathLike)):
+            return cls.from_json(value)
+        raise ValueError(f"config={value!r} is not a config: give hetmem.Config(...), a dict of its keys, "
+                         f"or the path of a JSON file")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Config":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"config file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a JSON object of config keys")
+        return _from_mapping(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["optimizer"]["betas"] = list(self.optimizer.betas)
+        return data
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _from_mapping(cls, data: Mapping[str, Any], prefix: str = ""):
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config key {prefix}{key!r}{hint} (valid keys: {', '.join(names)})")
+    kwargs = dict(data)
+    if cls is AdamConfig and "betas" in kwargs and isinstance(kwargs["betas"], list):
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(**kwargs)

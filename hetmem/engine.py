@@ -1,0 +1,319 @@
+"""The Engine: what a user holds.  It wires the parts together and delegates to them.
+
+    engine = hetmem.initialize(model, config)
+    loss = engine(batch)          # the model's forward
+    engine.backward(loss)
+    engine.step()                 # at gradient-accumulation boundaries
+
+Parts: layout (hetmem/layout.py), chunks (chunk_manager/), the tracer (tracer/), the
+scheduler that places chunks at each moment (hetmem/scheduler.py), the hooks
+(hetmem/hooks.py), gradient routing (hetmem/grads.py), the optimizer step
+(hetmem/optimizer.py), state dicts (hetmem/state.py) and the report recorder
+(hetmem/recorder.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hetmem.chunk_manager.manager import ChunkManager
+from hetmem.chunk_manager.states import ChunkKind, Tier
+from hetmem.config import Config
+from hetmem.device import Budgets, resolve_budgets, resolve_device
+from hetmem.grads import GradRouter
+from hetmem.hooks import ModuleHooks, SavedTensorHooks
+from hetmem.layout import Layout, build_layout
+from hetmem.loss_scaler import LossScaler
+from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
+from hetmem.optimizer import ChunkedAdam, StepResult
+from hetmem.placement import place_all_if_it_fits, release_residency
+from hetmem.scheduler import Scheduler
+from hetmem.tracer.budget import BudgetPolicy
+from hetmem.tracer.probes import make_probe
+from hetmem.tracer.tracer import MemoryTracer
+from hetmem.units import format_bytes
+from hetmem import state as state_io
+
+logger = logging.getLogger("hetmem.engine")
+
+# a chunk is at most this share of the usable device budget, so a moment holds several
+CHUNKS_PER_BUDGET = 8
+
+
+class Engine:
+    def __init__(self, model: nn.Module, config: Config, *, init_fn: Callable[[nn.Module], None] | None = None):
+        started = time.perf_counter()
+        self.config = config
+        self.module = model                                   # the user's model, hooks installed
+        self.device = resolve_device(config)
+        self.budgets: Budgets = resolve_budgets(config, self.device)
+        self.param_dtype = DTYPES[config.dtype]
+        max_chunk = max(4096, self.budgets.usable // (CHUNKS_PER_BUDGET * config.param_bytes))
+        chunk_elements = None if config.chunk_size == "auto" else config.chunk_size
+        if chunk_elements is not None and chunk_elements % 4096:
+            chunk_elements = -(-chunk_elements // 4096) * 4096
+        self.layout: Layout = build_layout(model, chunk_elements=chunk_elements, max_chunk_elements=max_chunk)
+        if not self.layout.slots:
+            raise ValueError(f"the model ({type(model).__name__}) has no parameters; nothing to train")
+        create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True)
+        self._check_fits_at_all()
+        self.recorder = None
+        if config.memory_trace:
+            from hetmem.recorder import Recorder
+
+            self.recorder = Recorder(self)
+        self.manager = ChunkManager(self.layout.groups, self.device, pin_host=self.device.type == "cuda",
+                                    events=self.recorder)
+        self._setup_host_tiers()
+        fill_chunks(model, self.layout, self.manager, init_fn=init_fn, on_group_filled=self._on_group_filled)
+        self.buffer_bytes = move_buffers(model, self.device)
+        self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
+        self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
+                                   recorder=self.recorder)
+        self.hooks = ModuleHooks(self.scheduler, self.tracer.probe)
+        self.hooks.install(model, self.layout.module_slots)
+        self.saved_tensors = SavedTensorHooks(self.scheduler, self.tracer.probe)
+        self.scaler = LossScaler(config.loss_scale if config.uses_loss_scaling else None)
+        self.grads = GradRouter(self.layout, self.manager, mixed=config.mixed_precision,
+                                accumulation_steps=config.gradient_accumulation_steps,
+                                track_norms=config.gradient_clipping is not None or config.uses_loss_scaling,
+                                on_schedule_change=self._on_schedule_change)
+        self.optimizer = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
+        self.global_step = 0          # optimizer steps taken (skipped fp16 steps included)
+        self.micro_step = 0           # backward passes since initialize
+        self.last_step: StepResult | None = None
+        self._awaiting_backward = False
+        self._in_slot_pending = False  # a warm-up finished; decide in-slot gradients after the step
+        self.all_resident = False      # every chunk stays on the device (hetmem/placement.py)
+        self._closed = False
+        logger.info("hetmem engine: %d parameters in %d chunk groups of %d elements on %s; device budget %s",
+                    self.layout.numel, len(self.layout.groups), self.layout.chunk_elements, self.device,
+                    format_bytes(self.budgets.device))
+        if self.recorder is not None:
+            self.recorder.on_ready(time.perf_counter() - started)
+
+    # -- construction checks -------------------------------------------------------------
+
+    def _check_fits_at_all(self) -> None:
+        usable = self.budgets.usable
+        for module, slots in self.layout.module_slots.items():
+            chunks = {s.group.chunks[ChunkKind.PARAM] for s in slots}
+            need = sum(c.nbytes for c in chunks)
+            if need > usable:
+                name = self.layout.module_names.get(module, type(module).__name__)
+                biggest = max(chunks, key=lambda c: c.nbytes)
+                raise ValueError(
+                    f"device_budget={format_bytes(self.budgets.device)} (margin {format_bytes(self.budgets.margin)}) "
+                    f"cannot hold module {name!r}: its parameters need {len(chunks)} chunk(s) of "
+                    f"{format_bytes(need)} at once (largest {biggest.name}, {format_bytes(biggest.nbytes)}); "
+                    f"raise device_budget to at least {format_bytes(need + self.budgets.margin)} plus the "
+                    f"activations, or set chunk_size <= {biggest.capacity // 2} elements")
+        host_need = sum(c.nbytes for g in self.layout.groups for c in g.chunks.values()
+                        if c.kind is not ChunkKind.GRAD or not self.config.mixed_precision)
+        if self.config.mixed_precision:  # warm-up gradients live in GRAD chunks for one step
+            host_need += sum(g.chunks[ChunkKind.GRAD].nbytes for g in self.layout.groups
+                             if ChunkKind.GRAD in g.chunks)
+        if self.budgets.host is not None and host_need > self.budgets.host and self.config.nvme_dir is None:
+            raise ValueError(
+                f"host_budget={format_bytes(self.budgets.host)} is too small for the model's chunks "
+                f"({format_bytes(host_need)}: parameters, master weights, Adam states, gradients) and the "
+                f"NVMe tier is off; raise host_budget or set nvme_dir to spill to disk")
+
+    def _setup_host_tiers(self) -> None:
+        """Host memory only; the NVMe tier (hetmem/nvme_tier.py) extends this when nvme_dir is set."""
+
+    def _on_group_filled(self, group) -> None:
+        pass
+
+    def _on_schedule_change(self, reason: str) -> None:
+        self.tracer._mark_stale(reason)
+
+    # -- training ------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
+        args, kwargs = self._to_device(args), self._to_device(kwargs)
+        if not torch.is_grad_enabled():
+            return self._untraced_forward(args, kwargs)
+        if not self._awaiting_backward:
+            if self.tracer._needs_warmup:
+                if self.all_resident:
+                    release_residency(self)
+                    self.all_resident = False
+                self.grads.use_grad_chunks()
+            self.scheduler.begin_microstep()
+            if self.recorder is not None:
+                self.recorder.begin_microstep()
+            self._awaiting_backward = True
+        try:
+            with self.saved_tensors.context(), torch.profiler.record_function("hetmem::forward"):
+                if self.recorder is not None:
+                    with self.recorder.phase("forward"):
+                        return self.module(*args, **kwargs)
+                return self.module(*args, **kwargs)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _untraced_forward(self, args, kwargs) -> Any:
+        traced, self.scheduler.traced = self.scheduler.traced, False
+        try:
+            with torch.profiler.record_function("hetmem::forward_no_grad"):
+                return self.module(*args, **kwargs)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self.scheduler.traced = traced
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (scaled for fp16; divided by the accumulation steps)."""
+        self._check_open()
+        if not self._awaiting_backward:
+            raise RuntimeError("engine.backward(loss) needs a loss computed by engine(...) since the last "
+                               "backward; call engine(batch) first")
+        scale = self.scaler.scale / self.config.gradient_accumulation_steps
+        self.scheduler.begin_backward()
+        try:
+            with torch.profiler.record_function("hetmem::backward"):
+                target = loss * scale if scale != 1.0 else loss
+                if self.recorder is not None:
+                    with self.recorder.phase("backward"):
+                        target.backward()
+                else:
+                    target.backward()
+        except BaseException:
+            self._abort()
+            raise
+        warmup = self.tracer.recording
+        self.scheduler.end_microstep()
+        self._awaiting_backward = False
+        self.micro_step += 1
+        if warmup:
+            self.grads.record_fire_counts()
+            self._in_slot_pending = True
+        self.grads.reset_fires()
+
+    def step(self) -> bool:
+        """The optimizer step, at accumulation boundaries; returns whether one ran."""
+        self._check_open()
+        if self._awaiting_backward:
+            raise RuntimeError("engine.step() after a forward without engine.backward(); call "
+                               "engine.backward(loss) first")
+        if self.micro_step == 0 or self.micro_step % self.config.gradient_accumulation_steps:
+            return False
+        self.scheduler.phase = "optimizer"
+        try:
+            with torch.profiler.record_function("hetmem::step"):
+                if self.recorder is not None:
+                    with self.recorder.phase("optimizer"):
+                        self.last_step = self.optimizer.step()
+                else:
+                    self.last_step = self.optimizer.step()
+        finally:
+            self.scheduler.phase = "idle"
+        self.global_step += 1
+        if self._in_slot_pending and not self.tracer._needs_warmup:
+            moved = self.grads.decide_in_slot()
+            if moved:
+                logger.info("%d chunk groups now keep gradients in their PARAM slots", moved)
+            self._in_slot_pending = False
+            self.all_resident = place_all_if_it_fits(self)
+        if self.recorder is not None:
+            self.recorder.end_step(self.last_step)
+        return True
+
+    def _abort(self) -> None:
+        self.scheduler.abort()
+        self._awaiting_backward = False
+        if self.recorder is not None:
+            self.recorder.abort()
+
+    def _to_device(self, value):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.dtype != self.param_dtype and self.config.mixed_precision:
+                return value.to(device=self.device, dtype=self.param_dtype)
+            return value.to(self.device)
+        if isinstance(value, tuple):
+            return tuple(self._to_device(v) for v in value)
+        if isinstance(value, list):
+            return [self._to_device(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._to_device(v) for k, v in value.items()}
+        return value
+
+    # -- modes and state -----------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "Engine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Engine":
+        return self.train(False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full-precision weights and buffers under the model's own keys (CPU tensors)."""
+        return state_io.full_state_dict(self)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        return state_io.load_full_state_dict(self, state_dict, strict=strict)
+
+    def save_checkpoint(self, directory, *, tag: str | None = None, client_state=None,
+                        keep: int | None = None):
+        """Full training state, wherever it lives; see hetmem/checkpoint.py.  Returns the folder."""
+        from hetmem.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, tag=tag, client_state=client_state, keep=keep)
+
+    def load_checkpoint(self, directory, *, tag: str | None = None):
+        """Restore a checkpoint (``directory`` or its ``latest``); returns the saved client state."""
+        from hetmem.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, directory, tag=tag)
+
+    def memory_report(self):
+        if self.recorder is None:
+            raise RuntimeError("memory_report() needs memory_trace=True in the config")
+        return self.recorder.report()
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    def nvme_capacity_bytes(self) -> int | None:
+        """Bytes the swap space holds for chunks; None while the NVMe tier is off."""
+        return None
+
+    def device_chunk_bytes(self) -> int:
+        return self.manager.bytes_on(Tier.DEVICE)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.hooks.remove()
+        self.grads.remove()
+        self.manager.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def initialize(model: nn.Module, config: Config | dict | str | None = None, *,
+               init_fn: Callable[[nn.Module], None] | None = None) -> Engine:
+    """Wrap ``model`` for training under the config's budgets.  See README."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap your "
+                         f"function in a Module")
+    return Engine(model, Config.coerce(config), init_fn=init_fn)

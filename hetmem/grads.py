@@ -1,0 +1,157 @@
+"""Where each gradient goes, the moment autograd has produced it.
+
+Two hooks per trainable parameter: a tensor hook just before autograd accumulates the
+gradient (it makes sure the parameter has its real shape then, which autograd's layout
+checks read), and a post-accumulate hook that moves the gradient into chunk memory and
+clears ``param.grad``, so no gradient outlives its hook on the device.
+
+- In-slot (mixed precision, no accumulation, a parameter whose gradient arrives exactly once
+  per backward, as the warm-up counted): the low-precision gradient overwrites the
+  parameter's own PARAM slot.  Its weights live on in the fp32 master, and the fused Adam
+  kernel writes the new weights back into the slot.  Saves a model-sized gradient buffer.
+- GRAD chunk (fp32 training, gradient accumulation, a gradient produced more than once, and
+  during warm-up while the counts are unknown): accumulated in fp32 in the group's GRAD chunk.
+
+Without gradient accumulation, each parameter's squared gradient norm (for clipping and the
+fp16 overflow check) is taken as its gradient arrives, the same way on both paths, so the
+step needs one host sync and a run resumed from a checkpoint (which warms up on GRAD chunks)
+computes exactly what the uninterrupted run (in-slot) computed.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
+from hetmem.chunk_manager.manager import ChunkManager
+from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
+from hetmem.layout import Layout
+
+logger = logging.getLogger("hetmem.grads")
+
+
+class GradRouter:
+    def __init__(self, layout: Layout, manager: ChunkManager, *, mixed: bool, accumulation_steps: int,
+                 track_norms: bool, on_schedule_change):
+        self.layout = layout
+        self.manager = manager
+        self.mixed = mixed
+        self.accumulation_steps = accumulation_steps
+        self.track_norms = track_norms and accumulation_steps == 1  # norms taken as gradients arrive
+        self.norm_parts: dict[int, torch.Tensor] = {}  # id(slot) -> squared norm of its gradient (0-d)
+        self._on_schedule_change = on_schedule_change
+        self._shaped: set[int] = set()            # slots given a shaped placeholder for accumulation
+        self._handles: list = []
+        for slot in layout.slots:
+            if slot.trainable:
+                p = slot.param
+                self._handles.append(p.register_hook(functools.partial(self._before_accumulate, slot)))
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    functools.partial(self._after_accumulate, slot)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- policy ------------------------------------------------------------------------
+
+    def use_grad_chunks(self) -> None:
+        """Every group accumulates in its GRAD chunk (warm-up, or after a schedule change)."""
+        for group in self.layout.groups:
+            if group.trainable:
+                group.grad_in_slot = False
+                grad = group.chunks.get(ChunkKind.GRAD)
+                if grad is not None and grad.tier is None:
+                    self.manager.place(grad, Tier.HOST)
+
+    def decide_in_slot(self) -> int:
+        """After a warm-up step: move eligible groups to in-slot gradients; returns how many."""
+        if not self.mixed or self.accumulation_steps != 1:
+            return 0
+        moved = 0
+        for group in self.layout.groups:
+            if not group.trainable or group.grad_in_slot:
+                continue
+            if all(s.expected_fires == 1 for s in group.slots):
+                group.grad_in_slot = True
+                self.manager.release(group.chunks[ChunkKind.GRAD])
+                moved += 1
+        return moved
+
+    def record_fire_counts(self) -> None:
+        """End of a warm-up backward: how often each gradient arrived."""
+        for slot in self.layout.slots:
+            if slot.trainable:
+                slot.expected_fires = slot.grad_fires
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def _before_accumulate(self, slot: ParamSlot, grad: torch.Tensor):
+        param = slot.param
+        if param.data.shape != slot.shape:
+            # Autograd compares the gradient's layout with the parameter's; an empty
+            # placeholder would make it copy.  A zero-stride view of the right shape makes it
+            # keep the gradient as is; the post hook takes it away at once.
+            param.data = self.manager.placeholder(grad.dtype).new_empty(()).expand(slot.shape)
+            self._shaped.add(id(slot))
+        return None
+
+    def _after_accumulate(self, slot: ParamSlot, param: torch.Tensor) -> None:
+        grad = param.grad
+        param.grad = None
+        if id(slot) in self._shaped:
+            self._shaped.discard(id(slot))
+            chunk = slot.group.chunks[ChunkKind.PARAM]
+            param.data = chunk.view(slot) if (chunk.bound and slot.state is not TensorState.GRAD_IN_SLOT) \
+                else self.manager.placeholder(chunk.dtype)
+        if grad is None:
+            return
+        slot.grad_fires += 1
+        group = slot.group
+        if group.grad_in_slot:
+            target = self._into_slot(slot, group, grad)
+        else:
+            target = self._into_grad_chunk(slot, group, grad)
+        if self.track_norms:
+            # the first gradient is the whole gradient unless another arrives: then the sum
+            # lives in the GRAD chunk (a parameter with several gradients never goes in-slot)
+            source = grad if slot.grad_fires == 1 else target
+            self.norm_parts[id(slot)] = torch.linalg.vector_norm(source, dtype=torch.float32).square()
+
+    def _into_slot(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
+        chunk = group.chunks[ChunkKind.PARAM]
+        payload = self.manager.payload_in_memory(chunk)
+        target = payload.narrow(0, slot.offset, slot.numel)
+        if slot.state is TensorState.GRAD_IN_SLOT:
+            # A second gradient the warm-up did not see: add it (the weights it needed were
+            # rebuilt from the master copy) and go back to GRAD chunks from the next step.
+            target.add_(grad.reshape(-1).to(target.device))
+            self._on_schedule_change(f"gradient of {slot.name!r} arrived {slot.grad_fires} times, "
+                                     f"warm-up saw {slot.expected_fires}")
+        else:
+            target.copy_(grad.reshape(-1))
+            slot.set_state(TensorState.GRAD_IN_SLOT)
+            self.manager.unbind_slot(chunk, slot)
+        slot.has_grad = True
+        return target
+
+    def _into_grad_chunk(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
+        chunk = group.chunks[ChunkKind.GRAD]
+        payload = self.manager.payload_in_memory(chunk)
+        target = payload.narrow(0, slot.offset, slot.numel)
+        source = grad.reshape(-1)
+        if slot.has_grad:
+            target.add_(source.to(device=target.device, dtype=target.dtype))
+        else:
+            target.copy_(source)
+        slot.has_grad = True
+        group.grad_chunk_dirty = True
+        slot.set_state(TensorState.HOLD_AFTER_BWD)
+        return target
+
+    def reset_fires(self) -> None:
+        for slot in self.layout.slots:
+            slot.grad_fires = 0

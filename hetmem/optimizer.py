@@ -1,0 +1,204 @@
+"""The optimizer step: Adam/AdamW over chunk groups, clipping and fp16 overflow in one sync.
+
+For each trainable group, the contiguous runs of parameters that have a gradient (and the
+same step count) are updated by one kernel call each.  A group whose chunks are all on a
+CUDA device is updated there with torch ops; every other group by the fused CPU Adam, which
+reads the (low-precision) gradient, divides out loss scale and clipping in the same pass, and
+writes the new low-precision parameters into the PARAM chunk.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
+from hetmem.chunk_manager.manager import ChunkManager
+from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
+from hetmem.config import Config
+from hetmem.grads import GradRouter
+from hetmem.layout import Layout
+from hetmem.loss_scaler import LossScaler
+
+logger = logging.getLogger("hetmem.optimizer")
+
+
+@dataclass
+class StepResult:
+    skipped: bool              # fp16 overflow: no update happened
+    grad_norm: float | None    # global L2 norm of the (unscaled) gradients, when computed
+    loss_scale: float
+    seconds: float
+
+
+def grad_runs(group: ChunkGroup) -> list[tuple[int, int, int, list[ParamSlot]]]:
+    """(start, stop, step, slots): maximal runs of adjacent slots with a gradient and equal step."""
+    runs: list[tuple[int, int, int, list[ParamSlot]]] = []
+    current: list[ParamSlot] = []
+    for slot in group.slots:
+        if slot.has_grad and current and current[-1].step == slot.step:
+            current.append(slot)
+            continue
+        if current:
+            runs.append((current[0].offset, current[-1].end, current[0].step, current))
+        current = [slot] if slot.has_grad else []
+    if current:
+        runs.append((current[0].offset, current[-1].end, current[0].step, current))
+    return runs
+
+
+def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Sum 0-d tensors from any devices in float64, in list order, with one copy per device."""
+    values = [None] * len(parts)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, part in enumerate(parts):
+        by_device.setdefault(part.device, []).append(i)
+    for device, indices in by_device.items():
+        stacked = torch.stack([parts[i].double() for i in indices]).cpu()
+        for i, value in zip(indices, stacked):
+            values[i] = value
+    return torch.stack(values).sum()
+
+
+class ChunkedAdam:
+    def __init__(self, layout: Layout, manager: ChunkManager, config: Config, device: torch.device,
+                 scaler: LossScaler, grads: GradRouter):
+        self.layout = layout
+        self.manager = manager
+        self.config = config
+        self.adam = config.optimizer
+        self.device = device
+        self.scaler = scaler
+        self.grads = grads
+        self.mixed = config.mixed_precision
+        self.last_norm: float | None = None
+
+    # -- the step ------------------------------------------------------------------------
+
+    def step(self) -> StepResult:
+        started = time.perf_counter()
+        groups = [g for g in self.layout.groups if g.trainable]
+        norm = None
+        if self.config.gradient_clipping is not None or self.config.uses_loss_scaling:
+            norm = self._global_norm(groups)
+        if self.config.uses_loss_scaling and not math.isfinite(norm):
+            self._skip(groups)
+            self.scaler.update(overflow=True)
+            return StepResult(True, norm, self.scaler.scale, time.perf_counter() - started)
+        grad_scale = self.scaler.scale
+        clip = self.config.gradient_clipping
+        if clip is not None and norm is not None:
+            coef = clip / (norm + 1e-6)
+            if coef < 1.0:
+                grad_scale = grad_scale / coef
+        for group in groups:
+            self._step_group(group, grad_scale)
+        self.grads.norm_parts.clear()
+        self.scaler.update(overflow=False)
+        self.last_norm = norm
+        return StepResult(False, norm, self.scaler.scale, time.perf_counter() - started)
+
+    def _grad_chunk(self, group: ChunkGroup):
+        return group.chunks[ChunkKind.PARAM] if group.grad_in_slot else group.chunks[ChunkKind.GRAD]
+
+    def _global_norm(self, groups: list[ChunkGroup]) -> float:
+        """sqrt(sum of squares) of the unscaled gradients; one device->host sync.
+
+        Summed in float64 in layout order, from the squares taken as gradients arrived (no
+        accumulation), else from the GRAD chunks, so the result does not depend on where the
+        gradients were kept.
+        """
+        if self.grads.track_norms:
+            parts = [self.grads.norm_parts[id(s)] for g in groups for s in g.slots
+                     if s.has_grad and id(s) in self.grads.norm_parts]
+        else:
+            parts = []
+            for group in groups:
+                runs = grad_runs(group)
+                if runs:
+                    payload = self.manager.payload_in_memory(group.chunks[ChunkKind.GRAD])
+                    parts += [torch.linalg.vector_norm(payload.narrow(0, start, stop - start),
+                                                       dtype=torch.float32).square()
+                              for start, stop, _, _ in runs]
+        if not parts:
+            return 0.0
+        return math.sqrt(float(_sum_in_order(parts))) / self.scaler.scale
+
+    def _skip(self, groups: list[ChunkGroup]) -> None:
+        """fp16 overflow: no update; in-slot gradients are replaced by the master weights again."""
+        for group in groups:
+            if group.grad_in_slot:
+                param = group.chunks[ChunkKind.PARAM]
+                master = group.chunks[ChunkKind.MASTER]
+                p_payload = self.manager.payload_in_memory(param)
+                m_payload = self.manager.payload_in_memory(master)
+                for slot in group.slots:
+                    if slot.state is TensorState.GRAD_IN_SLOT:
+                        p_payload.narrow(0, slot.offset, slot.numel).copy_(
+                            m_payload.narrow(0, slot.offset, slot.numel))
+            self._finish_group(group, stepped=False)
+        self.grads.norm_parts.clear()
+        logger.info("fp16 overflow: step skipped")
+
+    def _on_device(self, group: ChunkGroup) -> bool:
+        return self.device.type == "cuda" and all(c.tier is Tier.DEVICE for c in group.chunks.values()
+                                                  if c.tier is not None)
+
+    def _step_group(self, group: ChunkGroup, grad_scale: float) -> None:
+        runs = grad_runs(group)
+        if runs:
+            chunks = self._operands(group)
+            for chunk in chunks.values():
+                self.manager.pin(chunk)
+            try:
+                for start, stop, step, _ in runs:
+                    self._update(chunks, start, stop, step + 1, grad_scale)
+            finally:
+                for chunk in chunks.values():
+                    self.manager.unpin(chunk)
+        self._finish_group(group, stepped=True)
+
+    def _operands(self, group: ChunkGroup) -> dict[str, torch.Tensor]:
+        """The payloads the update reads and writes, where it will run."""
+        param = group.chunks[ChunkKind.PARAM]
+        on_device = self._on_device(group)
+        if not on_device and param.tier is Tier.DEVICE and self.device.type == "cuda":
+            # CPU Adam writes the new parameters: bring the PARAM chunk (and its in-slot
+            # gradients) to the host.
+            self.manager.move(param, Tier.HOST, cause="optimizer")
+        names = {"param": param, "grad": self._grad_chunk(group),
+                 "exp_avg": group.chunks[ChunkKind.EXP_AVG], "exp_avg_sq": group.chunks[ChunkKind.EXP_AVG_SQ]}
+        if self.mixed:
+            names["master"] = group.chunks[ChunkKind.MASTER]
+        for chunk in set(names.values()):
+            self.manager.payload_in_memory(chunk)
+        return names
+
+    def _update(self, chunks, start: int, stop: int, step: int, grad_scale: float) -> None:
+        n = stop - start
+        flat = {k: c.flat(start, stop) for k, c in chunks.items()}
+        weights = flat["master"] if self.mixed else flat["param"]
+        out = flat["param"] if self.mixed else None
+        adam = self.adam
+        kwargs = dict(step=step, lr=adam.lr, beta1=adam.betas[0], beta2=adam.betas[1], eps=adam.eps,
+                      weight_decay=adam.weight_decay, decoupled=adam.decoupled, grad_scale=grad_scale,
+                      out=out, bias_correction=adam.bias_correction)
+        if weights.device.type == "cpu":
+            from hetmem.ops.adam import adam_step
+        else:
+            from hetmem.ops.adam import torch_adam_step as adam_step
+        adam_step(weights, flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], **kwargs)
+        logger.debug("adam on %d elements [%d, %d) step %d", n, start, stop, step)
+
+    def _finish_group(self, group: ChunkGroup, stepped: bool) -> None:
+        for slot in group.slots:
+            if stepped and slot.has_grad:
+                slot.step += 1
+            slot.has_grad = False
+            if slot.state is not TensorState.HOLD:
+                slot.set_state(TensorState.HOLD)
+        group.grad_chunk_dirty = False
+        self.manager.rebind(group.chunks[ChunkKind.PARAM])

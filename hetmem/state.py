@@ -1,0 +1,91 @@
+"""Model weights in and out of the chunks, under the model's own state_dict keys.
+
+Weights come out in full precision: the fp32 master in mixed precision (frozen parameters,
+which have no master, are their compute-dtype values widened to fp32), the PARAM chunk in
+fp32 training.  A tied weight appears under each of its names, as in ``model.state_dict()``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+from torch.nn.modules.module import _IncompatibleKeys
+
+from hetmem.chunk_manager.chunk import ParamSlot
+from hetmem.chunk_manager.states import ChunkKind, TensorState
+
+if TYPE_CHECKING:
+    from hetmem.engine import Engine
+
+
+def _weights_chunk(slot: ParamSlot):
+    group = slot.group
+    return group.chunks.get(ChunkKind.MASTER) or group.chunks[ChunkKind.PARAM]
+
+
+def read_weights(engine: "Engine", slot: ParamSlot) -> torch.Tensor:
+    """The slot's full-precision weights as a new CPU fp32 tensor."""
+    chunk = _weights_chunk(slot)
+    if chunk.kind is ChunkKind.PARAM and slot.state is TensorState.GRAD_IN_SLOT:
+        raise RuntimeError(f"parameter {slot.name!r} holds its gradient until engine.step()")
+    payload = engine.manager.payload_in_memory(chunk)
+    return payload.narrow(0, slot.offset, slot.numel).view(slot.shape).to("cpu", torch.float32, copy=True)
+
+
+def full_state_dict(engine: "Engine") -> "OrderedDict[str, torch.Tensor]":
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    cache: dict[int, torch.Tensor] = {}
+    for key, value in engine.module.state_dict(keep_vars=True).items():
+        slot = engine.layout.by_name.get(key)
+        if slot is None:
+            out[key] = value.detach().to("cpu", copy=True)
+            continue
+        if id(slot) not in cache:
+            cache[id(slot)] = read_weights(engine, slot)
+        out[key] = cache[id(slot)]
+    return out
+
+
+def write_weights(engine: "Engine", slot: ParamSlot, value: torch.Tensor) -> None:
+    """Set the slot's weights (master and compute copies) from ``value``."""
+    if tuple(value.shape) != tuple(slot.shape):
+        raise ValueError(f"size mismatch for {slot.name}: the checkpoint has {tuple(value.shape)}, the model "
+                         f"{tuple(slot.shape)}")
+    if slot.state is TensorState.GRAD_IN_SLOT:
+        raise RuntimeError(f"cannot load weights between engine.backward() and engine.step() "
+                           f"({slot.name!r} holds its gradient)")
+    flat = value.detach().reshape(-1)
+    with torch.no_grad():
+        for kind in (ChunkKind.MASTER, ChunkKind.PARAM):
+            chunk = slot.group.chunks.get(kind)
+            if chunk is not None:
+                payload = engine.manager.payload_in_memory(chunk)
+                payload.narrow(0, slot.offset, slot.numel).copy_(flat)
+
+
+def load_full_state_dict(engine: "Engine", state_dict, strict: bool = True) -> _IncompatibleKeys:
+    expected = engine.module.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        raise RuntimeError(f"error loading state_dict into {type(engine.module).__name__}: " + "; ".join(parts))
+    for key, current in expected.items():
+        if key not in state_dict:
+            continue
+        slot = engine.layout.by_name.get(key)
+        if slot is not None:
+            write_weights(engine, slot, state_dict[key])
+        else:
+            value = state_dict[key]
+            if tuple(value.shape) != tuple(current.shape):
+                raise ValueError(f"size mismatch for {key}: the checkpoint has {tuple(value.shape)}, the model "
+                                 f"{tuple(current.shape)}")
+            with torch.no_grad():
+                current.copy_(value)
+    return _IncompatibleKeys(missing, unexpected)
