@@ -38,7 +38,9 @@ times are float seconds since the engine was created, unless a key says otherwis
                                                          # moment's fetches; PEAK non-model bytes
                                                          # (activations, temporaries) until the next
             "host": {KIND: int, ...}, "nvme": {KIND: int, ...},
-            "chunk_budget": int | null}                  # device bytes chunks may use in this interval
+            "chunk_budget": int | null,                  # device bytes chunks may use in this interval
+            "peak_total": int}                           # optional: the largest chunk + non-model device
+                                                         # bytes measured at one instant in the interval
          ],
          "moves": [                                      # every chunk transfer between tiers
            {"chunk": int, "kind": KIND, "src": TIER, "dst": TIER, "bytes": int,
@@ -213,6 +215,8 @@ class _Checker:
             raise ValueError(f"{path}.chunk_budget: missing; expected an int (bytes) or null")
         if moment["chunk_budget"] is not None:
             self._bytes(moment["chunk_budget"], f"{path}.chunk_budget", "an int >= 0 (bytes) or null")
+        if moment.get("peak_total") is not None:
+            self._bytes(moment["peak_total"], f"{path}.peak_total")
 
     def move(self, move: Any, path: str, chunk_kinds: dict[int, str]) -> None:
         self._dict(move, path)

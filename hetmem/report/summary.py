@@ -9,7 +9,8 @@ shares fractions in [0, 1]; a tier is "device", "host" or "nvme"; KIND is a chun
 - ``step``: the iteration summarised (its ``step`` number; null when no step was recorded);
   ``warmup``: whether that step was a warm-up step; ``steps_recorded``, ``warmup_steps``.
 - ``peaks``: ``{tier: {...}}`` over the moments of the step, where a moment's tier total is
-  its chunk bytes plus, on the device, its non-model bytes:
+  its chunk bytes plus, on the device, its non-model bytes (on the device the moment's
+  measured ``peak_total`` instead, when the trace records it; see ``moment_total``):
   ``peak_bytes``, ``budget_bytes`` (null: no limit), ``budget_used`` (peak / budget or null),
   ``moment`` / ``moment_kind`` / ``module`` (the first moment reaching the peak),
   ``model_bytes`` (chunk bytes at the peak), ``at_peak`` ({KIND: bytes} and, on the device,
@@ -101,10 +102,19 @@ def moment_bytes(moment: dict, tier: str) -> dict[str, int]:
     return values
 
 
+def moment_total(moment: dict, tier: str, row: dict[str, int]) -> int:
+    """A moment's tier total: on the device the measured simultaneous peak (``peak_total``)
+    when the trace has it, else chunk bytes plus the interval's non-model peak (an upper bound:
+    the two peaks need not coincide)."""
+    if tier == "device" and moment.get("peak_total") is not None:
+        return int(moment["peak_total"])
+    return sum(row.values())
+
+
 def tier_peak(entry: dict | None, tier: str, budget: int | None) -> dict[str, Any]:
     moments = [] if entry is None else entry["moments"]
     rows = [moment_bytes(m, tier) for m in moments]
-    totals = [sum(row.values()) for row in rows]
+    totals = [moment_total(m, tier, row) for m, row in zip(moments, rows)]
     keys = list(CHUNK_KINDS) + ([NON_MODEL] if tier == "device" else [])
     peak = max(totals, default=0)
     first = totals.index(peak) if rows else None

@@ -1,0 +1,188 @@
+"""Records the run trace behind ``engine.memory_report()`` (format: hetmem/report/schema.py).
+
+Per micro-step: the moments with bytes per tier and chunk kind and the interval's non-model
+peak, every chunk move (bytes, start/end, how long compute waited on it, why), every eviction
+with its reason, and the time in forward, backward, optimizer and waiting.  It keeps the
+warm-up steps and the latest ``KEEP_STEPS`` others, so a long run does not grow it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from hetmem.chunk_manager.manager import ChunkEvents
+from hetmem.chunk_manager.states import ChunkKind, Tier
+
+if TYPE_CHECKING:
+    from hetmem.engine import Engine
+
+KEEP_STEPS = 16
+KEEP_WARMUPS = 4
+KINDS = [k.name for k in ChunkKind]
+
+
+class Recorder(ChunkEvents):
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.t0 = time.perf_counter()       # trace times are seconds since this
+        self.steps: list[dict] = []         # finished step records
+        self.current: dict | None = None    # the step being recorded
+        self._pending_moves: list[tuple[dict, object]] = []  # (move record, Transfer) not yet finished
+        self.init_seconds = 0.0
+        self.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self._next_index = 0
+
+    def _now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def on_ready(self, seconds: float) -> None:
+        self.init_seconds = seconds
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def begin_microstep(self) -> None:
+        if self.current is not None:   # the previous micro-step had no optimizer step
+            self._finish()
+        tracer = self.engine.tracer
+        self.current = {"step": self._next_index, "warmup": tracer.recording, "t_start": self._now(),
+                        "t_end": None, "phases": [], "moments": [], "moves": [], "evictions": []}
+        self._next_index += 1
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = self._now()
+        try:
+            yield
+        finally:
+            if self.current is not None:
+                self.current["phases"].append({"name": name, "t_start": start, "t_end": self._now()})
+
+    def _tier_bytes(self) -> dict[str, dict[str, int]]:
+        manager = self.engine.manager
+        return {tier.value: manager.bytes_by_kind(tier) for tier in Tier}
+
+    def on_moment(self, moment, scheduler) -> None:
+        """A moment whose chunks are in place (bytes are after its fetches)."""
+        if self.current is None:
+            return
+        tiers = self._tier_bytes()
+        device = dict(tiers["device"])
+        device["non_model"] = 0
+        self.current["moments"].append({
+            "index": moment.index, "kind": moment.kind.value, "module": moment.module,
+            "t": moment.t - self.t0, "device": device, "host": tiers["host"], "nvme": tiers["nvme"],
+            "chunk_budget": scheduler.chunk_budget(), "peak_total": 0})
+
+    def close_interval(self, peak_total: int) -> None:
+        """The previous moment's interval ended: its non-model peak and simultaneous peak."""
+        last = self.engine.tracer.last_interval
+        if last is None or self.current is None:
+            return
+        index, peak = last
+        for record in reversed(self.current["moments"]):
+            if record["index"] == index:
+                record["device"]["non_model"] = max(record["device"]["non_model"], peak)
+                record["peak_total"] = max(record["peak_total"], peak_total)
+                break
+
+    def end_step(self, result) -> None:
+        if self.current is None:
+            return
+        tiers = self._tier_bytes()
+        device = dict(tiers["device"])
+        device["non_model"] = self.engine.tracer.probe.current(self.engine.manager.bytes_on(Tier.DEVICE))
+        phases = [p for p in self.current["phases"] if p["name"] == "optimizer"]
+        t = phases[-1]["t_start"] if phases else self._now()
+        self.current["moments"].append({
+            "index": len(self.current["moments"]), "kind": "optimizer", "module": "", "t": t,
+            "device": device, "host": tiers["host"], "nvme": tiers["nvme"], "chunk_budget": None,
+            "peak_total": sum(device.values())})
+        self._finish()
+
+    def abort(self) -> None:
+        self.current = None
+        self._pending_moves.clear()
+
+    def _finish(self) -> None:
+        step = self.current
+        self.current = None
+        if step is None:
+            return
+        now = self._now()
+        for move, transfer in self._pending_moves:
+            transfer.done()
+            move["t_end"] = (transfer.t_done - self.t0) if transfer.t_done is not None else now
+            move["wait_s"] = transfer.waited_s
+        self._pending_moves.clear()
+        step["t_end"] = now
+        span = {name: sum(p["t_end"] - p["t_start"] for p in step["phases"] if p["name"] == name)
+                for name in ("forward", "backward", "optimizer")}
+        step["time"] = {"forward_s": span["forward"], "backward_s": span["backward"],
+                        "optimizer_s": span["optimizer"],
+                        "wait_s": sum(m["wait_s"] for m in step["moves"]),
+                        "total_s": now - step["t_start"]}
+        self.steps.append(step)
+        warm = [s for s in self.steps if s["warmup"]][:KEEP_WARMUPS]
+        rest = [s for s in self.steps if not s["warmup"]][-KEEP_STEPS:]
+        self.steps = sorted(warm + rest, key=lambda s: s["step"])
+
+    # -- chunk events --------------------------------------------------------------------
+
+    def on_move(self, chunk, src, dst, transfer, cause) -> None:
+        if self.current is None:
+            return
+        move = {"chunk": chunk.id, "kind": chunk.kind.name, "src": src.value, "dst": dst.value,
+                "bytes": chunk.nbytes, "t_start": transfer.t_issue - self.t0, "t_end": None,
+                "wait_s": 0.0, "cause": cause}
+        self.current["moves"].append(move)
+        self._pending_moves.append((move, transfer))
+
+    def on_evict(self, chunk, src, dst, reason) -> None:
+        if self.current is None:
+            return
+        moments = self.current["moments"]
+        self.current["evictions"].append({"chunk": chunk.id, "kind": chunk.kind.name, "src": src.value,
+                                          "dst": dst.value, "t": self._now(),
+                                          "moment": moments[-1]["index"] if moments else -1,
+                                          "reason": reason})
+
+    # -- the trace -----------------------------------------------------------------------
+
+    def trace(self) -> dict:
+        from hetmem import __version__
+
+        engine = self.engine
+        budgets = engine.budgets
+        referenced = {m["chunk"] for s in self.steps for m in s["moves"]} | \
+            {e["chunk"] for s in self.steps for e in s["evictions"]}
+        chunks = []
+        for group in engine.layout.groups:
+            for chunk in group.chunks.values():
+                if chunk.tier is None and chunk.id not in referenced:
+                    continue  # released (GRAD chunks replaced by in-slot gradients)
+                chunks.append({"id": chunk.id, "kind": chunk.kind.name, "group": group.index,
+                               "dtype": str(chunk.dtype).replace("torch.", ""),
+                               "capacity_elements": chunk.capacity, "used_elements": group.numel,
+                               "bytes": chunk.nbytes, "params": [s.name for s in group.slots]})
+        model = engine.module
+        return {
+            "format": "hetmem-trace", "version": 1,
+            "meta": {"hetmem_version": __version__, "torch_version": torch.__version__,
+                     "created": self.created, "device": str(engine.device), "dtype": engine.config.dtype,
+                     "budgets": {"device": budgets.device, "host": budgets.host,
+                                 "nvme": engine.nvme_capacity_bytes()},
+                     "chunk_elements": engine.layout.chunk_elements,
+                     "model": {"name": type(model).__name__, "parameters": engine.layout.numel,
+                               "trainable_parameters": engine.layout.trainable_numel}},
+            "chunks": chunks,
+            "steps": [dict(s) for s in self.steps],
+        }
+
+    def report(self):
+        from hetmem.report import MemoryReport
+
+        return MemoryReport(self.trace())
