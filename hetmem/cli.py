@@ -13,8 +13,11 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
+    "train": ("hetmem.commands.train", "train a GPT several times larger than the device budget on the shipped corpus"),
     "env": ("hetmem.commands.env", "report the environment: torch, ops, SIMD, IO backends, GPUs"),
     "bench": ("hetmem.commands.bench", "run a benchmark: `hetmem bench adam`, `hetmem bench nvme`"),
+    "profile": ("hetmem.commands.profile", "profile one step of a model: memory by module, the device budget it needs"),
+    "export": ("hetmem.commands.export", "write a checkpoint's weights as a .safetensors file"),
     "report": ("hetmem.commands.report", "render a saved run's memory report: text, PNG, HTML, Chrome trace"),
 }
 

@@ -1,0 +1,1 @@
+"""Models hetmem ships for its own job, benchmarks and tests."""
