@@ -1,0 +1,171 @@
+"""Training throughput: hetmem against plain PyTorch on the same model, data and machine.
+
+Three contenders, measured in one run, interleaved (each repeat runs all three in turn) so
+that a noisy neighbour hurts them alike; figures are medians over the steady steps:
+
+- plain: the model and torch.optim.AdamW as a user would write them (fp32; for bf16/fp16
+  the usual mixed-precision recipe: fp32 parameters, autocast, AdamW);
+- hetmem fits: a device budget that holds everything (the overhead of hooks and chunks);
+- hetmem oversubscribed: a device budget N times smaller than parameters + Adam state
+  (default 4x), with the share of step time spent waiting on transfers.
+
+    python benchmarks/train_throughput.py [--json]      (also: hetmem bench throughput)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import hetmem
+from hetmem.corpus import load_corpus, random_batch
+from hetmem.models.gpt import GPT, GPTConfig
+from hetmem.train_job import state_bytes
+from hetmem.units import format_bytes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--steps", type=int, default=8, help="measured steps per contender per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--oversubscription", type=float, default=4.0,
+                   help="parameters + Adam state / device budget for the oversubscribed run")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+class Plain:
+    """A model trained the way a user would without hetmem."""
+
+    def __init__(self, model: torch.nn.Module, dtype: str):
+        self.model = model
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        self.scaler = torch.amp.GradScaler("cpu") if dtype == "fp16" else None
+
+    def step(self, x, y) -> dict:
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.model(x, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"seconds": time.perf_counter() - started, "wait_s": 0.0}
+
+
+class Hetmem:
+    def __init__(self, model: torch.nn.Module, dtype: str, budget: int | str):
+        self.engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget=budget, dtype=dtype,
+                                                             optimizer=hetmem.AdamConfig(lr=1e-3, weight_decay=0.1)))
+
+    def step(self, x, y) -> dict:
+        started = time.perf_counter()
+        loss = self.engine(x, y)
+        self.engine.backward(loss)
+        self.engine.step()
+        seconds = time.perf_counter() - started
+        record = self.engine.recorder.steps[-1] if self.engine.recorder else None
+        return {"seconds": seconds, "wait_s": record["time"]["wait_s"] if record else 0.0}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=args.heads, d_model=args.d_model)
+    torch.manual_seed(0)
+    base = GPT(cfg)
+    params = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
+    state = state_bytes(params, args.dtype)
+    data = load_corpus()
+    gen = torch.Generator().manual_seed(0)
+    batches = [random_batch(data, args.batch_size, args.block_size, gen) for _ in range(args.steps + 2)]
+
+    contenders = {"plain": Plain(copy.deepcopy(base), args.dtype),
+                  "hetmem_fits": Hetmem(copy.deepcopy(base), args.dtype, "auto")}
+    # the oversubscribed budget: state / N, plus the activations measured by a warm-up
+    contenders["hetmem_fits"].step(*batches[0])
+    activations = contenders["hetmem_fits"].engine.tracer.store.peak_non_model
+    budget = int(state / args.oversubscription) + activations
+    contenders["hetmem_oversubscribed"] = Hetmem(copy.deepcopy(base), args.dtype, budget)
+
+    samples: dict[str, list[dict]] = {name: [] for name in contenders}
+    for name, contender in contenders.items():  # warm-up step each (hetmem: the tracer's)
+        contender.step(*batches[1])
+    for _ in range(args.repeats):
+        for name, contender in contenders.items():
+            for x, y in batches[2:]:
+                samples[name].append(contender.step(x, y))
+    tokens = args.batch_size * args.block_size
+    results = {}
+    for name, runs in samples.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        results[name] = {"tokens_per_s": tokens / seconds, "step_s": seconds,
+                         "wait_share": statistics.median(r["wait_s"] / r["seconds"] for r in runs),
+                         "steps": len(runs)}
+    over = contenders["hetmem_oversubscribed"].engine
+    results["hetmem_oversubscribed"].update(
+        device_budget_bytes=budget, peak_device_bytes=over.scheduler.peak_total,
+        moved_bytes_per_step=sum(m["bytes"] for m in over.recorder.steps[-1]["moves"]))
+    plain = results["plain"]["tokens_per_s"]
+    return {
+        "benchmark": "train_throughput",
+        "config": {"d_model": args.d_model, "layers": args.layers, "block_size": args.block_size,
+                   "batch_size": args.batch_size, "dtype": args.dtype, "steps": args.steps,
+                   "repeats": args.repeats, "oversubscription": args.oversubscription,
+                   "threads": torch.get_num_threads()},
+        "model": {"parameters": params, "state_bytes": state, "activation_peak_bytes": activations},
+        "machine": {"torch": torch.__version__, "adam_simd": _simd()},
+        "results": results,
+        "ratios": {name: r["tokens_per_s"] / plain for name, r in results.items()},
+    }
+
+
+def _simd() -> str:
+    from hetmem.ops import adam
+
+    return adam.simd_level()
+
+
+def table(result: dict) -> str:
+    cfg, model = result["config"], result["model"]
+    lines = [f"GPT d_model {cfg['d_model']} x {cfg['layers']} layers, {model['parameters']:,} parameters, "
+             f"{cfg['dtype']}, batch {cfg['batch_size']}x{cfg['block_size']}, {cfg['threads']} threads; "
+             f"medians of {cfg['repeats']}x{cfg['steps']} steps",
+             f"{'contender':24s} {'tokens/s':>10s} {'step':>9s} {'vs plain':>9s} {'waiting':>8s}"]
+    for name, r in result["results"].items():
+        lines.append(f"{name:24s} {r['tokens_per_s']:10,.0f} {r['step_s'] * 1e3:7.1f}ms "
+                     f"{result['ratios'][name]:9.3f} {r['wait_share']:8.1%}")
+    over = result["results"]["hetmem_oversubscribed"]
+    lines.append(f"oversubscribed: device budget {format_bytes(over['device_budget_bytes'])} "
+                 f"(params + Adam state {format_bytes(model['state_bytes'])} = "
+                 f"{cfg['oversubscription']:g}x its chunk share), peak device {format_bytes(over['peak_device_bytes'])}, "
+                 f"{format_bytes(over['moved_bytes_per_step'])} moved per step")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = measure(args)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
