@@ -140,7 +140,11 @@ def get_num_threads() -> int:
 
 
 def set_serial_threshold(elements: int) -> None:
-    """Calls with fewer elements run on the calling thread only (waking the pool costs more)."""
+    """Calls with fewer elements run on the calling thread only (waking the pool costs more).
+
+    Default 2**17.  The threads share a call in blocks of 2**16 elements, so calls of fewer
+    than 2 blocks always run on the calling thread.
+    """
     if isinstance(elements, bool) or not isinstance(elements, int) or elements < 0:
         raise ValueError(f"set_serial_threshold: elements must be an int >= 0, found {elements!r}")
     op = _op()

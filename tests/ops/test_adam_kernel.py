@@ -173,15 +173,17 @@ def test_mixed_precision_matches_fp32_reference(n, grad_dtype, out_dtype, grad_s
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=False)
     for level in LEVELS:
         adam.set_simd_level(level)
-        p, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)           # fed the 16-bit grads
+        # fed the 16-bit grads, on unaligned views (odd element offsets, all different)
+        p, m, v = view_at(n, 1).copy_(p0), view_at(n, 2).zero_(), view_at(n, 5).zero_()
+        g = view_at(n, 3, grad_dtype)
         rp, rm, rv = p0.clone(), torch.zeros(n), torch.zeros(n)        # fed grad.float() / grad_scale
         tp = p0.clone().requires_grad_()
         topt = torch.optim.Adam([tp], lr=1e-2, weight_decay=0.1)
-        out = None if out_dtype is None else torch.full((n,), 7.0, dtype=out_dtype)
-        for step, g in enumerate(grads, start=1):
-            g_before = g.clone()
+        out = None if out_dtype is None else view_at(n, 7, out_dtype).fill_(7.0)
+        for step, step_grad in enumerate(grads, start=1):
+            g.copy_(step_grad)
             adam.adam_step(p, g, m, v, step=step, grad_scale=grad_scale, out=out, **hyper)
-            assert torch.equal(g, g_before), "adam_step modified grad"
+            assert torch.equal(g, step_grad), "adam_step modified grad"
             g32 = g.float() / grad_scale
             adam.adam_step(rp, g32, rm, rv, step=step, **hyper)
             tp.grad = g32.clone()
