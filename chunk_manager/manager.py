@@ -22,6 +22,10 @@ from .states import ChunkKind, ChunkState, IllegalTransition, TensorState, Tier,
 logger = logging.getLogger("hetmem.chunk_manager")
 
 
+_TIER_INDEX = {t: i for i, t in enumerate(Tier)}
+_KIND_INDEX = {k: i for i, k in enumerate(ChunkKind)}
+
+
 class DeviceBudgetError(ValueError):
     """The chunks a moment needs plus the non-model memory do not fit the device budget."""
 
@@ -47,7 +51,9 @@ class ChunkManager:
         self.events = events or ChunkEvents()
         # bytes of chunk payloads per tier and kind, counting a transfer's destination from
         # its issue and its source until it completes (both buffers exist meanwhile)
-        self._bytes: dict[Tier, dict[ChunkKind, int]] = {t: {k: 0 for k in ChunkKind} for t in Tier}
+        # (flat: tier-major, one counter per kind; read as a tuple snapshot by the recorder)
+        self._counters = [0] * (len(Tier) * len(ChunkKind))
+        self._tier_totals = {t: 0 for t in Tier}
         # data_ptr of device-resident PARAM payloads -> chunk (saved-tensor hooks look views up)
         self.device_storages: dict[int, Chunk] = {}
         # what a parameter's .data is while its chunk is not on the device
@@ -62,13 +68,20 @@ class ChunkManager:
     # -- accounting --------------------------------------------------------------------
 
     def bytes_on(self, tier: Tier) -> int:
-        return sum(self._bytes[tier].values())
+        return self._tier_totals[tier]
 
     def bytes_by_kind(self, tier: Tier) -> dict[str, int]:
-        return {k.name: v for k, v in self._bytes[tier].items()}
+        base = _TIER_INDEX[tier] * len(ChunkKind)
+        return {k.name: self._counters[base + i] for i, k in enumerate(ChunkKind)}
+
+    def counters(self) -> tuple[int, ...]:
+        """Bytes per (tier, kind), tier-major in Tier and ChunkKind order: a cheap snapshot."""
+        return tuple(self._counters)
 
     def _account(self, tier: Tier, chunk: Chunk, sign: int) -> None:
-        self._bytes[tier][chunk.kind] += sign * chunk.nbytes
+        delta = sign * chunk.nbytes
+        self._counters[_TIER_INDEX[tier] * len(ChunkKind) + _KIND_INDEX[chunk.kind]] += delta
+        self._tier_totals[tier] += delta
 
     def on_tier(self, tier: Tier) -> list[Chunk]:
         return [c for c in self.chunks if c.tier is tier]

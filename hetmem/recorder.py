@@ -25,6 +25,16 @@ KEEP_WARMUPS = 4
 KINDS = [k.name for k in ChunkKind]
 
 
+def _moment_dict(record: list) -> dict:
+    """[index, kind, module, t, counters, non_model, chunk_budget, peak_total] -> the schema's dict."""
+    index, kind, module, t, counters, non_model, budget, peak_total = record
+    n = len(KINDS)
+    tiers = {tier.value: {KINDS[k]: counters[i * n + k] for k in range(n)} for i, tier in enumerate(Tier)}
+    tiers["device"]["non_model"] = non_model
+    return {"index": index, "kind": kind, "module": module, "t": t, **tiers, "chunk_budget": budget,
+            "peak_total": peak_total}
+
+
 class Recorder(ChunkEvents):
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -61,21 +71,13 @@ class Recorder(ChunkEvents):
             if self.current is not None:
                 self.current["phases"].append({"name": name, "t_start": start, "t_end": self._now()})
 
-    def _tier_bytes(self) -> dict[str, dict[str, int]]:
-        manager = self.engine.manager
-        return {tier.value: manager.bytes_by_kind(tier) for tier in Tier}
-
     def on_moment(self, moment, scheduler) -> None:
-        """A moment whose chunks are in place (bytes are after its fetches)."""
+        """A moment whose chunks are in place (bytes are after its fetches).  Kept compact: the
+        trace's dicts are built only when trace() is called."""
         if self.current is None:
             return
-        tiers = self._tier_bytes()
-        device = dict(tiers["device"])
-        device["non_model"] = 0
-        self.current["moments"].append({
-            "index": moment.index, "kind": moment.kind.value, "module": moment.module,
-            "t": moment.t - self.t0, "device": device, "host": tiers["host"], "nvme": tiers["nvme"],
-            "chunk_budget": scheduler.chunk_budget(), "peak_total": 0})
+        self.current["moments"].append([moment.index, moment.kind.value, moment.module, moment.t - self.t0,
+                                        self.engine.manager.counters(), 0, scheduler.chunk_budget(), 0])
 
     def close_interval(self, peak_total: int) -> None:
         """The previous moment's interval ended: its non-model peak and simultaneous peak."""
@@ -83,24 +85,22 @@ class Recorder(ChunkEvents):
         if last is None or self.current is None:
             return
         index, peak = last
-        for record in reversed(self.current["moments"]):
-            if record["index"] == index:
-                record["device"]["non_model"] = max(record["device"]["non_model"], peak)
-                record["peak_total"] = max(record["peak_total"], peak_total)
+        moments = self.current["moments"]
+        for record in (moments[-1:] if moments and moments[-1][0] == index else reversed(moments)):
+            if record[0] == index:
+                record[5] = max(record[5], peak)
+                record[7] = max(record[7], peak_total)
                 break
 
     def end_step(self, result) -> None:
         if self.current is None:
             return
-        tiers = self._tier_bytes()
-        device = dict(tiers["device"])
-        device["non_model"] = self.engine.tracer.probe.current(self.engine.manager.bytes_on(Tier.DEVICE))
+        manager = self.engine.manager
+        non_model = self.engine.tracer.probe.current(manager.bytes_on(Tier.DEVICE))
         phases = [p for p in self.current["phases"] if p["name"] == "optimizer"]
         t = phases[-1]["t_start"] if phases else self._now()
-        self.current["moments"].append({
-            "index": len(self.current["moments"]), "kind": "optimizer", "module": "", "t": t,
-            "device": device, "host": tiers["host"], "nvme": tiers["nvme"], "chunk_budget": None,
-            "peak_total": sum(device.values())})
+        self.current["moments"].append([len(self.current["moments"]), "optimizer", "", t, manager.counters(),
+                                        non_model, None, manager.bytes_on(Tier.DEVICE) + non_model])
         self._finish()
 
     def abort(self) -> None:
@@ -147,7 +147,7 @@ class Recorder(ChunkEvents):
         moments = self.current["moments"]
         self.current["evictions"].append({"chunk": chunk.id, "kind": chunk.kind.name, "src": src.value,
                                           "dst": dst.value, "t": self._now(),
-                                          "moment": moments[-1]["index"] if moments else -1,
+                                          "moment": moments[-1][0] if moments else -1,
                                           "reason": reason})
 
     # -- the trace -----------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Recorder(ChunkEvents):
                      "model": {"name": type(model).__name__, "parameters": engine.layout.numel,
                                "trainable_parameters": engine.layout.trainable_numel}},
             "chunks": chunks,
-            "steps": [dict(s) for s in self.steps],
+            "steps": [{**s, "moments": [_moment_dict(m) for m in s["moments"]]} for s in self.steps],
         }
 
     def report(self):

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "nvme": "nvme_swap",
     "scale": "train_scale",
     "throughput": "train_throughput",
+    "trace": "trace_overhead",
 }
 
 

@@ -31,7 +31,7 @@ def test_budget_holds_at_every_moment_and_saved_tensor(dtype, budget, checkpoint
     assert len(checks) > 100
     trace = engine.memory_report().summary()
     assert trace["peaks"]["device"]["peak_bytes"] <= engine.budgets.device
-    for step in engine.recorder.steps:
+    for step in engine.recorder.trace()["steps"]:
         for moment in step["moments"]:
             assert moment["peak_total"] <= engine.budgets.device
             chunks = sum(v for k, v in moment["device"].items() if k != "non_model")
@@ -85,7 +85,7 @@ def test_report_numbers_match_the_engine_accounting():
     train_engine(engine, batches(4))
     report = engine.memory_report()
     summary = report.summary()
-    step = next(s for s in engine.recorder.steps if s["step"] == summary["step"])
+    step = next(s for s in engine.recorder.trace()["steps"] if s["step"] == summary["step"])
     assert summary["peaks"]["device"]["peak_bytes"] == max(m["peak_total"] for m in step["moments"])
     moved = sum(m["bytes"] for m in step["moves"])
     assert summary["moved"]["total_bytes"] == moved
