@@ -77,7 +77,7 @@ class Recorder(ChunkEvents):
         if self.current is None:
             return
         self.current["moments"].append([moment.index, moment.kind.value, moment.module, moment.t - self.t0,
-                                        self.engine.manager.counters(), 0, scheduler.chunk_budget(), 0])
+                                        self.engine.manager.counters(), 0, scheduler.last_chunk_budget, 0])
 
     def close_interval(self, peak_total: int) -> None:
         """The previous moment's interval ended: its non-model peak and simultaneous peak."""

@@ -52,6 +52,7 @@ class Scheduler:
         # (since initialize, and since the current moment began)
         self.peak_total = 0
         self.interval_peak_total = 0
+        self.last_chunk_budget: int | None = None   # the chunk budget the last moment was placed with
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -238,9 +239,11 @@ class Scheduler:
         # Room for the missing chunks within this interval's chunk budget; evicting here (even
         # when nothing is missing) keeps the interval's activations from having to evict.
         need = sum(c.nbytes for c in missing)
-        self.wait_s += self.manager.make_room(
-            need, self.chunk_budget(), self.policy, protect=chunks,
-            why=f"{why}; activations {format_bytes(self.non_model_now())}")
+        self.last_chunk_budget = budget = self.chunk_budget()
+        if self.device_bytes() + need > budget:
+            self.wait_s += self.manager.make_room(
+                need, budget, self.policy, protect=chunks,
+                why=f"{why}; activations {format_bytes(self.non_model_now())}")
         for chunk in missing:
             self.bring_to_host(chunk)
             self.manager.move(chunk, Tier.DEVICE, cause="fetch")
