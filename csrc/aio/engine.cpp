@@ -168,7 +168,7 @@ File::~File() {
 }
 
 bool File::idle() const {
-  if (!pending_.empty() || !deferred_.empty()) return false;
+  if (!pending_[0].empty() || !pending_[1].empty() || !deferred_.empty()) return false;
   for (const auto& q : queues_)
     if (q->inflight != 0) return false;
   return true;
@@ -220,7 +220,7 @@ uint64_t File::submit(Op op, void* buf, uint64_t length, uint64_t offset) {
     struct stat sb;
     if (fstat(fd_, &sb) == 0) logical_size_ = std::max(logical_size_, uint64_t(sb.st_size));
   }
-  pending_.push_back(req);
+  pending_[int(op)].push_back(req);
   for (auto& q : queues_) fill(q.get());
   return req->id;
 }
@@ -327,16 +327,25 @@ void File::unlock_edges(Task* task) {
   task->locks_held = false;
 }
 
+Request* File::next_pending() {
+  bool reads = !pending_[0].empty(), writes = !pending_[1].empty();
+  if (reads && writes) {
+    next_direction_ ^= 1;
+    return pending_[next_direction_].front();
+  }
+  return reads ? pending_[0].front() : writes ? pending_[1].front() : nullptr;
+}
+
 void File::fill(Queue* queue) {
   Task* batch[kSubmitBatch];
   int n = 0;
   auto& free = queue->free_slots();
-  while (!free.empty() && !pending_.empty()) {
-    Request* req = pending_.front();
+  Request* req;
+  while (!free.empty() && (req = next_pending()) != nullptr) {
     Task* task = free.back();
     free.pop_back();
     bool ready = carve(req, task);
-    if (req->cursor >= req->end) pending_.pop_front();
+    if (req->cursor >= req->end) pending_[int(req->op)].pop_front();
     if (!ready) {
       deferred_.push_back(task);
       continue;
@@ -453,7 +462,8 @@ void File::fail(Request* req, Task* task, int err, bool is_short) {
     req->status.fail_moved = task->done;
   }
   if (req->cursor < req->end) {  // cut nothing more from it
-    pending_.erase(std::remove(pending_.begin(), pending_.end(), req), pending_.end());
+    auto& fifo = pending_[int(req->op)];
+    fifo.erase(std::remove(fifo.begin(), fifo.end(), req), fifo.end());
     req->end = req->cursor;
   }
   std::vector<Task*> dropped;

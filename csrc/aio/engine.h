@@ -135,6 +135,7 @@ class File {
   void submit_to(Queue* queue, Task** tasks, int n);
   void resume_deferred();
   bool idle() const;
+  Request* next_pending();
   char* staging_of(Task* task);
 
   std::string path_;
@@ -153,7 +154,11 @@ class File {
   bool closed_ = false;
   uint64_t next_id_ = 1;
   std::unordered_map<uint64_t, std::unique_ptr<Request>> requests_;  // until waited
-  std::deque<Request*> pending_;        // requests with blocks not yet carved, FIFO
+  // Requests with blocks not yet cut, FIFO per direction ([Op::Read], [Op::Write]).  When
+  // both have work, IOs are cut from them alternately, so a load and a store in flight
+  // together both progress (the swap pipeline reads i+1 while it writes i-1).
+  std::deque<Request*> pending_[2];
+  int next_direction_ = 0;
   std::vector<Task*> deferred_;         // staged writes waiting for an edge unit
   std::unordered_set<uint64_t> locked_units_;  // aligned units under read-modify-write
   std::vector<std::unique_ptr<Queue>> queues_;
