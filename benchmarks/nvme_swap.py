@@ -164,6 +164,20 @@ def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, c
     return {"setting": setting, "samples": samples, "median": median, "commands": commands}
 
 
+def checksum_cost(directory: str, recommended: dict, total_bytes: int, chunk_bytes: int, repeats: int) -> dict:
+    """The checksum's own speed, and SwapSpace store/load with it off and on (interleaved)."""
+    from hetmem.nvme.bench import measure_checksum, measure_swap
+
+    setting = {k[len("nvme_"):]: v for k, v in recommended.items()}
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(repeats):
+        for state in ("off", "on"):
+            runs[state].append(measure_swap(directory, total_bytes=total_bytes, chunk_bytes=chunk_bytes,
+                                            checksum=state == "on", **setting))
+    swap = {state: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for state, rs in runs.items()}
+    return {"checksum": measure_checksum(chunk_bytes), "swap": swap, "repeats": repeats}
+
+
 def _fmt_setting(s: dict) -> str:
     return f"{s['backend']} threads={s['threads']} block={s['block_size'] // MiB}MiB qd={s['queue_depth']}"
 
@@ -220,6 +234,15 @@ def format_table(report: dict) -> str:
                  for b, r in ratios.items()]
         lines.append("1 MiB @ qd32 / best 8 MiB (1 thread): " + "; ".join(parts))
     lines.append(f"recommended setting (highest mixed total): {json.dumps(report['recommended'])}")
+    c = report.get("checksum")
+    if c:
+        off, on = c["swap"]["off"], c["swap"]["on"]
+        lines.append(f"checksum {c['checksum']['algorithm']} ({c['checksum']['implementation']}): "
+                     f"{c['checksum']['bytes_per_s'] / GB:.1f} GB/s on one core; SwapSpace at the recommended setting, "
+                     f"off -> on (median of {c['repeats']}): store {off['store_bytes_per_s'] / GB:.2f} -> "
+                     f"{on['store_bytes_per_s'] / GB:.2f} GB/s, load {off['load_bytes_per_s'] / GB:.2f} -> "
+                     f"{on['load_bytes_per_s'] / GB:.2f} GB/s (first store into fresh swap: "
+                     f"{off['first_store_bytes_per_s'] / GB:.2f} GB/s)")
     return "\n".join(lines)
 
 
@@ -260,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      repeats=args.fio_repeats)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 report["fio"][op] = str(exc)
+    report["checksum"] = checksum_cost(args.dir, report["recommended"], sweep["total_bytes"], sweep["chunk_bytes"],
+                                       repeats=1 if args.quick else 3)
     if args.write_config:
         write_io_config(args.write_config, IOConfig.from_dict(report["recommended"]))
         report["config_written"] = args.write_config
