@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a checkout: import hetmem from it
@@ -56,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default=None, help="comma list (default 1,2)")
     p.add_argument("--fio", action="store_true",
                    help="also compare with fio (if installed) at the best settings, interleaved on the same file")
-    p.add_argument("--fio-repeats", type=int, default=3, help="interleaved repeats of the fio comparison")
+    p.add_argument("--fio-grid", action="store_true",
+                   help="also compare with fio at every block size x queue depth of the sweep (1 thread)")
+    p.add_argument("--fio-repeats", type=int, default=3, help="interleaved repeats of each fio comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--write-config", metavar="F", default=None,
                    help="write the recommended setting as JSON with the nvme_* config keys")
@@ -92,76 +93,6 @@ def _sweep_args(args) -> dict:
 def _steps(sweep: dict, n_backends: int) -> int:
     grid = n_backends * len(sweep["block_sizes"]) * len(sweep["queue_depths"]) * len(sweep["threads"])
     return 1 + grid + 2 * sweep["confirm_top"] + 2
-
-
-def _fio_once(path: str, op: str, setting: dict, total_bytes: int, engine: str) -> tuple[float, str]:
-    threads = setting["threads"]
-    per_job = total_bytes // threads
-    cmd = ["fio", "--name=hetmem-cmp", f"--filename={path}", f"--size={per_job}", f"--offset_increment={per_job}",
-           f"--numjobs={threads}", f"--rw={op}", f"--bs={setting['block_size']}",
-           f"--iodepth={setting['queue_depth']}", "--direct=1", f"--ioengine={engine}", "--group_reporting",
-           "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"fio failed: {(out.stderr.strip().splitlines() or [str(out.returncode)])[-1]}")
-    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
-    return float(job[op]["bw_bytes"]), " ".join(cmd).replace(path, "<file>")
-
-
-def _fio_mixed_once(path: str, setting: dict, total_bytes: int, engine: str, seconds: int = 2) -> tuple[dict, str]:
-    """fio: one job reading the first half of the file and one writing the second, at once
-    (time-based, each looping over its half); the same IOs in flight in all as hetmem's."""
-    half = total_bytes // 2
-    depth = max(1, setting["queue_depth"] * setting["threads"] // 2)
-    cmd = ["fio", f"--filename={path}", "--direct=1", f"--ioengine={engine}", f"--bs={setting['block_size']}",
-           f"--iodepth={depth}", "--time_based", f"--runtime={seconds}", "--output-format=json",
-           "--name=read", "--rw=read", "--offset=0", f"--size={half}",
-           "--name=write", "--rw=write", f"--offset={half}", f"--size={half}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"fio failed: {(out.stderr.strip().splitlines() or [str(out.returncode)])[-1]}")
-    jobs = {j["jobname"]: j for j in json.loads(out.stdout[out.stdout.index("{"):])["jobs"]}
-    read, write = float(jobs["read"]["read"]["bw_bytes"]), float(jobs["write"]["write"]["bw_bytes"])
-    return {"read": read, "write": write, "total": read + write}, " ".join(cmd).replace(path, "<file>")
-
-
-def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, chunk_bytes: int,
-                     repeats: int = 3) -> dict:
-    """hetmem and fio (io_uring and libaio engines; same block size and IOs in flight,
-    O_DIRECT) on the same laid-out file, interleaved ``repeats`` times so that the disk's
-    drift hits both alike.  ``op``: "write" or "read" (sequential), or "mixed".  Medians in
-    bytes/s (for "mixed", of the read + write total)."""
-    from hetmem.nvme.bench import BenchFile, chunk_buffers, measure_mixed, measure_sequential, release_all
-
-    samples: dict[str, list] = {"hetmem": [], "fio io_uring": [], "fio libaio": []}
-    commands = {}
-    with BenchFile(directory, total_bytes, chunk_bytes) as bench:
-        buffers = chunk_buffers(2, chunk_bytes)
-        try:
-            for _ in range(repeats):
-                if op == "mixed":
-                    m = measure_mixed(directory, total_bytes=total_bytes, chunk_bytes=chunk_bytes, path=bench.path,
-                                      **setting)
-                    samples["hetmem"].append({"read": m["read_bytes_per_s"], "write": m["write_bytes_per_s"],
-                                              "total": m["total_bytes_per_s"]})
-                else:
-                    samples["hetmem"].append(measure_sequential(bench.path, op, total_bytes=total_bytes,
-                                                                chunk_bytes=chunk_bytes, buffers=buffers,
-                                                                **setting)["bytes_per_s"])
-                for engine in ("io_uring", "libaio"):
-                    if op == "mixed":
-                        value, commands[engine] = _fio_mixed_once(bench.path, setting, total_bytes, engine)
-                    else:
-                        value, commands[engine] = _fio_once(bench.path, op, setting, total_bytes, engine)
-                    samples[f"fio {engine}"].append(value)
-        finally:
-            release_all(buffers)
-    if op == "mixed":
-        median = {k: {d: statistics.median(x[d] for x in v) for d in ("read", "write", "total")}
-                  for k, v in samples.items()}
-    else:
-        median = {k: statistics.median(v) for k, v in samples.items()}
-    return {"setting": setting, "samples": samples, "median": median, "commands": commands}
 
 
 def checksum_cost(directory: str, recommended: dict, total_bytes: int, chunk_bytes: int, repeats: int) -> dict:
@@ -234,6 +165,21 @@ def format_table(report: dict) -> str:
                  for b, r in ratios.items()]
         lines.append("1 MiB @ qd32 / best 8 MiB (1 thread): " + "; ".join(parts))
     lines.append(f"recommended setting (highest mixed total): {json.dumps(report['recommended'])}")
+    grid = report.get("fio_grid")
+    if isinstance(grid, list) and grid:
+        lines.append("")
+        lines.append(f"fio side by side ({grid[0]['setting']['backend']} backend, 1 thread, same file, interleaved, "
+                     f"median of {len(grid[0]['samples']['hetmem'])}), GB/s:")
+        lines.append(f"{'op':5s} {'block':>6s} {'qd':>3s} {'hetmem':>7s} {'fio io_uring':>12s} {'fio libaio':>10s} "
+                     f"{'hetmem/best fio':>15s}")
+        for row in grid:
+            m = row["median"]
+            best_fio = max(m["fio io_uring"], m["fio libaio"])
+            lines.append(f"{row['op']:5s} {row['block_size'] // MiB:4d}Mi {row['queue_depth']:3d} {m['hetmem'] / GB:7.2f} "
+                         f"{m['fio io_uring'] / GB:12.2f} {m['fio libaio'] / GB:10.2f} {m['hetmem'] / best_fio:15.2f}")
+        lines.append(f"fio command: {next(iter(grid[0]['commands'].values()))}")
+    elif grid:
+        lines.append(f"fio grid: {grid}")
     c = report.get("checksum")
     if c:
         off, on = c["swap"]["off"], c["swap"]["on"]
@@ -279,10 +225,21 @@ def main(argv: list[str] | None = None) -> int:
                 report["fio"][op] = "fio is not installed"
                 continue
             try:
+                from hetmem.nvme.fio_compare import compare_with_fio
+
                 report["fio"][op] = compare_with_fio(args.dir, op, setting, sweep["total_bytes"], sweep["chunk_bytes"],
                                                      repeats=args.fio_repeats)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 report["fio"][op] = str(exc)
+    if args.fio_grid:
+        from hetmem.nvme.fio_compare import fio_grid
+
+        if shutil.which("fio") is None:
+            report["fio_grid"] = "fio is not installed"
+        else:
+            report["fio_grid"] = fio_grid(args.dir, total_bytes=sweep["total_bytes"], chunk_bytes=sweep["chunk_bytes"],
+                                          block_sizes=sweep["block_sizes"], queue_depths=sweep["queue_depths"],
+                                          repeats=args.fio_repeats)
     report["checksum"] = checksum_cost(args.dir, report["recommended"], sweep["total_bytes"], sweep["chunk_bytes"],
                                        repeats=1 if args.quick else 3)
     if args.write_config:

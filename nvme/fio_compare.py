@@ -1,0 +1,105 @@
+"""fio side by side with hetmem's engine, on the same file, interleaved.
+
+The disk of a shared or virtual machine drifts by tens of percent from one minute to the
+next, so each comparison alternates hetmem and fio (io_uring and libaio engines) on the
+same laid-out file, ``repeats`` times, and compares medians.  fio gets the same block
+size, queue depth and jobs (= threads), O_DIRECT, sequential.  Needs ``fio`` on PATH.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+
+from hetmem.nvme.bench import BenchFile, chunk_buffers, measure_mixed, measure_sequential, release_all
+
+MiB = 1 << 20
+
+
+def _fio_once(path: str, op: str, setting: dict, total_bytes: int, engine: str) -> tuple[float, str]:
+    threads = setting["threads"]
+    per_job = total_bytes // threads
+    cmd = ["fio", "--name=hetmem-cmp", f"--filename={path}", f"--size={per_job}", f"--offset_increment={per_job}",
+           f"--numjobs={threads}", f"--rw={op}", f"--bs={setting['block_size']}",
+           f"--iodepth={setting['queue_depth']}", "--direct=1", f"--ioengine={engine}", "--group_reporting",
+           "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"fio failed: {(out.stderr.strip().splitlines() or [str(out.returncode)])[-1]}")
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    return float(job[op]["bw_bytes"]), " ".join(cmd).replace(path, "<file>")
+
+
+def _fio_mixed_once(path: str, setting: dict, total_bytes: int, engine: str, seconds: int = 2) -> tuple[dict, str]:
+    """fio: one job reading the first half of the file and one writing the second, at once
+    (time-based, each looping over its half); the same IOs in flight in all as hetmem's."""
+    half = total_bytes // 2
+    depth = max(1, setting["queue_depth"] * setting["threads"] // 2)
+    cmd = ["fio", f"--filename={path}", "--direct=1", f"--ioengine={engine}", f"--bs={setting['block_size']}",
+           f"--iodepth={depth}", "--time_based", f"--runtime={seconds}", "--output-format=json",
+           "--name=read", "--rw=read", "--offset=0", f"--size={half}",
+           "--name=write", "--rw=write", f"--offset={half}", f"--size={half}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"fio failed: {(out.stderr.strip().splitlines() or [str(out.returncode)])[-1]}")
+    jobs = {j["jobname"]: j for j in json.loads(out.stdout[out.stdout.index("{"):])["jobs"]}
+    read, write = float(jobs["read"]["read"]["bw_bytes"]), float(jobs["write"]["write"]["bw_bytes"])
+    return {"read": read, "write": write, "total": read + write}, " ".join(cmd).replace(path, "<file>")
+
+
+def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, chunk_bytes: int,
+                     repeats: int = 3, path: str | None = None) -> dict:
+    """hetmem and fio (io_uring and libaio engines; same block size and IOs in flight,
+    O_DIRECT) on the same laid-out file, interleaved ``repeats`` times so that the disk's
+    drift hits both alike.  ``op``: "write" or "read" (sequential), or "mixed".  Medians in
+    bytes/s (for "mixed", of the read + write total).  ``path``: a laid-out file of
+    ``total_bytes`` to use (else a scratch one is made in ``directory``)."""
+    if path is None:
+        with BenchFile(directory, total_bytes, chunk_bytes) as bench:
+            return compare_with_fio(directory, op, setting, total_bytes, chunk_bytes, repeats, bench.path)
+    samples: dict[str, list] = {"hetmem": [], "fio io_uring": [], "fio libaio": []}
+    commands = {}
+    buffers = chunk_buffers(2, chunk_bytes)
+    try:
+        for _ in range(repeats):
+            if op == "mixed":
+                m = measure_mixed(directory, total_bytes=total_bytes, chunk_bytes=chunk_bytes, path=path, **setting)
+                samples["hetmem"].append({"read": m["read_bytes_per_s"], "write": m["write_bytes_per_s"],
+                                          "total": m["total_bytes_per_s"]})
+            else:
+                samples["hetmem"].append(measure_sequential(path, op, total_bytes=total_bytes, chunk_bytes=chunk_bytes,
+                                                            buffers=buffers, **setting)["bytes_per_s"])
+            for engine in ("io_uring", "libaio"):
+                if op == "mixed":
+                    value, commands[engine] = _fio_mixed_once(path, setting, total_bytes, engine)
+                else:
+                    value, commands[engine] = _fio_once(path, op, setting, total_bytes, engine)
+                samples[f"fio {engine}"].append(value)
+    finally:
+        release_all(buffers)
+    if op == "mixed":
+        median = {k: {d: statistics.median(x[d] for x in v) for d in ("read", "write", "total")}
+                  for k, v in samples.items()}
+    else:
+        median = {k: statistics.median(v) for k, v in samples.items()}
+    return {"setting": setting, "samples": samples, "median": median, "commands": commands}
+
+
+
+
+def fio_grid(directory: str, *, total_bytes: int, chunk_bytes: int, backend: str = "auto",
+             block_sizes=(MiB, 4 * MiB, 8 * MiB), queue_depths=(1, 4, 16, 32), repeats: int = 3,
+             progress=None) -> list[dict]:
+    """compare_with_fio for every block size x queue depth (1 thread), writes and reads,
+    on one laid-out file.  One row per setting and direction."""
+    rows = []
+    with BenchFile(directory, total_bytes, chunk_bytes) as bench:
+        for bs in block_sizes:
+            for qd in queue_depths:
+                setting = {"backend": backend, "block_size": bs, "queue_depth": qd, "threads": 1}
+                for op in ("write", "read"):
+                    r = compare_with_fio(directory, op, setting, total_bytes, chunk_bytes, repeats, bench.path)
+                    rows.append({"op": op, **setting, **r})
+                    if progress:
+                        progress(f"fio grid {op} block={bs // MiB}MiB qd={qd}")
+    return rows
