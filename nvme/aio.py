@@ -136,7 +136,7 @@ class Request:
     def _settle(self) -> None:
         """Block until finished, without raising."""
         if not self._finished:
-            with self._lock:
+            with self._lock, torch.profiler.record_function(f"hetmem::nvme_wait_{self.op}"):
                 if not self._finished:
                     self._finish(self.file._engine.wait(self._id))
 

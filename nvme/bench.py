@@ -133,13 +133,15 @@ def measure_sequential(path: str, op: str, *, total_bytes: int, chunk_bytes: int
 
 def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend: str = "auto",
                   block_size: int = DEFAULT_BLOCK_SIZE, queue_depth: int = DEFAULT_QUEUE_DEPTH,
-                  threads: int = DEFAULT_THREADS, inflight_chunks: int = 2, path: str | None = None) -> dict:
+                  threads: int = DEFAULT_THREADS, inflight_chunks: int = 2, path: str | None = None,
+                  buffers: list[torch.Tensor] | None = None) -> dict:
     """Reads of one half of a file and writes of the other, in flight at once through one
     AsyncFile (as the swap pipeline reads chunk i+1 while it writes chunk i-1), until
     ``total_bytes`` moved in all.
 
     ``path``: an existing laid-out file of >= total_bytes (else a scratch file is made in
-    ``directory`` and removed).  Returns {"read_bytes_per_s", "write_bytes_per_s",
+    ``directory`` and removed).  ``buffers``: at least ``inflight_chunks + 1`` chunk
+    buffers to use (reads into the first ones, writes from the last).  Returns {"read_bytes_per_s", "write_bytes_per_s",
     "total_bytes_per_s", "read_bytes", "write_bytes", "seconds", "backend", "direct",
     "block_size", "queue_depth", "threads"}; each rate is that direction's bytes over the
     common elapsed time, so the two add up to the total.
@@ -151,8 +153,12 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
                                  inflight_chunks=inflight_chunks, path=scratch.path)
     region_chunks = max(1, total_bytes // chunk_bytes // 2)
     write_base = region_chunks * chunk_bytes
-    read_buffers = chunk_buffers(inflight_chunks, chunk_bytes, seed=1)
-    write_buffers = chunk_buffers(1, chunk_bytes, seed=2)
+    own = buffers is None
+    if own:
+        buffers = chunk_buffers(inflight_chunks + 1, chunk_bytes, seed=1)
+    elif len(buffers) < inflight_chunks + 1:
+        raise ValueError(f"measure_mixed needs {inflight_chunks + 1} buffers, got {len(buffers)}")
+    read_buffers, write_buffers = buffers[:inflight_chunks], buffers[-1:]
     moved = {"read": 0, "write": 0}
     try:
         with AsyncFile(path, backend=backend, block_size=block_size, queue_depth=queue_depth,
@@ -193,7 +199,8 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
             seconds = time.perf_counter() - started
             backend_used, direct = f.backend, f.direct
     finally:
-        release_all(read_buffers + write_buffers)
+        if own:
+            release_all(buffers)
     return {"read_bytes_per_s": moved["read"] / seconds, "write_bytes_per_s": moved["write"] / seconds,
             "total_bytes_per_s": (moved["read"] + moved["write"]) / seconds, "read_bytes": moved["read"],
             "write_bytes": moved["write"], "seconds": seconds, "backend": backend_used, "direct": direct,

@@ -1,42 +1,85 @@
-"""fio side by side with hetmem's engine, on the same file, interleaved.
+"""fio side by side with hetmem's engine: same file, same memory, interleaved.
 
-The disk of a shared or virtual machine drifts by tens of percent from one minute to the
-next, so each comparison alternates hetmem and fio (io_uring and libaio engines) on the
-same laid-out file, ``repeats`` times, and compares medians.  fio gets the same block
-size, queue depth and jobs (= threads), O_DIRECT, sequential.  Needs ``fio`` on PATH.
+Two things besides the engines differ between runs on a shared or virtual machine, so
+both are held equal:
+
+- the disk drifts from one minute to the next, so each comparison alternates hetmem and
+  fio (io_uring and libaio engines) on the same laid-out file, ``repeats`` rounds in a
+  shuffled order each, and compares medians;
+- the speed of direct IO depends on which memory the buffers occupy (measured on the
+  development VM: ten 64 MiB buffer pairs read 2 GiB at 1.2 to 3.4 GB/s, each pair
+  reproducibly; fio allocates new buffers in every process, so its samples were bimodal),
+  so both tools do their IO into the same pages: a file in /dev/shm that hetmem maps
+  with ``torch.from_file`` and fio with ``--iomem=mmapshared:FILE``.  Without /dev/shm,
+  each uses its own memory and the result says ``same_memory: False``.
+
+fio gets the same block size, queue depth and jobs (= threads), O_DIRECT, sequential.
+Needs ``fio`` on PATH.
 """
 from __future__ import annotations
 
 import json
+import os
+import random
 import statistics
 import subprocess
+import uuid
+from contextlib import contextmanager
+
+import torch
 
 from hetmem.nvme.bench import BenchFile, chunk_buffers, measure_mixed, measure_sequential, release_all
 
 MiB = 1 << 20
 
 
-def _fio_once(path: str, op: str, setting: dict, total_bytes: int, engine: str) -> tuple[float, str]:
+@contextmanager
+def shared_memory(nbytes: int):
+    """(file, uint8 tensor) of ``nbytes`` backed by a /dev/shm file, or (None, None)."""
+    if not os.path.isdir("/dev/shm"):
+        yield None, None
+        return
+    path = f"/dev/shm/hetmem-fio-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        buf.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+        yield path, buf
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _iomem(memory: str | None) -> list[str]:
+    return [f"--iomem=mmapshared:{memory}"] if memory else []
+
+
+def _fio_once(path: str, op: str, setting: dict, total_bytes: int, engine: str,
+              memory: str | None = None) -> tuple[float, str]:
     threads = setting["threads"]
     per_job = total_bytes // threads
     cmd = ["fio", "--name=hetmem-cmp", f"--filename={path}", f"--size={per_job}", f"--offset_increment={per_job}",
            f"--numjobs={threads}", f"--rw={op}", f"--bs={setting['block_size']}",
            f"--iodepth={setting['queue_depth']}", "--direct=1", f"--ioengine={engine}", "--group_reporting",
-           "--output-format=json"]
+           "--output-format=json", *_iomem(memory)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"fio failed: {(out.stderr.strip().splitlines() or [str(out.returncode)])[-1]}")
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
-    return float(job[op]["bw_bytes"]), " ".join(cmd).replace(path, "<file>")
+    return float(job[op]["bw_bytes"]), " ".join(cmd).replace(path, "<file>").replace(memory or "\0", "<shm>")
 
 
-def _fio_mixed_once(path: str, setting: dict, total_bytes: int, engine: str, seconds: int = 2) -> tuple[dict, str]:
+def _fio_mixed_once(path: str, setting: dict, total_bytes: int, engine: str, memory: str | None = None,
+                    seconds: int = 2) -> tuple[dict, str]:
     """fio: one job reading the first half of the file and one writing the second, at once
     (time-based, each looping over its half); the same IOs in flight in all as hetmem's."""
     half = total_bytes // 2
     depth = max(1, setting["queue_depth"] * setting["threads"] // 2)
     cmd = ["fio", f"--filename={path}", "--direct=1", f"--ioengine={engine}", f"--bs={setting['block_size']}",
-           f"--iodepth={depth}", "--time_based", f"--runtime={seconds}", "--output-format=json",
+           f"--iodepth={depth}", "--time_based", f"--runtime={seconds}", "--output-format=json", *_iomem(memory),
            "--name=read", "--rw=read", "--offset=0", f"--size={half}",
            "--name=write", "--rw=write", f"--offset={half}", f"--size={half}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -44,7 +87,8 @@ def _fio_mixed_once(path: str, setting: dict, total_bytes: int, engine: str, sec
         raise RuntimeError(f"fio failed: {(out.stderr.strip().splitlines() or [str(out.returncode)])[-1]}")
     jobs = {j["jobname"]: j for j in json.loads(out.stdout[out.stdout.index("{"):])["jobs"]}
     read, write = float(jobs["read"]["read"]["bw_bytes"]), float(jobs["write"]["write"]["bw_bytes"])
-    return {"read": read, "write": write, "total": read + write}, " ".join(cmd).replace(path, "<file>")
+    command = " ".join(cmd).replace(path, "<file>").replace(memory or "\0", "<shm>")
+    return {"read": read, "write": write, "total": read + write}, command
 
 
 def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, chunk_bytes: int,
@@ -59,32 +103,46 @@ def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, c
             return compare_with_fio(directory, op, setting, total_bytes, chunk_bytes, repeats, bench.path)
     samples: dict[str, list] = {"hetmem": [], "fio io_uring": [], "fio libaio": []}
     commands = {}
-    buffers = chunk_buffers(2, chunk_bytes)
-    try:
-        for _ in range(repeats):
-            if op == "mixed":
-                m = measure_mixed(directory, total_bytes=total_bytes, chunk_bytes=chunk_bytes, path=path, **setting)
-                samples["hetmem"].append({"read": m["read_bytes_per_s"], "write": m["write_bytes_per_s"],
-                                          "total": m["total_bytes_per_s"]})
-            else:
-                samples["hetmem"].append(measure_sequential(path, op, total_bytes=total_bytes, chunk_bytes=chunk_bytes,
-                                                            buffers=buffers, **setting)["bytes_per_s"])
-            for engine in ("io_uring", "libaio"):
-                if op == "mixed":
-                    value, commands[engine] = _fio_mixed_once(path, setting, total_bytes, engine)
-                else:
-                    value, commands[engine] = _fio_once(path, op, setting, total_bytes, engine)
-                samples[f"fio {engine}"].append(value)
-    finally:
-        release_all(buffers)
+    fio_bytes = setting["queue_depth"] * setting["block_size"] * (2 if op == "mixed" else 1)
+    with shared_memory(max(3 * chunk_bytes, fio_bytes)) as (memory, shared):
+        buffers = ([shared[i * chunk_bytes:(i + 1) * chunk_bytes] for i in range(3)] if memory
+                   else chunk_buffers(3, chunk_bytes))
+        try:
+            _interleave(directory, op, setting, total_bytes, chunk_bytes, repeats, path, memory, buffers, samples,
+                        commands)
+        finally:
+            if not memory:
+                release_all(buffers)
     if op == "mixed":
         median = {k: {d: statistics.median(x[d] for x in v) for d in ("read", "write", "total")}
                   for k, v in samples.items()}
     else:
         median = {k: statistics.median(v) for k, v in samples.items()}
-    return {"setting": setting, "samples": samples, "median": median, "commands": commands}
+    return {"setting": setting, "samples": samples, "median": median, "commands": commands,
+            "same_memory": memory is not None}
 
 
+def _interleave(directory: str, op: str, setting: dict, total_bytes: int, chunk_bytes: int, repeats: int, path: str,
+                memory: str | None, buffers: list, samples: dict, commands: dict) -> None:
+    """``repeats`` rounds of every tool, each round in a new (seeded) order."""
+    order = random.Random(f"{op}{sorted(setting.items())}")
+    for _ in range(repeats):
+        for tool in order.sample(list(samples), len(samples)):
+            if tool == "hetmem" and op == "mixed":
+                m = measure_mixed(directory, total_bytes=total_bytes, chunk_bytes=chunk_bytes, path=path,
+                                  buffers=buffers, **setting)
+                value = {"read": m["read_bytes_per_s"], "write": m["write_bytes_per_s"],
+                         "total": m["total_bytes_per_s"]}
+            elif tool == "hetmem":
+                value = measure_sequential(path, op, total_bytes=total_bytes, chunk_bytes=chunk_bytes,
+                                           buffers=buffers, **setting)["bytes_per_s"]
+            else:
+                engine = tool.split()[1]
+                if op == "mixed":
+                    value, commands[engine] = _fio_mixed_once(path, setting, total_bytes, engine, memory)
+                else:
+                    value, commands[engine] = _fio_once(path, op, setting, total_bytes, engine, memory)
+            samples[tool].append(value)
 
 
 def fio_grid(directory: str, *, total_bytes: int, chunk_bytes: int, backend: str = "auto",

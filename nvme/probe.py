@@ -120,7 +120,8 @@ def _probe_backend(op, backend: str, path: str, direct: bool, data: torch.Tensor
         from hetmem.nvme._op import aio_op_error
         from hetmem.ops.builder import builder
 
-        unusable = builder("aio").disabled_reason() or aio_op_error()
+        aio = builder("aio")
+        unusable = aio.disabled_reason() or aio_op_error() or aio.toolchain_problem()
         if unusable:
             return f"unavailable: the aio op cannot be used ({unusable})"
         reason = _kernel_reason(backend)
