@@ -165,7 +165,7 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
                        threads=threads) as f:
             if not f.direct:
                 _drop_cached_pages(path)
-            inflight = {"read": deque(), "write": deque()}
+            inflight = {"read": deque(), "write": deque()}  # (issue number, request), oldest first
             issued = {"read": 0, "write": 0}
 
             def issue(direction: str) -> None:
@@ -175,7 +175,7 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
                     req = f.pread(read_buffers[i % inflight_chunks], offset)
                 else:
                     req = f.pwrite(write_buffers[0], write_base + offset)
-                inflight[direction].append(req)
+                inflight[direction].append((issued["read"] + issued["write"], req))
                 issued[direction] += 1
 
             started = time.perf_counter()
@@ -184,13 +184,13 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
                     issue(direction)
             budget = total_bytes // chunk_bytes
             while inflight["read"] or inflight["write"]:
-                # Take the oldest request that is done; block on the older head if none is.
-                ready = [d for d in ("read", "write") if inflight[d] and inflight[d][0].done()]
+                # Refill every direction whose oldest request is done; else block on the
+                # request issued first (the likeliest to finish first).
+                ready = [d for d in ("read", "write") if inflight[d] and inflight[d][0][1].done()]
                 if not ready:
-                    heads = [d for d in ("read", "write") if inflight[d]]
-                    ready = [heads[0]]
+                    ready = [min((d for d in ("read", "write") if inflight[d]), key=lambda d: inflight[d][0][0])]
                 for direction in ready:
-                    inflight[direction].popleft().wait()
+                    inflight[direction].popleft()[1].wait()
                     moved[direction] += chunk_bytes
                     if issued["read"] + issued["write"] < budget:
                         issue(direction)

@@ -9,9 +9,13 @@ both are held equal:
 - the speed of direct IO depends on which memory the buffers occupy (measured on the
   development VM: ten 64 MiB buffer pairs read 2 GiB at 1.2 to 3.4 GB/s, each pair
   reproducibly; fio allocates new buffers in every process, so its samples were bimodal),
-  so both tools do their IO into the same pages: a file in /dev/shm that hetmem maps
-  with ``torch.from_file`` and fio with ``--iomem=mmapshared:FILE``.  Without /dev/shm,
-  each uses its own memory and the result says ``same_memory: False``.
+  so both tools do their IO into the same pages: the first ``queue_depth x block_size``
+  bytes of a file in /dev/shm, which fio maps with ``--iomem=mmapshared:FILE`` and hetmem
+  with ``torch.from_file``.  hetmem then issues fio's pattern: one request per block,
+  ``queue_depth x threads`` of them in flight, cycling through those ``queue_depth``
+  block buffers - so only the engines differ (hetmem's figure includes its per-request
+  Python overhead, which its chunk-sized requests normally amortise).  Without /dev/shm
+  each tool uses its own memory and the result says ``same_memory: False``.
 
 fio gets the same block size, queue depth and jobs (= threads), O_DIRECT, sequential.
 Needs ``fio`` on PATH.
@@ -77,7 +81,7 @@ def _fio_mixed_once(path: str, setting: dict, total_bytes: int, engine: str, mem
     """fio: one job reading the first half of the file and one writing the second, at once
     (time-based, each looping over its half); the same IOs in flight in all as hetmem's."""
     half = total_bytes // 2
-    depth = max(1, setting["queue_depth"] * setting["threads"] // 2)
+    depth = _mixed_depth(setting)
     cmd = ["fio", f"--filename={path}", "--direct=1", f"--ioengine={engine}", f"--bs={setting['block_size']}",
            f"--iodepth={depth}", "--time_based", f"--runtime={seconds}", "--output-format=json", *_iomem(memory),
            "--name=read", "--rw=read", "--offset=0", f"--size={half}",
@@ -103,13 +107,12 @@ def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, c
             return compare_with_fio(directory, op, setting, total_bytes, chunk_bytes, repeats, bench.path)
     samples: dict[str, list] = {"hetmem": [], "fio io_uring": [], "fio libaio": []}
     commands = {}
-    fio_bytes = setting["queue_depth"] * setting["block_size"] * (2 if op == "mixed" else 1)
-    with shared_memory(max(3 * chunk_bytes, fio_bytes)) as (memory, shared):
-        buffers = ([shared[i * chunk_bytes:(i + 1) * chunk_bytes] for i in range(3)] if memory
-                   else chunk_buffers(3, chunk_bytes))
+    bs = setting["block_size"]
+    depth = _mixed_depth(setting) if op == "mixed" else setting["queue_depth"]
+    with shared_memory(depth * bs) as (memory, shared):
+        buffers = ([shared[i * bs:(i + 1) * bs] for i in range(depth)] if memory else chunk_buffers(depth, bs))
         try:
-            _interleave(directory, op, setting, total_bytes, chunk_bytes, repeats, path, memory, buffers, samples,
-                        commands)
+            _interleave(directory, op, setting, total_bytes, repeats, path, memory, buffers, samples, commands)
         finally:
             if not memory:
                 release_all(buffers)
@@ -122,20 +125,28 @@ def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, c
             "same_memory": memory is not None}
 
 
-def _interleave(directory: str, op: str, setting: dict, total_bytes: int, chunk_bytes: int, repeats: int, path: str,
+def _mixed_depth(setting: dict) -> int:
+    """IOs in flight per direction in the mixed comparison: the same total as hetmem's."""
+    return max(1, setting["queue_depth"] * setting["threads"] // 2)
+
+
+def _interleave(directory: str, op: str, setting: dict, total_bytes: int, repeats: int, path: str,
                 memory: str | None, buffers: list, samples: dict, commands: dict) -> None:
     """``repeats`` rounds of every tool, each round in a new (seeded) order."""
     order = random.Random(f"{op}{sorted(setting.items())}")
+    bs = setting["block_size"]
     for _ in range(repeats):
         for tool in order.sample(list(samples), len(samples)):
             if tool == "hetmem" and op == "mixed":
-                m = measure_mixed(directory, total_bytes=total_bytes, chunk_bytes=chunk_bytes, path=path,
-                                  buffers=buffers, **setting)
+                depth = _mixed_depth(setting)
+                m = measure_mixed(directory, total_bytes=total_bytes, chunk_bytes=bs, path=path,
+                                  buffers=buffers + buffers[:1], inflight_chunks=depth, **setting)
                 value = {"read": m["read_bytes_per_s"], "write": m["write_bytes_per_s"],
                          "total": m["total_bytes_per_s"]}
             elif tool == "hetmem":
-                value = measure_sequential(path, op, total_bytes=total_bytes, chunk_bytes=chunk_bytes,
-                                           buffers=buffers, **setting)["bytes_per_s"]
+                value = measure_sequential(path, op, total_bytes=total_bytes, chunk_bytes=bs, buffers=buffers,
+                                           inflight_chunks=setting["queue_depth"] * setting["threads"],
+                                           **setting)["bytes_per_s"]
             else:
                 engine = tool.split()[1]
                 if op == "mixed":
