@@ -11,6 +11,10 @@ again (medians); a mixed run with reads and writes in flight at once (as the pip
 optimizer step does); and, with ``--fio``, fio at the best settings for comparison.
 ``--write-config F`` writes the recommended setting with the ``nvme_*`` keys the runtime
 reads (``hetmem.nvme.load_io_config``).  All scratch files are removed at the end.
+
+On a virtual machine the absolute figures can move between runs by 2x or more: the host
+disk drifts, and direct IO speed depends on which memory the buffers land in (see
+hetmem/nvme/fio_compare.py).  Settings are compared within one run, on the same buffers.
 """
 from __future__ import annotations
 
@@ -141,7 +145,8 @@ def format_table(report: dict) -> str:
         fio = report.get("fio", {}).get(op)
         if isinstance(fio, dict):
             m = fio["median"]
-            lines.append(f"    vs fio, same file, interleaved, median of {len(fio['samples']['hetmem'])}: hetmem "
+            lines.append(f"    vs fio (same file and memory, fio's request pattern, shuffled rounds, median of "
+                         f"{len(fio['samples']['hetmem'])}): hetmem "
                          f"{m['hetmem'] / GB:.2f}, fio io_uring {m['fio io_uring'] / GB:.2f}, fio libaio "
                          f"{m['fio libaio'] / GB:.2f} GB/s; hetmem/fio = "
                          f"{m['hetmem'] / max(m['fio io_uring'], m['fio libaio']):.2f} (of the better fio engine)")
@@ -151,7 +156,7 @@ def format_table(report: dict) -> str:
     if isinstance(fio, dict):
         m = fio["median"]
         parts = [f"{k} {v['read'] / GB:.2f} + {v['write'] / GB:.2f} = {v['total'] / GB:.2f}" for k, v in m.items()]
-        lines.append(f"mixed vs fio (read + write GB/s, same file, interleaved, median of "
+        lines.append(f"mixed vs fio (read + write GB/s, same file and memory, shuffled rounds, median of "
                      f"{len(fio['samples']['hetmem'])}, setting {_fmt_setting(fio['setting'])}): " + "; ".join(parts))
     elif fio:
         lines.append(f"mixed vs fio: {fio}")
@@ -168,8 +173,8 @@ def format_table(report: dict) -> str:
     grid = report.get("fio_grid")
     if isinstance(grid, list) and grid:
         lines.append("")
-        lines.append(f"fio side by side ({grid[0]['setting']['backend']} backend, 1 thread, same file, interleaved, "
-                     f"median of {len(grid[0]['samples']['hetmem'])}), GB/s:")
+        lines.append(f"fio side by side ({grid[0]['setting']['backend']} backend, 1 thread; same file and memory, "
+                     f"fio's request pattern, shuffled rounds, median of {len(grid[0]['samples']['hetmem'])}), GB/s:")
         lines.append(f"{'op':5s} {'block':>6s} {'qd':>3s} {'hetmem':>7s} {'fio io_uring':>12s} {'fio libaio':>10s} "
                      f"{'hetmem/best fio':>15s}")
         for row in grid:
