@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep = _sweep_args(args)
     probe = probe_io(args.dir)
     n_backends = len([b for b in sweep.get("backends", ("io_uring", "linux_aio", "threads")) if probe.get(b) == "ok"])
+    if n_backends == 0:
+        print(f"note: no engine backend works here ({probe}); measuring the python_threads fallback",
+              file=sys.stderr)
     bar = None
     if not args.no_progress and not args.json:
         from tqdm import tqdm

@@ -26,7 +26,8 @@ import torch
 
 from hetmem.nvme.aio import AsyncFile
 from hetmem.nvme.buffers import aligned_empty, release_buffer
-from hetmem.nvme.config import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, DEFAULT_THREADS, KERNEL_BACKENDS, IOConfig
+from hetmem.nvme.config import (DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, DEFAULT_THREADS, FALLBACK_BACKEND,
+                                KERNEL_BACKENDS, IOConfig)
 
 MiB = 1 << 20
 Progress = Callable[[str], None]  # called once per measurement, with what was measured
@@ -314,8 +315,8 @@ def run_sweep(directory: str, *, total_bytes: int = 2 << 30, chunk_bytes: int = 
 
     probe = probe_io(directory)
     backends = [b for b in (backends or KERNEL_BACKENDS) if probe.get(b) == "ok"]
-    if not backends:
-        raise RuntimeError(f"no engine backend works in {directory}: {probe}")
+    if not backends:  # the aio op cannot run here: measure what hetmem would use instead
+        backends = [FALLBACK_BACKEND]
     grid = [(b, t, bs, qd) for b in backends for t in threads for bs in block_sizes for qd in queue_depths]
     note = progress or (lambda label: None)
     results: list[dict] = []
@@ -366,7 +367,8 @@ def run_sweep(directory: str, *, total_bytes: int = 2 << 30, chunk_bytes: int = 
         entry["read_median"] = _median(entry["read"])
         entry["cpu_seconds_per_gb"] = _median(entry["cpu_seconds_per_gb"])
     chosen = max(mixed, key=lambda m: m["total_bytes_per_s"])
-    recommended = IOConfig(backend=chosen["backend"], block_size=chosen["block_size"],
+    recommended = IOConfig(backend=chosen["backend"] if chosen["backend"] in KERNEL_BACKENDS else "auto",
+                           block_size=chosen["block_size"],
                            queue_depth=chosen["queue_depth"], threads=chosen["threads"])
     return {
         "directory": directory, "total_bytes": total_bytes, "chunk_bytes": chunk_bytes, "o_direct": direct,

@@ -41,4 +41,5 @@ def test_benchmark_main_json_and_config(tmp_path, capsys):
     assert {e["queue_depth"] for e in report["results"]} == {2, 4}
     assert set(report["best"]) == {"write", "read"} and report["mixed"]
     assert load_io_config(config) == report["recommended"]
+    assert {e["backend"] for e in report["results"]} <= {"threads", "python_threads"}
     assert os.listdir(data) == []
