@@ -272,7 +272,8 @@ CPU_ADAM = OpBuilder(
 )
 AIO = OpBuilder(
     name="aio",
-    sources=("aio/engine.cpp", "aio/backends.cpp", "aio/crc32c.cpp", "aio/binding.cpp"),
+    sources=("aio/engine.cpp", "aio/platform.cpp", "aio/uring.cpp", "aio/linux_aio.cpp", "aio/thread_pool.cpp",
+             "aio/crc32c.cpp", "aio/binding.cpp"),
     description="async file IO engine (io_uring, Linux AIO, thread pool) with O_DIRECT",
 )
 
