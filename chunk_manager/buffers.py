@@ -35,6 +35,8 @@ class BufferPool:
         self.keep_free = keep_free      # free buffers kept per key
         self._free: dict[tuple[Tier, torch.dtype, int], list[torch.Tensor]] = {}
         self.cached_bytes = 0           # bytes in free lists (allocated, holding nothing)
+        # allocates host buffers (dtype, numel); the NVMe tier swaps in aligned ones
+        self.host_allocator = lambda dtype, numel: torch.empty(numel, dtype=dtype, pin_memory=self.pin_host)
 
     def _recycles(self, tier: Tier) -> bool:
         return tier is Tier.HOST or self.device.type != "cuda"
@@ -47,7 +49,7 @@ class BufferPool:
             return buffer
         if tier is Tier.DEVICE:
             return torch.empty(numel, dtype=dtype, device=self.device)
-        return torch.empty(numel, dtype=dtype, pin_memory=self.pin_host)
+        return self.host_allocator(dtype, numel)
 
     def give(self, tier: Tier, buffer: torch.Tensor) -> None:
         if not self._recycles(tier) or not sole_owner(buffer):
@@ -56,6 +58,19 @@ class BufferPool:
         if len(free) < self.keep_free:
             free.append(buffer)
             self.cached_bytes += buffer.numel() * buffer.element_size()
+
+    def cached_on(self, tier: Tier) -> int:
+        return sum(b.numel() * b.element_size() for (t, _, _), free in self._free.items() if t is tier
+                   for b in free)
+
+    def trim(self, tier: Tier) -> int:
+        """Drop ``tier``'s free buffers (to make room under a budget); returns the bytes freed."""
+        freed = 0
+        for key in [k for k in self._free if k[0] is tier]:
+            for buffer in self._free.pop(key):
+                freed += buffer.numel() * buffer.element_size()
+        self.cached_bytes -= freed
+        return freed
 
     def clear(self) -> None:
         self._free.clear()

@@ -96,6 +96,7 @@ class Chunk:
         self.transfer = None                    # the Transfer in flight into self.tier, if any
         self.pins = 0                           # users that need it where it is; > 0 forbids moves
         self.resident = False                   # kept on the device for good (everything fits)
+        self.nvme_valid = False                 # its NVMe blob holds its current bytes
         self.last_use = -1                      # moment clock of the last access (LRU)
 
     @property

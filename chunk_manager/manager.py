@@ -7,6 +7,7 @@ nothing about *when*: the scheduler (hetmem/scheduler.py) calls it at each momen
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable, Iterable
@@ -17,6 +18,7 @@ from .buffers import BufferPool
 from .chunk import Chunk, ChunkGroup
 from .eviction import EvictionPolicy
 from .mover import Mover, Transfer
+from .spill import spill_key
 from .states import ChunkKind, ChunkState, IllegalTransition, TensorState, Tier, check_tier_move
 
 logger = logging.getLogger("hetmem.chunk_manager")
@@ -28,6 +30,10 @@ _KIND_INDEX = {k: i for i, k in enumerate(ChunkKind)}
 
 class DeviceBudgetError(ValueError):
     """The chunks a moment needs plus the non-model memory do not fit the device budget."""
+
+
+class HostBudgetError(ValueError):
+    """The chunks that must be in host memory at once do not fit host_budget."""
 
 
 class ChunkEvents:
@@ -62,6 +68,11 @@ class ChunkManager:
         # CUDA: transfers the compute stream waits on without a host sync, until they are seen
         # complete (then their source buffer is released and un-accounted)
         self._unfinished: list[Transfer] = []
+        self.nvme = None                          # NvmeTier once attach_nvme() ran
+        self.host_limit: int | None = None        # chunk bytes allowed in host memory (NVMe tier on)
+        self.spill_preference: Callable[[Chunk], tuple] | None = None  # replaces spill_key while set
+        self.blocked_s = 0.0                      # host time blocked on transfers, in total
+        self.moved_bytes = 0                      # bytes moved by transfers (issued), in total
         # where an evicted chunk goes (the NVMe tier replaces this to spill past host_budget)
         self.eviction_target: Callable[[Chunk], Tier] = lambda chunk: Tier.HOST
 
@@ -94,6 +105,8 @@ class ChunkManager:
             raise IllegalTransition(f"{chunk.name} is already placed on {chunk.tier.value}")
         if tier is Tier.NVME:
             raise IllegalTransition(f"{chunk.name}: chunks are placed in memory first, then spilled")
+        if tier is Tier.HOST:
+            self.ensure_host_room(chunk.nbytes, protect=[chunk])
         buffer = self.pool.take(tier, chunk.dtype, chunk.capacity)
         if data is None:
             buffer.zero_()
@@ -101,6 +114,7 @@ class ChunkManager:
             buffer[: data.numel()].copy_(data)
             buffer[data.numel():].zero_()
         chunk.payload, chunk.tier = buffer, tier
+        chunk.nvme_valid = False
         self._account(tier, chunk, +1)
         if tier is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
             self.device_storages[buffer.untyped_storage().data_ptr()] = chunk
@@ -110,11 +124,16 @@ class ChunkManager:
         src = chunk.tier
         if src is None:
             raise IllegalTransition(f"{chunk.name} is not placed yet")
-        check_tier_move(chunk.name, src, dst)
         if chunk.pins:
             raise IllegalTransition(f"{chunk.name} is in use ({chunk.pins} pins) and cannot move "
                                     f"{src.value} -> {dst.value}")
         self.wait(chunk)  # a chunk moves from where it has arrived
+        src = chunk.tier   # a failed transfer may have put it back
+        if src is dst:
+            return Transfer(f"{chunk.name} already on {dst.value}", 0)
+        check_tier_move(chunk.name, src, dst)
+        if dst is Tier.HOST:
+            self.ensure_host_room(chunk.nbytes, protect=[chunk])
         if Tier.NVME in (src, dst):
             return self._move_nvme(chunk, src, dst, cause)
         if src is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
@@ -133,11 +152,128 @@ class ChunkManager:
         chunk.payload, chunk.tier, chunk.transfer = target, dst, transfer
         if dst is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
             self.device_storages[target.untyped_storage().data_ptr()] = chunk
+        self.moved_bytes += chunk.nbytes
         self.events.on_move(chunk, src, dst, transfer, cause)
         return transfer
 
     def _move_nvme(self, chunk: Chunk, src: Tier, dst: Tier, cause: str) -> Transfer:
-        raise IllegalTransition(f"{chunk.name}: the NVMe tier is off (set nvme_dir to use it)")
+        if self.nvme is None:
+            raise IllegalTransition(f"{chunk.name}: the NVMe tier is off (set nvme_dir to use it)")
+        label = f"{chunk.name} {src.value}->{dst.value}"
+        if dst is Tier.NVME:
+            source = chunk.payload
+            self._account(Tier.NVME, chunk, +1)
+            if chunk.nvme_valid:  # the blob is current: spilling writes nothing
+                self._account(Tier.HOST, chunk, -1)
+                self.pool.give(Tier.HOST, source)
+                chunk.payload, chunk.tier = None, Tier.NVME
+                return Transfer(label + " (clean, no IO)", 0)
+
+            def stored(transfer: Transfer, chunk=chunk, source=source) -> None:
+                self._account(Tier.HOST, chunk, -1)
+                self.pool.give(Tier.HOST, source)
+                chunk.nvme_valid = True
+
+            def store_failed(exc: BaseException, chunk=chunk, source=source) -> None:
+                self._account(Tier.NVME, chunk, -1)
+                chunk.tier, chunk.payload, chunk.transfer = Tier.HOST, source, None  # the bytes are still here
+                logger.error("storing %s to NVMe failed; it stays in host memory: %s", chunk.name, exc)
+
+            request = self.nvme.store(chunk, source)
+            transfer = Transfer.for_request(request, label, chunk.nbytes, route=(src, dst), keepalive=(source,),
+                                            on_done=stored, on_error=store_failed)
+            chunk.tier, chunk.payload, chunk.transfer = Tier.NVME, None, transfer
+        else:
+            target = self.pool.take(Tier.HOST, chunk.dtype, chunk.capacity)
+            self._account(Tier.HOST, chunk, +1)
+            self._account(Tier.NVME, chunk, -1)
+
+            def load_failed(exc: BaseException, chunk=chunk) -> None:
+                self._account(Tier.HOST, chunk, -1)
+                self._account(Tier.NVME, chunk, +1)
+                chunk.tier, chunk.payload, chunk.transfer = Tier.NVME, None, None
+                logger.error("loading %s from NVMe failed: %s", chunk.name, exc)
+
+            request = self.nvme.load(chunk, target)
+            transfer = Transfer.for_request(request, label, chunk.nbytes, route=(src, dst), keepalive=(target,),
+                                            on_error=load_failed)
+            chunk.tier, chunk.payload, chunk.transfer = Tier.HOST, target, transfer
+        self.moved_bytes += chunk.nbytes
+        self.events.on_move(chunk, src, dst, transfer, cause)
+        return transfer
+
+    # -- the NVMe tier -----------------------------------------------------------------
+
+    def attach_nvme(self, tier, host_limit: int) -> None:
+        """Spill past ``host_limit`` chunk bytes to ``tier`` (an NvmeTier)."""
+        self.nvme = tier
+        self.host_limit = host_limit
+        self.pool.host_allocator = tier.host_buffer
+
+    def read_copy(self, chunk: Chunk, into: torch.Tensor) -> torch.Tensor:
+        """The chunk's bytes copied into host tensor ``into`` without moving the chunk."""
+        self.wait(chunk)
+        if chunk.tier is Tier.NVME:
+            self.nvme.load(chunk, into).wait()
+        else:
+            into.copy_(chunk.payload)
+        return into
+
+    def write_from(self, chunk: Chunk, data: torch.Tensor) -> None:
+        """Set the chunk's bytes from host tensor ``data`` wherever the chunk lives."""
+        self.wait(chunk)
+        if chunk.tier is Tier.NVME:
+            self.nvme.store(chunk, data).wait()
+            chunk.nvme_valid = True
+        else:
+            chunk.payload.copy_(data)
+            chunk.nvme_valid = False
+
+    def mark_dirty(self, chunk: Chunk) -> None:
+        """The payload changed: its NVMe blob is stale."""
+        chunk.nvme_valid = False
+
+    @contextlib.contextmanager
+    def spill_order(self, key: Callable[[Chunk], tuple]):
+        previous, self.spill_preference = self.spill_preference, key
+        try:
+            yield
+        finally:
+            self.spill_preference = previous
+
+    def ensure_host_room(self, nbytes: int, protect: Iterable[Chunk] = ()) -> None:
+        """Spill host chunks to NVMe until ``nbytes`` more fit host_limit (no-op without NVMe)."""
+        if self.host_limit is None:
+            return
+        protected = {c.id for c in protect}
+        if self.bytes_on(Tier.HOST) + self.pool.cached_on(Tier.HOST) + nbytes > self.host_limit:
+            self.pool.trim(Tier.HOST)  # free buffers count against the budget too
+        while self.bytes_on(Tier.HOST) + nbytes > self.host_limit:
+            self.poll()  # finished stores free their host bytes
+            over = self.bytes_on(Tier.HOST) + nbytes - self.host_limit
+            if over <= 0:
+                return
+            landing = [c for c in self.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
+            deficit = over - sum(c.nbytes for c in landing)
+            if deficit > 0:
+                candidates = [c for c in self.chunks if c.tier is Tier.HOST and c.pins == 0 and not c.resident
+                              and c.transfer is None and c.id not in protected]
+                if candidates:
+                    victim = min(candidates, key=self.spill_preference or spill_key)
+                    self.move(victim, Tier.NVME, cause="spill")
+                    continue
+            if landing:
+                self.wait(landing[0])
+                continue
+            raise HostBudgetError(self._host_budget_message(nbytes))
+
+    def _host_budget_message(self, nbytes: int) -> str:
+        from hetmem.units import format_bytes
+
+        held = [c for c in self.chunks if c.tier is Tier.HOST]
+        return (f"host budget exhausted: {format_bytes(nbytes)} more chunk bytes are needed in host memory but "
+                f"the {len(held)} chunks there ({format_bytes(self.bytes_on(Tier.HOST))} of host_budget="
+                f"{format_bytes(self.host_limit)}) are all in use; raise host_budget")
 
     def payload_in_memory(self, chunk: Chunk) -> torch.Tensor:
         """The payload once any transfer has landed; a chunk on NVMe is read back to the host."""
@@ -155,6 +291,11 @@ class ChunkManager:
         if chunk.pins:
             raise IllegalTransition(f"{chunk.name} is in use and cannot be released")
         self.wait(chunk)
+        chunk.nvme_valid = False
+        if chunk.tier is Tier.NVME:  # its blob stays reserved; nothing in memory to free
+            self._account(Tier.NVME, chunk, -1)
+            chunk.tier = None
+            return
         self._account(chunk.tier, chunk, -1)
         if chunk.payload is not None:
             if chunk.tier is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
@@ -164,16 +305,28 @@ class ChunkManager:
         chunk.payload, chunk.tier = None, None
 
     def poll(self) -> None:
-        """Finish the transfers that have completed (cheap: an event query each)."""
+        """Finish the transfers that have completed (cheap: a query each); raise a failed one's error."""
         self._unfinished = [t for t in self._unfinished if not t.done()]
+        for chunk in self.chunks:
+            transfer = chunk.transfer
+            if transfer is not None and transfer.route[:1] != (Tier.DEVICE,) and transfer.done():
+                chunk.transfer = None
+                if transfer.error is not None:
+                    raise transfer.error
 
     def _evictions_in_flight(self) -> list[Chunk]:
         return [c for c in self.chunks if c.transfer is not None and c.transfer.route[:1] == (Tier.DEVICE,)]
 
     def wait(self, chunk: Chunk) -> float:
-        """Block until the chunk's transfer (if any) is complete; seconds blocked."""
+        """Block until the chunk's transfer (if any) is complete; seconds blocked.
+
+        Raises the transfer's error; the chunk is then back where its bytes are."""
         transfer, chunk.transfer = chunk.transfer, None
-        return transfer.wait() if transfer is not None else 0.0
+        if transfer is None:
+            return 0.0
+        blocked = transfer.wait()
+        self.blocked_s += blocked
+        return blocked
 
     def ready_for_compute(self, chunk: Chunk) -> float:
         """Make a device chunk usable by the compute stream; bind its params' views."""
@@ -297,8 +450,12 @@ class ChunkManager:
         return blocked
 
     def close(self) -> None:
-        self.wait_all()
-        self.mover.close()
+        try:
+            self.wait_all()
+        finally:
+            self.mover.close()
+            if self.nvme is not None:
+                self.nvme.close()
         self.pool.clear()
         started = time.perf_counter()
         for chunk in self.chunks:

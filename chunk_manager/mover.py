@@ -17,29 +17,40 @@ logger = logging.getLogger("hetmem.chunk_manager.mover")
 
 
 class Transfer:
-    """One copy in flight.  Keeps its source alive until the copy has finished."""
+    """One copy in flight.  Keeps its source alive until the copy has finished.
+
+    Backed by a CPU future, a CUDA event, or an NVMe request (``hetmem.nvme.Request``).  On
+    success ``on_done`` runs once; on failure ``on_error(exc)`` runs once (it puts the chunk
+    back where its data still is) and ``wait()`` raises the error.
+    """
 
     def __init__(self, label: str, nbytes: int, on_done: Callable[["Transfer"], None] | None = None,
-                 route: tuple = ()):
+                 route: tuple = (), on_error: Callable[[BaseException], None] | None = None):
         self.label = label                # e.g. "PARAM#3 host->device"
         self.route = route                # (src tier, dst tier) when a chunk moves
         self.nbytes = nbytes
         self.t_issue = time.perf_counter()
         self.t_done: float | None = None  # set when completion is observed
         self.waited_s = 0.0               # time a consumer spent blocked on it
+        self.error: BaseException | None = None  # why it failed, once known
         self._future: concurrent.futures.Future | None = None
         self._event = None                # torch.cuda.Event on CUDA
+        self._request = None              # hetmem.nvme.Request for NVMe IO
         self._keepalive: tuple = ()       # tensors that must live until the copy ends
         self._on_done = on_done
+        self._on_error = on_error
         self._finished = False
 
     def done(self) -> bool:
+        """True once finished, either way (a failure is then raised by ``wait()``)."""
         if self._finished:
             return True
         if self._future is not None:
             ready = self._future.done()
         elif self._event is not None:
             ready = self._event.query()
+        elif self._request is not None:
+            ready = self._request.done()
         else:
             ready = True
         if ready:
@@ -47,17 +58,27 @@ class Transfer:
         return ready
 
     def wait(self) -> float:
-        """Block the host until the copy is complete; returns the seconds blocked."""
-        if self._finished:
-            return 0.0
-        started = time.perf_counter()
-        if self._future is not None:
-            self._future.result()  # re-raises a failed copy
-        elif self._event is not None:
-            self._event.synchronize()
-        blocked = time.perf_counter() - started
-        self.waited_s += blocked
-        self._finish()
+        """Block the host until the copy is complete; returns the seconds blocked.
+
+        Raises the transfer's error (OSError for IO) if it failed."""
+        if not self._finished:
+            started = time.perf_counter()
+            try:
+                if self._future is not None:
+                    self._future.result()
+                elif self._event is not None:
+                    self._event.synchronize()
+                elif self._request is not None:
+                    self._request.wait()
+            except BaseException as exc:  # noqa: BLE001 - recorded, reverted, re-raised below
+                self.error = exc
+            blocked = time.perf_counter() - started
+            self.waited_s += blocked
+            self._finish()
+        else:
+            blocked = 0.0
+        if self.error is not None:
+            raise self.error
         return blocked
 
     def wait_on_stream(self, stream) -> None:
@@ -70,12 +91,30 @@ class Transfer:
     def _finish(self) -> None:
         if self._finished:
             return
+        if self.error is None:
+            if self._future is not None and self._future.exception() is not None:
+                self.error = self._future.exception()
+            elif self._request is not None and self._request.error is not None:
+                self.error = self._request.error
         self._finished = True
         self.t_done = time.perf_counter()
         self._keepalive = ()
-        if self._on_done is not None:
-            callback, self._on_done = self._on_done, None
-            callback(self)
+        done, self._on_done = self._on_done, None
+        failed, self._on_error = self._on_error, None
+        if self.error is not None:
+            if failed is not None:
+                failed(self.error)
+        elif done is not None:
+            done(self)
+
+    @classmethod
+    def for_request(cls, request, label: str, nbytes: int, *, route: tuple, keepalive: tuple,
+                    on_done=None, on_error=None) -> "Transfer":
+        """A Transfer over an NVMe request (issued by the caller)."""
+        transfer = cls(label, nbytes, on_done, route, on_error)
+        transfer._request = request
+        transfer._keepalive = keepalive
+        return transfer
 
 
 class Mover:

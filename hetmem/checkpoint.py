@@ -113,28 +113,19 @@ class _Staging:
     def get(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         key = (dtype, numel)
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(numel, dtype=dtype)
+            from hetmem.nvme import aligned_empty  # NVMe reads into it without a bounce buffer
+
+            self._buffers[key] = aligned_empty(numel, dtype)
         return self._buffers[key]
 
 
 def _read_chunk(engine: "Engine", chunk, staging: _Staging) -> torch.Tensor:
-    """The chunk's payload as a host tensor (a staging copy unless it lives in host memory)."""
-    if chunk.tier is Tier.NVME:
-        return engine.nvme_read(chunk, staging.get(chunk.dtype, chunk.capacity))
-    payload = engine.manager.payload_in_memory(chunk)
-    if payload.device.type == "cpu":
-        return payload
-    buffer = staging.get(chunk.dtype, chunk.capacity)
-    buffer.copy_(payload)
-    return buffer
-
-
-def _write_chunk(engine: "Engine", chunk, data: torch.Tensor) -> None:
-    """Put host ``data`` (1-D, capacity) into the chunk wherever it lives."""
-    if chunk.tier is Tier.NVME:
-        engine.nvme_write(chunk, data)
-        return
-    engine.manager.payload_in_memory(chunk).copy_(data)
+    """The chunk's payload as a host tensor: itself in host memory, else a staging copy (from the
+    device or NVMe) that leaves the chunk where it is."""
+    engine.manager.wait(chunk)
+    if chunk.tier is not Tier.NVME and chunk.payload.device.type == "cpu":
+        return chunk.payload
+    return engine.manager.read_copy(chunk, staging.get(chunk.dtype, chunk.capacity))
 
 
 # -- save -------------------------------------------------------------------------------------
@@ -330,7 +321,7 @@ def load_checkpoint(engine: "Engine", directory: str | os.PathLike, *, tag: str 
                                       f"this engine")
             data = read_chunk_bytes(folder, entry, f)
             host = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(chunk.dtype)
-            _write_chunk(engine, chunk, host)
+            engine.manager.write_from(chunk, host)
     for group in engine.layout.groups:
         engine.manager.rebind(group.chunks[ChunkKind.PARAM])
     buffers = torch.load(folder / "buffers.pt", weights_only=True)

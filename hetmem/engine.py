@@ -42,6 +42,8 @@ logger = logging.getLogger("hetmem.engine")
 
 # a chunk is at most this share of the usable device budget, so a moment holds several
 CHUNKS_PER_BUDGET = 8
+# chunk groups the NVMe optimizer pipeline keeps in host memory: write back, update, read ahead
+PIPELINE_GROUPS = 3
 
 
 class Engine:
@@ -68,8 +70,9 @@ class Engine:
             self.recorder = Recorder(self)
         self.manager = ChunkManager(self.layout.groups, self.device, pin_host=self.device.type == "cuda",
                                     events=self.recorder)
-        self._setup_host_tiers()
-        fill_chunks(model, self.layout, self.manager, init_fn=init_fn, on_group_filled=self._on_group_filled)
+        if config.nvme_dir is not None:
+            self._attach_nvme()
+        fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
         self.buffer_bytes = move_buffers(model, self.device)
         self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
@@ -122,12 +125,26 @@ class Engine:
                 f"host_budget={format_bytes(self.budgets.host)} is too small for the model's chunks "
                 f"({format_bytes(host_need)}: parameters, master weights, Adam states, gradients) and the "
                 f"NVMe tier is off; raise host_budget or set nvme_dir to spill to disk")
+        if self.config.nvme_dir is not None:
+            # the optimizer pipeline holds three groups in host memory: one being written back,
+            # one being updated, one being read (see hetmem/optimizer.py)
+            group_bytes = max(sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups)
+            need = PIPELINE_GROUPS * group_bytes
+            if self.budgets.host < need:
+                raise ValueError(
+                    f"host_budget={format_bytes(self.budgets.host)} is too small for the NVMe pipeline: it "
+                    f"keeps {PIPELINE_GROUPS} chunk groups of up to {format_bytes(group_bytes)} in host memory; "
+                    f"raise host_budget to at least {format_bytes(need)} or lower chunk_size")
 
-    def _setup_host_tiers(self) -> None:
-        """Host memory only; the NVMe tier (hetmem/nvme_tier.py) extends this when nvme_dir is set."""
+    def _attach_nvme(self) -> None:
+        """Chunks past host_budget live in a swap space under nvme_dir (chunk_manager/nvme_tier.py)."""
+        from hetmem.chunk_manager.nvme_tier import NvmeTier
 
-    def _on_group_filled(self, group) -> None:
-        pass
+        config = self.config
+        tier = NvmeTier(self.manager.chunks, config.nvme_dir, backend=config.nvme_backend,
+                        block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
+                        threads=config.nvme_threads, checksum=config.nvme_checksum)
+        self.manager.attach_nvme(tier, host_limit=self.budgets.host)
 
     def _on_schedule_change(self, reason: str) -> None:
         self.tracer._mark_stale(reason)
@@ -286,7 +303,7 @@ class Engine:
 
     def nvme_capacity_bytes(self) -> int | None:
         """Bytes the swap space holds for chunks; None while the NVMe tier is off."""
-        return None
+        return None if self.manager.nvme is None else self.manager.nvme.nbytes
 
     def device_chunk_bytes(self) -> int:
         return self.manager.bytes_on(Tier.DEVICE)

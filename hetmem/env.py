@@ -189,7 +189,7 @@ def format_text(report: dict[str, Any]) -> str:
     else:
         for key, value in io.items():
             if key != "directory":
-                lines.append(f"  {key:12s} {value}")
+                lines.append(f"  {key:15s} {value}")
     g = report["gpu"]
     if "error" in g:
         lines.append(f"gpus: {g['error']}")

@@ -124,6 +124,7 @@ class GradRouter:
     def _into_slot(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
         chunk = group.chunks[ChunkKind.PARAM]
         payload = self.manager.payload_in_memory(chunk)
+        self.manager.mark_dirty(chunk)
         target = payload.narrow(0, slot.offset, slot.numel)
         if slot.state is TensorState.GRAD_IN_SLOT:
             # A second gradient the warm-up did not see: add it (the weights it needed were
@@ -141,6 +142,7 @@ class GradRouter:
     def _into_grad_chunk(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
         chunk = group.chunks[ChunkKind.GRAD]
         payload = self.manager.payload_in_memory(chunk)
+        self.manager.mark_dirty(chunk)
         target = payload.narrow(0, slot.offset, slot.numel)
         source = grad.reshape(-1)
         if slot.has_grad:

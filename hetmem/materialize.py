@@ -86,10 +86,11 @@ def _modules_in_order(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def fill_chunks(model: nn.Module, layout: Layout, manager: ChunkManager, *,
-                init_fn: InitFn | None, on_group_filled: Callable[[ChunkGroup], None]) -> None:
-    """Materialise (if meta), copy every parameter into its chunks, leave placeholders."""
-    remaining = {g.index: len(g.slots) for g in layout.groups}
+def fill_chunks(model: nn.Module, layout: Layout, manager: ChunkManager, *, init_fn: InitFn | None) -> None:
+    """Materialise (if meta), copy every parameter into its chunks, leave placeholders.
+
+    Chunks are placed in host memory group by group; past host_budget the manager spills the
+    earlier ones to NVMe, so a model larger than host memory can be created."""
     filled: set[int] = set()
     for name, module in _modules_in_order(model):
         _materialize_module(model, module, name, layout, init_fn)
@@ -105,11 +106,11 @@ def fill_chunks(model: nn.Module, layout: Layout, manager: ChunkManager, *,
                 value = slot.param.detach()
                 for kind in (ChunkKind.PARAM, ChunkKind.MASTER):
                     if kind in group.chunks:
-                        group.chunks[kind].view(slot).copy_(value)
+                        chunk = group.chunks[kind]
+                        manager.payload_in_memory(chunk)  # an earlier slot's group may have been spilled
+                        manager.mark_dirty(chunk)
+                        chunk.view(slot).copy_(value)
             slot.param.data = manager.placeholder(group.chunks[ChunkKind.PARAM].dtype)
-            remaining[group.index] -= 1
-            if remaining[group.index] == 0:
-                on_group_filled(group)
     for module in model.modules():
         for bname, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.device.type == "meta":

@@ -5,6 +5,11 @@ same step count) are updated by one kernel call each.  A group whose chunks are 
 CUDA device is updated there with torch ops; every other group by the fused CPU Adam, which
 reads the (low-precision) gradient, divides out loss scale and clipping in the same pass, and
 writes the new low-precision parameters into the PARAM chunk.
+
+With state on NVMe the step is a pipeline over groups: while group i is updated, group i+1
+is read from NVMe and groups already updated are written back (the host budget makes room by
+spilling them first: ``_spill_order``), so three groups are in host memory at a time and the
+CPU Adam hides behind the IO.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 
 from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
+from hetmem.chunk_manager.spill import KIND_ORDER
 from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
 from hetmem.config import Config
 from hetmem.grads import GradRouter
@@ -32,6 +38,9 @@ class StepResult:
     grad_norm: float | None    # global L2 norm of the (unscaled) gradients, when computed
     loss_scale: float
     seconds: float
+    io_wait_s: float = 0.0     # of which blocked on transfers (NVMe reads, device copies)
+    compute_s: float = 0.0     # of which in the Adam kernels
+    io_bytes: int = 0          # bytes read + written by NVMe and device transfers during the step
 
 
 def grad_runs(group: ChunkGroup) -> list[tuple[int, int, int, list[ParamSlot]]]:
@@ -75,6 +84,7 @@ class ChunkedAdam:
         self.grads = grads
         self.mixed = config.mixed_precision
         self.last_norm: float | None = None
+        self._compute_s = 0.0
 
     # -- the step ------------------------------------------------------------------------
 
@@ -94,12 +104,52 @@ class ChunkedAdam:
             coef = clip / (norm + 1e-6)
             if coef < 1.0:
                 grad_scale = grad_scale / coef
-        for group in groups:
-            self._step_group(group, grad_scale)
+        blocked_before, moved_before = self.manager.blocked_s, self._moved_bytes()
+        self._compute_s = 0.0
+        for i, group in enumerate(groups):
+            try:
+                with self.manager.spill_order(self._spill_order(groups, i)):
+                    if i + 1 < len(groups):
+                        self._read_ahead(groups[i + 1])
+                    self._step_group(group, grad_scale)
+            except OSError as exc:
+                raise OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {i} of "
+                                         f"{len(groups)} chunk groups ({exc}); no bytes were lost, but this step is "
+                                         f"only partly applied: load the last checkpoint to resume exactly",
+                              getattr(exc, "filename", None)) from exc
         self.grads.norm_parts.clear()
         self.scaler.update(overflow=False)
         self.last_norm = norm
-        return StepResult(False, norm, self.scaler.scale, time.perf_counter() - started)
+        return StepResult(False, norm, self.scaler.scale, time.perf_counter() - started,
+                          io_wait_s=self.manager.blocked_s - blocked_before, compute_s=self._compute_s,
+                          io_bytes=self._moved_bytes() - moved_before)
+
+    def _moved_bytes(self) -> int:
+        return self.manager.moved_bytes
+
+    @staticmethod
+    def _spill_order(groups: list[ChunkGroup], current: int):
+        """While group ``current`` is updated: spill updated groups first (their next use is the
+        next step), then those furthest ahead; the current and next groups last."""
+        position = {g.index: i for i, g in enumerate(groups)}
+
+        def key(chunk) -> tuple:
+            at = position.get(chunk.group.index, -1)
+            if at < current:
+                rank, distance = 0, 0          # already updated (or frozen)
+            elif at > current + 1:
+                rank, distance = 1, -at        # needed later in this step: the latest first
+            else:
+                rank, distance = 2, 0          # being updated or read ahead
+            return (rank, KIND_ORDER[chunk.kind], distance, not chunk.nvme_valid, chunk.last_use)
+
+        return key
+
+    def _read_ahead(self, group: ChunkGroup) -> None:
+        """Start reading the next group's chunks from NVMe (returns at once)."""
+        for chunk in set(self._operand_chunks(group).values()):
+            if chunk.tier is Tier.NVME and chunk.transfer is None:
+                self.manager.move(chunk, Tier.HOST, cause="optimizer")
 
     def _grad_chunk(self, group: ChunkGroup):
         return group.chunks[ChunkKind.PARAM] if group.grad_in_slot else group.chunks[ChunkKind.GRAD]
@@ -135,6 +185,7 @@ class ChunkedAdam:
                 master = group.chunks[ChunkKind.MASTER]
                 p_payload = self.manager.payload_in_memory(param)
                 m_payload = self.manager.payload_in_memory(master)
+                self.manager.mark_dirty(param)
                 for slot in group.slots:
                     if slot.state is TensorState.GRAD_IN_SLOT:
                         p_payload.narrow(0, slot.offset, slot.numel).copy_(
@@ -151,29 +202,37 @@ class ChunkedAdam:
         runs = grad_runs(group)
         if runs:
             chunks = self._operands(group)
-            for chunk in chunks.values():
+            for chunk in set(chunks.values()):
                 self.manager.pin(chunk)
+                self.manager.mark_dirty(chunk)
             try:
                 for start, stop, step, _ in runs:
                     self._update(chunks, start, stop, step + 1, grad_scale)
             finally:
-                for chunk in chunks.values():
+                for chunk in set(chunks.values()):
                     self.manager.unpin(chunk)
         self._finish_group(group, stepped=True)
 
-    def _operands(self, group: ChunkGroup) -> dict[str, torch.Tensor]:
-        """The payloads the update reads and writes, where it will run."""
-        param = group.chunks[ChunkKind.PARAM]
-        on_device = self._on_device(group)
-        if not on_device and param.tier is Tier.DEVICE and self.device.type == "cuda":
-            # CPU Adam writes the new parameters: bring the PARAM chunk (and its in-slot
-            # gradients) to the host.
-            self.manager.move(param, Tier.HOST, cause="optimizer")
-        names = {"param": param, "grad": self._grad_chunk(group),
+    def _operand_chunks(self, group: ChunkGroup) -> dict:
+        names = {"param": group.chunks[ChunkKind.PARAM], "grad": self._grad_chunk(group),
                  "exp_avg": group.chunks[ChunkKind.EXP_AVG], "exp_avg_sq": group.chunks[ChunkKind.EXP_AVG_SQ]}
         if self.mixed:
             names["master"] = group.chunks[ChunkKind.MASTER]
-        for chunk in set(names.values()):
+        return names
+
+    def _operands(self, group: ChunkGroup) -> dict:
+        """The chunks the update reads and writes, in memory where it will run."""
+        names = self._operand_chunks(group)
+        param = names["param"]
+        if not self._on_device(group) and param.tier is Tier.DEVICE and self.device.type == "cuda":
+            # CPU Adam writes the new parameters: bring the PARAM chunk (and its in-slot
+            # gradients) to the host.
+            self.manager.move(param, Tier.HOST, cause="optimizer")
+        chunks = set(names.values())
+        for chunk in chunks:  # start every read before waiting for any
+            if chunk.tier is Tier.NVME and chunk.transfer is None:
+                self.manager.move(chunk, Tier.HOST, cause="optimizer")
+        for chunk in chunks:
             self.manager.payload_in_memory(chunk)
         return names
 
@@ -190,7 +249,9 @@ class ChunkedAdam:
             from hetmem.ops.adam import adam_step
         else:
             from hetmem.ops.adam import torch_adam_step as adam_step
+        started = time.perf_counter()
         adam_step(weights, flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], **kwargs)
+        self._compute_s += time.perf_counter() - started
         logger.debug("adam on %d elements [%d, %d) step %d", n, start, stop, step)
 
     def _finish_group(self, group: ChunkGroup, stepped: bool) -> None:

@@ -9,6 +9,7 @@ raising ``DeviceBudgetError`` when what is pinned cannot fit.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 
@@ -25,6 +26,8 @@ from hetmem.tracer.tracer import MemoryTracer
 from hetmem.units import format_bytes
 
 logger = logging.getLogger("hetmem.scheduler")
+
+NVME_LOOKAHEAD = 4  # moments ahead whose NVMe-resident chunks are read into host memory early
 
 
 class Scheduler:
@@ -139,6 +142,10 @@ class Scheduler:
         if self.tracer.recording:
             self.tracer.store.abandon_recording()
             self.tracer._needs_warmup = True
+        # the failed step's graph is garbage now (an exception's traceback cycles keep it until
+        # the collector runs): free it, and forget what the probe counted of it
+        gc.collect()
+        self.tracer.probe.forget()
         self.traced = False
         self.phase = "idle"
 
@@ -282,6 +289,7 @@ class Scheduler:
     def _prefetch(self) -> None:
         if not self.prefetch_enabled:
             return
+        self._read_ahead_from_nvme()
         upcoming = self.tracer.upcoming_record()
         if upcoming is None:
             return
@@ -295,6 +303,21 @@ class Scheduler:
                 break
             self.bring_to_host(chunk)
             self.manager.move(chunk, Tier.DEVICE, cause="prefetch")
+
+    def _read_ahead_from_nvme(self) -> None:
+        """Start reading, into host memory, the NVMe chunks of the moments after the next one
+        (the next one's go on to the device in _prefetch): the disk works while compute runs."""
+        if self.manager.nvme is None or self.tracer.clock.current is None:
+            return
+        now = self.tracer.clock.current.index
+        for ahead in range(2, NVME_LOOKAHEAD + 1):
+            record = self.tracer.store.expected(now + ahead) if self.tracer.current_record() else None
+            if record is None:
+                return
+            for chunk_id in sorted(record.working_set):
+                chunk = self._chunks_by_id[chunk_id]
+                if chunk.tier is Tier.NVME and chunk.transfer is None:
+                    self.manager.move(chunk, Tier.HOST, cause="prefetch")
 
     def _room_for_prefetch(self, chunk: Chunk, budget: int, protect: list[Chunk]) -> bool:
         """Evict only chunks needed later than ``chunk``; never stall for a prefetch."""

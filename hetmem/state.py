@@ -61,6 +61,7 @@ def write_weights(engine: "Engine", slot: ParamSlot, value: torch.Tensor) -> Non
             chunk = slot.group.chunks.get(kind)
             if chunk is not None:
                 payload = engine.manager.payload_in_memory(chunk)
+                engine.manager.mark_dirty(chunk)
                 payload.narrow(0, slot.offset, slot.numel).copy_(flat)
 
 

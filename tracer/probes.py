@@ -115,6 +115,10 @@ class CpuProbe:
     def interval_peak(self, chunk_bytes_min: int) -> int:
         return self.live.reset_peak()
 
+    def forget(self) -> None:
+        """After an aborted step: stop counting what it left behind."""
+        self.live.reset()
+
 
 class CudaProbe:
     """Non-model bytes on a CUDA device: allocator statistics less hetmem's chunk bytes.
@@ -147,6 +151,9 @@ class CudaProbe:
 
     def reserved(self) -> int:
         return torch.cuda.memory_reserved(self.device)
+
+    def forget(self) -> None:
+        """The allocator's counts are the truth; nothing to forget."""
 
 
 def make_probe(device: torch.device) -> "CpuProbe | CudaProbe":

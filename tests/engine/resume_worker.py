@@ -16,7 +16,7 @@ def main(mode: str, ckpt: str, dtype: str, steps: int, save_at: int, out: str, n
     config = dict(device="cpu", device_budget="3MiB", dtype=dtype, chunk_size=8192, gradient_clipping=0.5,
                   optimizer=dict(lr=1e-3, weight_decay=0.1))
     if nvme_dir:
-        config.update(nvme_dir=nvme_dir, host_budget="600KiB")
+        config.update(nvme_dir=nvme_dir, host_budget="900KiB")
     engine = hetmem.initialize(model, config)
     data = load_corpus()
     gen = torch.Generator().manual_seed(0)
