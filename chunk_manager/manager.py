@@ -265,6 +265,11 @@ class ChunkManager:
             if landing:
                 self.wait(landing[0])
                 continue
+            arriving = [c for c in self.chunks if c.transfer is not None and c.tier is Tier.HOST
+                        and c.id not in protected]
+            if arriving:  # reads into host memory: once landed they can be spilled again
+                self.wait(arriving[0])
+                continue
             raise HostBudgetError(self._host_budget_message(nbytes))
 
     def _host_budget_message(self, nbytes: int) -> str:

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from hetmem.nvme import SwapSpace, aligned_empty
+from hetmem.nvme import SwapSpace, aligned_tensor
 
 from .chunk import Chunk
 
@@ -34,7 +34,7 @@ class NvmeTier:
     @staticmethod
     def host_buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
         """A host payload buffer O_DIRECT can use as is (4 KiB aligned; pinned with CUDA)."""
-        return aligned_empty(numel, dtype)
+        return aligned_tensor(numel, dtype)
 
     def store(self, chunk: Chunk, payload: torch.Tensor):
         return self.swap.store(blob_key(chunk), payload)

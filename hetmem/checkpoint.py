@@ -113,9 +113,9 @@ class _Staging:
     def get(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         key = (dtype, numel)
         if key not in self._buffers:
-            from hetmem.nvme import aligned_empty  # NVMe reads into it without a bounce buffer
+            from hetmem.nvme import aligned_tensor  # NVMe reads into it without a bounce buffer
 
-            self._buffers[key] = aligned_empty(numel, dtype)
+            self._buffers[key] = aligned_tensor(numel, dtype)
         return self._buffers[key]
 
 

@@ -25,6 +25,7 @@ from hetmem.chunk_manager.states import ChunkKind, Tier
 from hetmem.config import Config
 from hetmem.device import Budgets, resolve_budgets, resolve_device
 from hetmem.grads import GradRouter
+from hetmem.host_memory import return_freed_buffers_to_os
 from hetmem.hooks import ModuleHooks, SavedTensorHooks
 from hetmem.layout import Layout, build_layout
 from hetmem.loss_scaler import LossScaler
@@ -141,6 +142,7 @@ class Engine:
         from hetmem.chunk_manager.nvme_tier import NvmeTier
 
         config = self.config
+        return_freed_buffers_to_os()  # else glibc keeps freed buffers and RSS passes host_budget
         tier = NvmeTier(self.manager.chunks, config.nvme_dir, backend=config.nvme_backend,
                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
                         threads=config.nvme_threads, checksum=config.nvme_checksum)

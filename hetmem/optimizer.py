@@ -201,9 +201,8 @@ class ChunkedAdam:
     def _step_group(self, group: ChunkGroup, grad_scale: float) -> None:
         runs = grad_runs(group)
         if runs:
-            chunks = self._operands(group)
+            chunks = self._operands(group)  # in memory and pinned
             for chunk in set(chunks.values()):
-                self.manager.pin(chunk)
                 self.manager.mark_dirty(chunk)
             try:
                 for start, stop, step, _ in runs:
@@ -221,7 +220,8 @@ class ChunkedAdam:
         return names
 
     def _operands(self, group: ChunkGroup) -> dict:
-        """The chunks the update reads and writes, in memory where it will run."""
+        """The chunks the update reads and writes, in memory where it will run, pinned there
+        (bringing one in must not spill another); the caller unpins them."""
         names = self._operand_chunks(group)
         param = names["param"]
         if not self._on_device(group) and param.tier is Tier.DEVICE and self.device.type == "cuda":
@@ -232,8 +232,16 @@ class ChunkedAdam:
         for chunk in chunks:  # start every read before waiting for any
             if chunk.tier is Tier.NVME and chunk.transfer is None:
                 self.manager.move(chunk, Tier.HOST, cause="optimizer")
-        for chunk in chunks:
-            self.manager.payload_in_memory(chunk)
+        pinned = []
+        try:
+            for chunk in chunks:
+                self.manager.payload_in_memory(chunk)
+                self.manager.pin(chunk)
+                pinned.append(chunk)
+        except BaseException:
+            for chunk in pinned:
+                self.manager.unpin(chunk)
+            raise
         return names
 
     def _update(self, chunks, start: int, stop: int, step: int, grad_scale: float) -> None:

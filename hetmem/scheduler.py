@@ -18,7 +18,7 @@ from torch import nn
 
 from hetmem.chunk_manager.chunk import Chunk, ParamSlot
 from hetmem.chunk_manager.eviction import EvictionPolicy
-from hetmem.chunk_manager.manager import ChunkManager, DeviceBudgetError
+from hetmem.chunk_manager.manager import ChunkManager, DeviceBudgetError, HostBudgetError
 from hetmem.chunk_manager.states import ChunkKind, IllegalTransition, TensorState, Tier
 from hetmem.layout import Layout
 from hetmem.tracer.clock import MomentKind
@@ -28,6 +28,7 @@ from hetmem.units import format_bytes
 logger = logging.getLogger("hetmem.scheduler")
 
 NVME_LOOKAHEAD = 4  # moments ahead whose NVMe-resident chunks are read into host memory early
+READ_AHEAD_SHARE = 0.75  # read ahead only while host memory is below this share of host_budget
 
 
 class Scheduler:
@@ -287,8 +288,15 @@ class Scheduler:
     # -- prefetch ----------------------------------------------------------------------
 
     def _prefetch(self) -> None:
+        """Start the next moments' transfers; opportunistic: a prefetch that does not fit is skipped."""
         if not self.prefetch_enabled:
             return
+        try:
+            self._prefetch_inner()
+        except (HostBudgetError, DeviceBudgetError) as exc:
+            logger.debug("prefetch stopped: %s", exc)
+
+    def _prefetch_inner(self) -> None:
         self._read_ahead_from_nvme()
         upcoming = self.tracer.upcoming_record()
         if upcoming is None:
@@ -310,6 +318,7 @@ class Scheduler:
         if self.manager.nvme is None or self.tracer.clock.current is None:
             return
         now = self.tracer.clock.current.index
+        manager = self.manager
         for ahead in range(2, NVME_LOOKAHEAD + 1):
             record = self.tracer.store.expected(now + ahead) if self.tracer.current_record() else None
             if record is None:
@@ -317,7 +326,9 @@ class Scheduler:
             for chunk_id in sorted(record.working_set):
                 chunk = self._chunks_by_id[chunk_id]
                 if chunk.tier is Tier.NVME and chunk.transfer is None:
-                    self.manager.move(chunk, Tier.HOST, cause="prefetch")
+                    if manager.bytes_on(Tier.HOST) + chunk.nbytes > manager.host_limit * READ_AHEAD_SHARE:
+                        return  # keep room for the optimizer's pipeline and the fetches that block
+                    manager.move(chunk, Tier.HOST, cause="prefetch")
 
     def _room_for_prefetch(self, chunk: Chunk, budget: int, protect: list[Chunk]) -> bool:
         """Evict only chunks needed later than ``chunk``; never stall for a prefetch."""

@@ -18,14 +18,15 @@ Public API:
   asyncio code).
 """
 from hetmem.nvme.aio import AsyncFile, Request
-from hetmem.nvme.buffers import BufferPool, aligned_empty, padded_nbytes, release_buffer
+from hetmem.nvme.buffers import BufferPool, aligned_empty, aligned_tensor, padded_nbytes, release_buffer
 from hetmem.nvme.checksum import crc32c
 from hetmem.nvme.config import CONFIG_KEYS, IOConfig, load_io_config, write_io_config
 from hetmem.nvme.probe import probe_io
 from hetmem.nvme.swap import BlobState, SwapChecksumError, SwapSpace
 
 __all__ = [
-    "AsyncFile", "Request", "BufferPool", "aligned_empty", "padded_nbytes", "release_buffer", "crc32c",
+    "AsyncFile", "Request", "BufferPool", "aligned_empty", "aligned_tensor", "padded_nbytes", "release_buffer",
+    "crc32c",
     "CONFIG_KEYS", "IOConfig", "load_io_config", "write_io_config", "probe_io", "BlobState",
     "SwapChecksumError", "SwapSpace",
 ]

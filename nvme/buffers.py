@@ -15,13 +15,18 @@ What ``aligned_empty(numel, dtype)`` guarantees:
 Reuse is explicit: ``release_buffer(t)`` hands the buffer back and the next request of
 the same padded size gets it without allocating.  A buffer that is simply dropped is freed
 by the garbage collector and is not reused: a view of it may outlive the tensor object,
-so the pool cannot take it back on its own.  Do not use a tensor (or a view of it) after
-releasing it.
+so the pool cannot take it back on its own (the pool keeps no reference to buffers it
+handed out).  Do not use a tensor (or a view of it) after releasing it.
+
+``aligned_tensor(numel, dtype)`` is the same kind of buffer outside any pool, for owners
+that keep their own free lists (the chunk manager's host payloads).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import weakref
 
 import torch
 
@@ -34,6 +39,22 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
+def _aligned_base(padded: int, pin: bool) -> torch.Tensor:
+    """``padded`` bytes (uint8) starting on an ALIGNMENT boundary."""
+    raw = torch.empty(padded + ALIGNMENT, dtype=torch.uint8, pin_memory=pin)
+    skip = (-raw.data_ptr()) % ALIGNMENT
+    return raw[skip:skip + padded]
+
+
+def aligned_tensor(numel: int, dtype: torch.dtype = torch.uint8, *, pin: bool | None = None) -> torch.Tensor:
+    """An aligned host tensor (pinned with CUDA unless ``pin`` says otherwise), in no pool: it is
+    freed when dropped.  Its memory is padded to the next multiple of 4096 bytes."""
+    pin = torch.cuda.is_available() if pin is None else bool(pin)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    base = _aligned_base(_round_up(max(numel * itemsize, 1), ALIGNMENT), pin)
+    return base.view(dtype)[:numel]
+
+
 class BufferPool:
     """Aligned (pinned with CUDA) host buffers kept by padded size and handed out again."""
 
@@ -44,7 +65,10 @@ class BufferPool:
         self.max_cached_bytes = max_cached_bytes
         self._lock = threading.Lock()
         self._free: dict[int, list[torch.Tensor]] = {}    # padded bytes -> free base buffers
-        self._out: dict[int, tuple[torch.Tensor, int]] = {}  # data_ptr -> (base, padded bytes)
+        # data_ptr -> (padded bytes, token) of buffers handed out; no reference to the buffer
+        # itself (a dropped buffer must be freed), and the entry goes when the tensor object dies
+        self._out: dict[int, tuple[int, int]] = {}
+        self._tokens = itertools.count()
         self._cached_bytes = 0
         self.allocations = 0  # buffers allocated from the system
         self.reuses = 0       # requests served from the pool
@@ -68,16 +92,22 @@ class BufferPool:
         if base is None:
             base = self._allocate(padded)
         tensor = base.view(dtype)[:numel] if numel else base[:0].view(dtype)
+        ptr, token = base.data_ptr(), next(self._tokens)
         with self._lock:
-            self._out[base.data_ptr()] = (base, padded)
+            self._out[ptr] = (padded, token)
+        weakref.finalize(tensor, self._forget, ptr, token)
         return tensor
 
+    def _forget(self, ptr: int, token: int) -> None:
+        with self._lock:
+            if self._out.get(ptr, (None, None))[1] == token:
+                del self._out[ptr]
+
     def _allocate(self, padded: int) -> torch.Tensor:
-        raw = torch.empty(padded + ALIGNMENT, dtype=torch.uint8, pin_memory=self.pin)
-        skip = (-raw.data_ptr()) % ALIGNMENT
+        base = _aligned_base(padded, self.pin)
         with self._lock:
             self.allocations += 1
-        return raw[skip:skip + padded]
+        return base
 
     def release(self, tensor: torch.Tensor) -> None:
         """Give a buffer from ``empty()`` back; raises ValueError for any other tensor."""
@@ -86,9 +116,11 @@ class BufferPool:
             if entry is None:
                 raise ValueError("release_buffer: this tensor is not a buffer handed out by this pool "
                                  "(or it was released already); pass the tensor aligned_empty() returned")
-            base, padded = entry
+            padded, _ = entry
             if self.max_cached_bytes is not None and self._cached_bytes + padded > self.max_cached_bytes:
                 return  # dropped: freed when the last reference goes
+            storage = tensor.untyped_storage()
+            base = torch.empty(0, dtype=torch.uint8).set_(storage, tensor.data_ptr() - storage.data_ptr(), (padded,))
             self._free.setdefault(padded, []).append(base)
             self._cached_bytes += padded
 
@@ -96,7 +128,7 @@ class BufferPool:
         """The bytes a handed-out buffer owns from its data_ptr (None if not from this pool)."""
         with self._lock:
             entry = self._out.get(tensor.data_ptr())
-        return None if entry is None else entry[1]
+        return None if entry is None else entry[0]
 
     def clear(self) -> None:
         """Free every cached (released) buffer."""

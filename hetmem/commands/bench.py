@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scale": "train_scale",
     "throughput": "train_throughput",
     "trace": "trace_overhead",
+    "nvme-train": "nvme_train",
 }
 
 

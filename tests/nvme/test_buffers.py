@@ -80,3 +80,27 @@ def test_pinned_with_cuda():
         assert on_gpu.shape == t.shape
     finally:
         release_buffer(t)
+
+
+def test_dropped_pool_buffers_are_freed_not_kept():
+    import gc
+    import weakref as _weakref
+
+    from hetmem.nvme.buffers import BufferPool
+
+    pool = BufferPool(pin=False)
+    t = pool.empty(1 << 20, torch.float32)
+    storage_ref = _weakref.ref(t.untyped_storage())  # noqa: F841 - storages are transient objects
+    ptr = t.data_ptr()
+    assert pool.padded_nbytes(t) == 4 << 20
+    del t
+    gc.collect()
+    assert pool.stats()["outstanding"] == 0  # the pool holds nothing of a dropped buffer
+    assert ptr not in pool._out
+
+
+def test_aligned_tensor_is_aligned_and_outside_any_pool():
+    from hetmem.nvme import aligned_tensor
+
+    t = aligned_tensor(1000, torch.bfloat16)
+    assert t.data_ptr() % 4096 == 0 and t.numel() == 1000 and t.dtype == torch.bfloat16

@@ -1,0 +1,181 @@
+"""Training with the optimizer state on NVMe: scale, memory and speed, in one run.
+
+A GPT whose parameters + Adam state are several times device_budget + host_budget trains
+for a few steps with nvme_dir set.  In the same run:
+
+- the disk's mixed read+write throughput (reads of one region while another is written, as
+  the pipelined step does) is measured with hetmem's NVMe benchmark core, before and after
+  training, at the engine's IO settings and chunk size;
+- the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
+  peak above that baseline can be compared with the budgets;
+- each optimizer step's bytes read + written over its duration is compared with the disk's
+  mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO).
+
+    python benchmarks/nvme_train.py --dir /nvme/scratch [--json]     (also: hetmem bench nvme-train)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+import torch
+
+import hetmem
+from hetmem.corpus import load_corpus, random_batch
+from hetmem.models.gpt import GPT, GPTConfig
+from hetmem.nvme.bench import measure_mixed
+from hetmem.train_job import state_bytes
+from hetmem.units import format_bytes, parse_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default=None, help="folder for the swap space (default: a temporary folder)")
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
+    p.add_argument("--device-budget", default="64MiB")
+    p.add_argument("--host-budget", default="384MiB")
+    p.add_argument("--steps", type=int, default=4, help="steps after the warm-up step")
+    p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, period: float = 0.02):
+        super().__init__(daemon=True)
+        self.process = psutil.Process()
+        self.period = period
+        self.peak = self.process.memory_info().rss
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.period)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return max(self.peak, self.process.memory_info().rss)
+
+
+def disk_mixed(directory: str, config: hetmem.Config, chunk_bytes: int, total: int) -> dict:
+    chunk_bytes = max(1 << 20, chunk_bytes)
+    total = max(total // chunk_bytes, 4) * chunk_bytes
+    return measure_mixed(directory, total_bytes=total, chunk_bytes=chunk_bytes, backend=config.nvme_backend,
+                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
+                         threads=config.nvme_threads)
+
+
+def measure(args, progress=None) -> dict:
+    directory = args.dir or tempfile.mkdtemp(prefix="hetmem-nvme-train-")
+    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
+                    d_model=args.d_model, checkpoint=True)
+    config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
+                           nvme_dir=directory, dtype=args.dtype, memory_trace=False,
+                           optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
+    data = load_corpus()
+    gen = torch.Generator().manual_seed(0)
+    batches = [random_batch(data, args.batch_size, args.block_size, gen) for _ in range(args.steps + 1)]
+
+    # the disk's figure at the engine's settings and the model's fp32 chunk size, before training
+    with torch.device("meta"):
+        probe_model = GPT(cfg)
+    params = sum(p.numel() for p in {id(p): p for p in probe_model.parameters()}.values())
+    del probe_model
+    device_budget = parse_size(args.device_budget)
+    chunk_guess = max(4096, device_budget // (8 * config.param_bytes)) * 4
+    sample = parse_size(args.disk_sample)
+    before = disk_mixed(directory, config, chunk_guess, sample)
+    if progress:
+        progress(f"disk mixed before: {before['total_bytes_per_s'] / 1e9:.2f} GB/s")
+
+    sampler = RssSampler()
+    baseline = sampler.peak
+    sampler.start()
+    started = time.perf_counter()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    engine = hetmem.initialize(model, config, init_fn=model.init_weights)
+    init_s = time.perf_counter() - started
+    steps = []
+    for i, (x, y) in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        result = engine.last_step
+        steps.append({"step": i, "warmup": i == 0, "seconds": time.perf_counter() - t0, "loss": loss.item(),
+                      "optimizer_s": result.seconds, "optimizer_io_wait_s": result.io_wait_s,
+                      "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes})
+        if progress:
+            progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
+                     f"{result.io_bytes / 1e9:.2f} GB moved)")
+    nvme_bytes = engine.manager.bytes_on(hetmem.Tier.NVME)
+    chunk_bytes = max(c.nbytes for c in engine.manager.chunks)
+    engine.close()
+    peak = sampler.stop()
+    after = disk_mixed(directory, config, chunk_bytes, sample)
+    if progress:
+        progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
+
+    steady = [s for s in steps if not s["warmup"]]
+    opt_rate = statistics.median(s["optimizer_io_bytes"] / s["optimizer_s"] for s in steady)
+    disk_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
+    budgets = parse_size(args.device_budget) + parse_size(args.host_budget)
+    state = state_bytes(params, args.dtype)
+    return {
+        "benchmark": "nvme_train",
+        "config": {"d_model": args.d_model, "layers": args.layers, "batch_size": args.batch_size,
+                   "block_size": args.block_size, "dtype": args.dtype, "device_budget": args.device_budget,
+                   "host_budget": args.host_budget, "nvme": {k: getattr(config, k) for k in
+                   ("nvme_backend", "nvme_block_size", "nvme_queue_depth", "nvme_threads")}},
+        "model": {"parameters": params, "state_bytes": state, "state_over_budgets": state / budgets,
+                  "bytes_on_nvme_at_end": nvme_bytes},
+        "memory": {"rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "rss_above_baseline": peak - baseline,
+                   "budgets_bytes": budgets, "overhead_bytes": peak - baseline - budgets},
+        "time": {"init_s": init_s, "step_s_median": statistics.median(s["seconds"] for s in steady),
+                 "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
+        "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
+        "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
+        "steps": steps,
+    }
+
+
+def table(r: dict) -> str:
+    m, mem, t = r["model"], r["memory"], r["time"]
+    cfg = r["config"]
+    return "\n".join([
+        f"GPT d_model {cfg['d_model']} x {cfg['layers']} layers: {m['parameters']:,} parameters, {cfg['dtype']}; "
+        f"parameters + Adam state {format_bytes(m['state_bytes'])} = {m['state_over_budgets']:.1f}x "
+        f"(device {cfg['device_budget']} + host {cfg['host_budget']})",
+        f"RSS: baseline {format_bytes(mem['rss_baseline_bytes'])}, peak {format_bytes(mem['rss_peak_bytes'])}: "
+        f"{format_bytes(mem['rss_above_baseline'])} above baseline for {format_bytes(mem['budgets_bytes'])} of "
+        f"budgets (overhead {format_bytes(mem['overhead_bytes'])})",
+        f"time: init {t['init_s']:.1f} s, {t['step_s_median']:.2f} s/step, optimizer {t['optimizer_s_median']:.2f} s",
+        f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s; disk mixed read+write "
+        f"{r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s (median of before/after) -> "
+        f"{r['optimizer_vs_disk_mixed']:.0%} of the disk",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = None if args.json else (lambda msg: print("  " + msg, file=sys.stderr, flush=True))
+    result = measure(args, progress)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
