@@ -21,8 +21,13 @@ import gc
 import json
 import sys
 import time
+from pathlib import Path
 
 import psutil
+
+if __package__ in (None, ""):  # run as a script from a checkout: import hetmem from it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import torch
 
 import hetmem

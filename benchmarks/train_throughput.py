@@ -19,6 +19,10 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: import hetmem from it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
