@@ -149,7 +149,7 @@ class Engine:
         self.manager.attach_nvme(tier, host_limit=self.budgets.host)
 
     def _on_schedule_change(self, reason: str) -> None:
-        self.tracer._mark_stale(reason)
+        self.tracer.mark_stale(reason)
 
     # -- training ------------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class Engine:
         if not torch.is_grad_enabled():
             return self._untraced_forward(args, kwargs)
         if not self._awaiting_backward:
-            if self.tracer._needs_warmup:
+            if self.tracer.needs_warmup:
                 if self.all_resident:
                     release_residency(self)
                     self.all_resident = False
@@ -236,7 +236,7 @@ class Engine:
         finally:
             self.scheduler.phase = "idle"
         self.global_step += 1
-        if self._in_slot_pending and not self.tracer._needs_warmup:
+        if self._in_slot_pending and not self.tracer.needs_warmup:
             moved = self.grads.decide_in_slot()
             if moved:
                 logger.info("%d chunk groups now keep gradients in their PARAM slots", moved)

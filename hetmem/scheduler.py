@@ -141,8 +141,7 @@ class Scheduler:
             if slot.state is TensorState.COMPUTE:
                 slot.set_state(TensorState.HOLD)
         if self.tracer.recording:
-            self.tracer.store.abandon_recording()
-            self.tracer._needs_warmup = True
+            self.tracer.abandon()
         # the failed step's graph is garbage now (an exception's traceback cycles keep it until
         # the collector runs): free it, and forget what the probe counted of it
         gc.collect()

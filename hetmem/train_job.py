@@ -28,14 +28,14 @@ class TrainOptions:
     n_layer: int = 8
     n_head: int = 6
     block_size: int = 128
-    batch_size: int = 4
-    steps: int = 60
+    batch_size: int = 8
+    steps: int = 300
     dtype: str = "bf16"
     device: str = "auto"
     device_budget: str | int = "12MiB"
     host_budget: str | int = "auto"
     nvme_dir: str | None = None
-    lr: float = 1e-3
+    lr: float = 2e-3
     seed: int = 0
     checkpointing: bool = True
     corpus: str | None = None

@@ -67,6 +67,21 @@ class MemoryTracer:
     def recording(self) -> bool:
         return self.mode is TracerMode.WARMUP
 
+    @property
+    def needs_warmup(self) -> bool:
+        """The next micro-step will (re)learn the schedule."""
+        return self._needs_warmup
+
+    def abandon(self) -> None:
+        """An aborted micro-step: drop a half-made recording and warm up again."""
+        if self.mode is TracerMode.WARMUP:
+            self.store.abandon_recording()
+        self._needs_warmup = True
+
+    def mark_stale(self, reason: str) -> None:
+        """The schedule no longer describes what runs; warm up again next micro-step."""
+        self._mark_stale(reason)
+
     # -- moments -----------------------------------------------------------------------
 
     def tick(self, kind: MomentKind, module: str, chunk_bytes_min: int) -> Moment:
