@@ -202,14 +202,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _report_rung(outcome: dict) -> None:
+    print(f"  tried {tuple(outcome['shape'])}: {'ok' if outcome['ok'] else 'failed'} ({outcome['seconds']:.1f} s)",
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = None
-    if not args.json:
-        def progress(outcome):
-            print(f"  tried {tuple(outcome['shape'])}: {'ok' if outcome['ok'] else 'failed'} "
-                  f"({outcome['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    result = measure(args, progress)
+    result = measure(args, None if args.json else _report_rung)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 

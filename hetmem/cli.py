@@ -15,7 +15,7 @@ import sys
 COMMANDS = {
     "train": ("hetmem.commands.train", "train a GPT several times larger than the device budget on the shipped corpus"),
     "env": ("hetmem.commands.env", "report the environment: torch, ops, SIMD, IO backends, GPUs"),
-    "bench": ("hetmem.commands.bench", "run a benchmark: `hetmem bench adam`, `hetmem bench nvme`"),
+    "bench": ("hetmem.commands.bench", "run a benchmark: adam, nvme, nvme-train, scale, throughput, trace"),
     "profile": ("hetmem.commands.profile", "profile one step of a model: memory by module, the device budget it needs"),
     "export": ("hetmem.commands.export", "write a checkpoint's weights as a .safetensors file"),
     "report": ("hetmem.commands.report", "render a saved run's memory report: text, PNG, HTML, Chrome trace"),

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from hetmem.chunk_manager.chunk import Chunk, ChunkGroup, ParamSlot
+from hetmem.chunk_manager.chunk import Chunk, ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind, Tier
 from hetmem.layout import Layout

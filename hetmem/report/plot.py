@@ -66,7 +66,7 @@ def render_png(trace: dict, step: int | None = None) -> bytes:
     moments = entry["moments"]
     for ax, tier in zip(axes, tiers):
         _draw_tier(ax, tier, moments, budgets[tier])
-    _draw_phases(axes, moments)
+    _draw_phases(axes, moments, entry.get("phases", []))
     _annotate_peak(axes[0], moments)
     _moment_ticks(axes[-1], moments)
     axes[-1].set_xlabel(f"moment of step {entry['step']} (pre-forward / pre-backward points of each "
@@ -146,11 +146,20 @@ def _tick_label(value: float, unit: int, name: str) -> str:
     return "0" if value == 0 else f"{value / unit:g} {name}"
 
 
-def phase_spans(moments: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+def _phase_of(moment: dict[str, Any], phases: list[dict[str, Any]]) -> str:
+    """The recorded phase whose time span holds the moment (a pre-forward moment of activation
+    checkpointing's recomputation belongs to backward); by its kind when no phase holds it."""
+    for phase in phases:
+        if phase["t_start"] <= moment["t"] <= phase["t_end"] and phase["name"] in PHASE_SHADE:
+            return phase["name"]
+    return PHASE_OF_MOMENT[moment["kind"]]
+
+
+def phase_spans(moments: list[dict[str, Any]], phases: list[dict[str, Any]] = ()) -> list[tuple[str, int, int]]:
     """(phase, first moment, one past the last) for each run of moments in one phase."""
     spans: list[tuple[str, int, int]] = []
     for m in moments:
-        phase = PHASE_OF_MOMENT[m["kind"]]
+        phase = _phase_of(m, phases)
         if spans and spans[-1][0] == phase:
             spans[-1] = (phase, spans[-1][1], m["index"] + 1)
         else:
@@ -158,8 +167,8 @@ def phase_spans(moments: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
     return spans
 
 
-def _draw_phases(axes, moments: list[dict]) -> None:
-    for phase, start, end in phase_spans(moments):
+def _draw_phases(axes, moments: list[dict], phases: list[dict]) -> None:
+    for phase, start, end in phase_spans(moments, phases):
         for ax in axes:
             ax.axvspan(start, end, color=PHASE_SHADE[phase], zorder=0, linewidth=0)
             if start > 0:

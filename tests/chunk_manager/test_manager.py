@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
 from hetmem.chunk_manager.eviction import EvictionPolicy
 from hetmem.chunk_manager.manager import ChunkManager, DeviceBudgetError
 from hetmem.chunk_manager.states import ChunkKind, IllegalTransition, Tier

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -88,3 +92,13 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 def steady_steps(engine):
     return [s for s in engine.recorder.steps if not s["warmup"]]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_resume_worker(*args) -> None:
+    """tests/engine/resume_worker.py in a fresh process (see its main())."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "tests.engine.resume_worker", *map(str, args)], check=True, cwd=ROOT,
+                   env=env, timeout=300)

@@ -2,32 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import hetmem
 from hetmem.checkpoint import CheckpointError
-from tests.engine.helpers import batches, config, pair, tiny_gpt, train_engine
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _worker(*args) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "tests.engine.resume_worker", *map(str, args)], check=True, cwd=ROOT,
-                   env=env, timeout=300)
+from tests.engine.helpers import batches, config, pair, run_resume_worker, tiny_gpt, train_engine
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, dtype):
     ckpt = tmp_path / "ckpt"
-    _worker("train", ckpt, dtype, 8, 4, tmp_path / "full.json")
-    _worker("resume", ckpt, dtype, 8, 4, tmp_path / "resumed.json")
+    run_resume_worker("train", ckpt, dtype, 8, 4, tmp_path / "full.json")
+    run_resume_worker("resume", ckpt, dtype, 8, 4, tmp_path / "resumed.json")
     full = json.loads((tmp_path / "full.json").read_text())
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert list(resumed["losses"]) == ["5", "6", "7", "8"]

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 import hetmem
 from hetmem.chunk_manager.states import TensorState
 from hetmem.models.gpt import GPT
-from tests.engine.helpers import assert_no_pins, batches, config, pair, tiny_config, train_engine
+from tests.engine.helpers import assert_no_pins, batches, config, pair, tiny_config
 
 
 def _assert_same_weights(engine, reference: nn.Module, rtol=1e-5, atol=1e-7):

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import hetmem
-from hetmem.chunk_manager.states import ChunkKind, Tier
+from hetmem.chunk_manager.states import Tier
 from hetmem.nvme import SwapChecksumError
-from tests.engine.helpers import (assert_no_pins, batches, config, max_rel_diff, pair, train_engine, train_plain)
+from tests.engine.helpers import (assert_no_pins, batches, config, max_rel_diff, pair, run_resume_worker,
+                                  train_engine, train_plain)
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "900KiB"  # a third of the model's chunk bytes: most state lives on NVMe
@@ -65,7 +64,7 @@ def test_host_budget_is_never_exceeded(tmp_path):
 def test_an_io_error_raises_and_loses_nothing(tmp_path):
     ref, model = pair()
     data = batches(6)
-    expected = train_plain(ref, data)
+    train_plain(ref, data)  # each batch once, as the engine ends up doing
     engine = hetmem.initialize(model, config(device_budget="2304KiB", nvme_dir=str(tmp_path / "swap"),
                                              host_budget=HOST))
     train_engine(engine, data[:3])
@@ -156,16 +155,10 @@ def test_checkpoint_streams_nvme_state_without_moving_it(tmp_path):
     fresh.close()
 
 
-def _worker(*args) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "tests.engine.resume_worker", *map(str, args)], check=True, cwd=ROOT,
-                   env=env, timeout=300)
-
-
 def test_resume_with_state_on_nvme_is_bit_identical(tmp_path):
     ckpt = tmp_path / "ckpt"
-    _worker("train", ckpt, "bf16", 7, 3, tmp_path / "full.json", tmp_path / "swap1")
-    _worker("resume", ckpt, "bf16", 7, 3, tmp_path / "resumed.json", tmp_path / "swap2")
+    run_resume_worker("train", ckpt, "bf16", 7, 3, tmp_path / "full.json", tmp_path / "swap1")
+    run_resume_worker("resume", ckpt, "bf16", 7, 3, tmp_path / "resumed.json", tmp_path / "swap2")
     full = json.loads((tmp_path / "full.json").read_text())
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert list(resumed["losses"]) == ["4", "5", "6", "7"]
