@@ -59,8 +59,8 @@ def header_lines(summary: dict[str, Any]) -> list[str]:
     if summary["step"] is None:
         which = "no step recorded yet"
     else:
-        which = (f"step {step_label(summary['step'], summary['warmup'])} of {summary['steps_recorded']} "
-                 f"recorded ({summary['warmup_steps']} warm-up)")
+        which = (f"step {step_label(summary['step'], summary['warmup'])} "
+                 f"({summary['steps_recorded']} steps recorded, {summary['warmup_steps']} of them warm-up)")
     return [
         f"model {model['name']}: {model['parameters']:,} parameters "
         f"({model['trainable_parameters']:,} trainable), {meta['dtype']} on {meta['device']}",
