@@ -16,14 +16,16 @@ exp_avg_sq, write param, exp_avg, exp_avg_sq; mixed: 16-bit grad in and 16-bit p
 instead of the fp32 grad), so GB/s is 28 B x params/s for every row.  The roofline is the
 fastest probe (lowest median) of the run: adam_step's own loop, the same without software
 prefetch, torch's structure (one contiguous range per thread, no software prefetch), and
-streaming stores; % of roofline is its time over the row's time.
+streaming stores; % of roofline is its time over the row's time.  (The engine-layout row
+writes the new parameter into the gradient's own cache lines rather than a fifth array, so
+it can run a little above the probes' roofline.)
 
 Every timed call starts after --gap-ms of idle time: torch's OpenMP (libgomp) threads spin
 for a few ms after each parallel region, and without the gap they would take a core from
 whichever contender the shuffle puts right after a torch one (measured: hetmem and the
 probes ~1 ms slower right after torch fused than after a pause, torch itself not at all).
 
-    python benchmarks/cpu_adam.py [--params 100_000_000] [--threads 2] [--repeats 9] [--json]
+    python benchmarks/cpu_adam.py [--params 100_000_000] [--threads 2] [--repeats 15] [--gap-ms 10] [--json]
     hetmem bench adam ...
 """
 from __future__ import annotations
