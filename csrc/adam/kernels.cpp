@@ -169,7 +169,7 @@ struct alignas(64) BlockRun {
 // the others' runs, so a thread delayed by the OS (the machine's other work, the IO
 // engine's threads) holds up no more than the block it is in.  On the benchmark machine
 // this was 1.5-4% faster than interleaved blocks taken from one shared counter, which it
-// replaced, and never slower than one fixed range per thread (csrc/adam/PERFORMANCE.md).
+// replaced, and as fast as one fixed range per thread (csrc/adam/PERFORMANCE.md).
 // Every block but the first starts where param is 64-byte aligned.  Small n runs on the
 // calling thread.  Without take_others_blocks each thread does its own run only (the
 // probe's static split).
