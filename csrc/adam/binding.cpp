@@ -68,10 +68,14 @@ void adam_step_binding(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintp
 
 void stream_probe_binding(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
                           uintptr_t out, size_t numel, const std::string& grad_dtype,
-                          const std::string& out_dtype) {
+                          const std::string& out_dtype, bool prefetch, bool streaming_stores, bool static_split) {
   const AdamBuffers b = make_buffers(param, grad, exp_avg, exp_avg_sq, out, numel, grad_dtype, out_dtype);
+  ProbeOptions options;
+  options.prefetch = prefetch;
+  options.streaming_stores = streaming_stores;
+  options.static_split = static_split;
   py::gil_scoped_release release;
-  stream_probe(b);
+  stream_probe(b, options);
 }
 
 }  // namespace
@@ -88,7 +92,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_probe", &stream_probe_binding,
         "Adam's memory traffic with trivial math (the roofline); changes the buffers.",
         py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("out") = 0,
-        py::arg("numel"), py::arg("grad_dtype") = "float32", py::arg("out_dtype") = "bfloat16");
+        py::arg("numel"), py::arg("grad_dtype") = "float32", py::arg("out_dtype") = "bfloat16",
+        py::arg("prefetch") = true, py::arg("streaming_stores") = false, py::arg("static_split") = false);
   m.def("simd_level", [] { return std::string(simd_level_name(simd_level())); },
         "The SIMD path adam_step uses now.");
   m.def("max_simd_level", [] { return std::string(simd_level_name(max_simd_level())); },

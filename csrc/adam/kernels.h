@@ -88,10 +88,22 @@ struct AdamBuffers {
 // thread below serial_threshold().  Thread-safe: concurrent callers take turns.
 void adam_step(const AdamBuffers& buffers, const AdamHyper& hyper);
 
+// How stream_probe moves its bytes.  The default is adam_step's own loop; the benchmark
+// times every variant and takes the fastest as the roofline, so that the roofline is the
+// best streaming kernel for Adam's traffic that we have, not only the one Adam uses.
+struct ProbeOptions {
+  bool prefetch = true;           // adam_step's software prefetch (element.h); false: hardware only
+  bool streaming_stores = false;  // param, exp_avg, exp_avg_sq stored around the cache (when all
+                                  // three share the vectors' alignment; plain stores otherwise)
+  bool static_split = false;      // one contiguous range per thread and no taking of others'
+                                  // blocks (torch's at::parallel_for split)
+};
+
 // A streaming kernel with exactly adam_step's memory traffic and trivial math, for the
 // roofline: reads param, exp_avg, exp_avg_sq and grad, writes param, exp_avg, exp_avg_sq
-// and (when set) out, through the same loads, stores and thread split as adam_step.
-void stream_probe(const AdamBuffers& buffers);
+// and (when set) out, with the same loads and stores as adam_step; with default options
+// also the same prefetch and thread split.
+void stream_probe(const AdamBuffers& buffers, const ProbeOptions& options = ProbeOptions());
 
 // -- configuration ------------------------------------------------------------------------
 
@@ -114,9 +126,9 @@ namespace detail {
 void adam_range_scalar(const AdamBuffers& b, const AdamConstants& c, size_t begin, size_t end);
 void adam_range_avx2(const AdamBuffers& b, const AdamConstants& c, size_t begin, size_t end);
 void adam_range_avx512(const AdamBuffers& b, const AdamConstants& c, size_t begin, size_t end);
-void probe_range_scalar(const AdamBuffers& b, size_t begin, size_t end);
-void probe_range_avx2(const AdamBuffers& b, size_t begin, size_t end);
-void probe_range_avx512(const AdamBuffers& b, size_t begin, size_t end);
+void probe_range_scalar(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end);
+void probe_range_avx2(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end);
+void probe_range_avx512(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end);
 }  // namespace detail
 
 }  // namespace adam

@@ -65,31 +65,6 @@ inline void store_out(void* base, size_t i, __m256 p, bool stream) {
   store_16bit(base, i, _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(nan)), stream);
 }
 
-// Software prefetch of the four read streams, kPrefetchBytes ahead, into L2: one line of
-// each per 64 bytes of progress, so that more misses are in flight than the hardware
-// prefetchers (which stop at every 4 KiB page) keep alone.  On the benchmark machine (AMD
-// EPYC, 2 threads, 100M params) it was up to ~5% faster while other processes loaded the
-// memory system and no different on a quiet one.  Prefetches past the end are harmless.
-constexpr size_t kPrefetchBytes = 1024;
-
-// (address arithmetic in integers: the address may lie past the end of the array)
-inline void prefetch_l2(const void* at, size_t bytes_ahead) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(at) + bytes_ahead), _MM_HINT_T1);
-}
-
-template <ElemType G>
-inline void prefetch_ahead(const AdamBuffers& b, size_t i) {
-  if (i % 16 != 0) return;  // AVX2 moves 32 bytes of each fp32 array per iteration
-  prefetch_l2(b.param + i, kPrefetchBytes);
-  prefetch_l2(b.exp_avg + i, kPrefetchBytes);
-  prefetch_l2(b.exp_avg_sq + i, kPrefetchBytes);
-  if (G == ElemType::kFloat32) {
-    prefetch_l2(static_cast<const float*>(b.grad) + i, kPrefetchBytes);
-  } else if (i % 32 == 0) {  // a 16-bit grad line holds 32 elements: the same elements ahead
-    prefetch_l2(static_cast<const uint16_t*>(b.grad) + i, kPrefetchBytes / 2);
-  }
-}
-
 // Elements before this index are done one at a time, so that vector accesses to param
 // (and to the arrays that share its alignment) never split a cache line.
 inline size_t aligned_start(const float* param, size_t begin, size_t end) {
@@ -105,57 +80,88 @@ struct AdamAvx2 {
 
   template <ElemType G, ElemType O, bool HasOut>
   void run() const {
+    const Streams s = streams_of(b);
+    const bool scaled = c.scaled, l2 = c.l2, decoupled_decay = c.decoupled_decay, lerp_from_m = c.lerp_from_m;
     const __m256 grad_scale = _mm256_set1_ps(c.grad_scale), weight_decay = _mm256_set1_ps(c.weight_decay),
                  decay = _mm256_set1_ps(c.decay), lerp_coeff = _mm256_set1_ps(c.lerp_coeff),
                  beta2 = _mm256_set1_ps(c.beta2),
                  one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2), bc2_sqrt = _mm256_set1_ps(c.bc2_sqrt),
                  eps = _mm256_set1_ps(c.eps), neg_step_size = _mm256_set1_ps(c.neg_step_size);
-    size_t i = aligned_start(b.param, begin, end);
+    size_t i = aligned_start(s.param, begin, end);
     adam_elements<G, O, HasOut>(b, c, begin, i);
     const bool stream = HasOut && stream_out(b, i);
-    for (; i + kLanes <= end; i += kLanes) {
-      prefetch_ahead<G>(b, i);
-      __m256 g = load_grad<G>(b.grad, i);  // read before out[i..] is written (they may alias)
-      __m256 p = _mm256_loadu_ps(b.param + i);
-      __m256 m = _mm256_loadu_ps(b.exp_avg + i);
-      __m256 v = _mm256_loadu_ps(b.exp_avg_sq + i);
-      if (c.scaled) g = _mm256_div_ps(g, grad_scale);
-      if (c.l2) g = _mm256_fmadd_ps(weight_decay, p, g);
-      if (c.decoupled_decay) p = _mm256_mul_ps(p, decay);
-      m = _mm256_fmadd_ps(lerp_coeff, _mm256_sub_ps(g, m), c.lerp_from_m ? m : g);
+    const size_t vectors_end = end - (end - i) % kLanes;  // a local: the stores may alias this->end
+    for (; i < vectors_end; i += kLanes) {
+      if (i % 16 == 0) prefetch_ahead<G>(s, i);  // a 64-byte line of each fp32 array per 2 iterations
+      __m256 g = load_grad<G>(s.grad, i);  // read before out[i..] is written (they may alias)
+      __m256 p = _mm256_loadu_ps(s.param + i);
+      __m256 m = _mm256_loadu_ps(s.exp_avg + i);
+      __m256 v = _mm256_loadu_ps(s.exp_avg_sq + i);
+      if (scaled) g = _mm256_div_ps(g, grad_scale);
+      if (l2) g = _mm256_fmadd_ps(weight_decay, p, g);
+      if (decoupled_decay) p = _mm256_mul_ps(p, decay);
+      m = _mm256_fmadd_ps(lerp_coeff, _mm256_sub_ps(g, m), lerp_from_m ? m : g);
       v = _mm256_fmadd_ps(_mm256_mul_ps(one_minus_beta2, g), g, _mm256_mul_ps(v, beta2));
       const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2_sqrt), eps);
       p = _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(neg_step_size, m), denom));
-      _mm256_storeu_ps(b.param + i, p);
-      _mm256_storeu_ps(b.exp_avg + i, m);
-      _mm256_storeu_ps(b.exp_avg_sq + i, v);
-      if (HasOut) store_out<O>(b.out, i, p, stream);
+      _mm256_storeu_ps(s.param + i, p);
+      _mm256_storeu_ps(s.exp_avg + i, m);
+      _mm256_storeu_ps(s.exp_avg_sq + i, v);
+      if (HasOut) store_out<O>(s.out, i, p, stream);
     }
     if (stream) _mm_sfence();  // streaming stores are weakly ordered: done before we return
     adam_elements<G, O, HasOut>(b, c, i, end);
   }
 };
 
+// fp32 store of one vector; streaming (around the cache) when asked, to a 32-byte-aligned address.
+template <bool Stream>
+inline void store_fp32(float* at, __m256 x) {
+  if (Stream) {
+    _mm256_stream_ps(at, x);
+  } else {
+    _mm256_storeu_ps(at, x);
+  }
+}
+
 struct ProbeAvx2 {
   const AdamBuffers& b;
+  const ProbeOptions& options;
   size_t begin, end;
 
   template <ElemType G, ElemType O, bool HasOut>
   void run() const {
-    size_t i = aligned_start(b.param, begin, end);
+    const size_t i = aligned_start(b.param, begin, end);
     probe_elements<G, O, HasOut>(b, begin, i);
+    // Streaming stores need every fp32 array 32-byte aligned where the vectors start.
+    const bool fp32_aligned = (reinterpret_cast<uintptr_t>(b.param + i) | reinterpret_cast<uintptr_t>(b.exp_avg + i) |
+                               reinterpret_cast<uintptr_t>(b.exp_avg_sq + i)) % 32 == 0;
+    const bool stream_fp32 = options.streaming_stores && fp32_aligned;
+    const size_t tail = stream_fp32 ? (options.prefetch ? loop<G, HasOut, true, true>(i) : loop<G, HasOut, false, true>(i))
+                                    : (options.prefetch ? loop<G, HasOut, true, false>(i) : loop<G, HasOut, false, false>(i));
+    probe_elements<G, O, HasOut>(b, tail, end);
+  }
+
+  // The vector part from i (param 32-byte aligned there); returns where the tail starts.
+  template <ElemType G, bool HasOut, bool Prefetch, bool StreamFp32>
+  size_t loop(size_t i) const {
+    const Streams s = streams_of(b);
     const bool stream = HasOut && stream_out(b, i);
-    for (; i + kLanes <= end; i += kLanes) {
-      prefetch_ahead<G>(b, i);
-      const __m256 g = load_grad<G>(b.grad, i);
-      const __m256 p = _mm256_add_ps(_mm256_loadu_ps(b.param + i), g);
-      _mm256_storeu_ps(b.param + i, p);
-      _mm256_storeu_ps(b.exp_avg + i, _mm256_add_ps(_mm256_loadu_ps(b.exp_avg + i), g));
-      _mm256_storeu_ps(b.exp_avg_sq + i, _mm256_add_ps(_mm256_loadu_ps(b.exp_avg_sq + i), _mm256_mul_ps(g, g)));
-      if (HasOut) store_16bit(b.out, i, _mm256_srli_epi32(_mm256_castps_si256(p), 16), stream);
+    const size_t vectors_end = end - (end - i) % kLanes;  // a local: the stores may alias this->end
+    for (; i < vectors_end; i += kLanes) {
+      if (Prefetch && i % 16 == 0) prefetch_ahead<G>(s, i);
+      // every load before the first store, as in adam_step (see kernels_avx512.cpp)
+      const __m256 g = load_grad<G>(s.grad, i);
+      const __m256 p = _mm256_add_ps(_mm256_loadu_ps(s.param + i), g);
+      const __m256 m = _mm256_add_ps(_mm256_loadu_ps(s.exp_avg + i), g);
+      const __m256 v = _mm256_add_ps(_mm256_loadu_ps(s.exp_avg_sq + i), _mm256_mul_ps(g, g));
+      store_fp32<StreamFp32>(s.param + i, p);
+      store_fp32<StreamFp32>(s.exp_avg + i, m);
+      store_fp32<StreamFp32>(s.exp_avg_sq + i, v);
+      if (HasOut) store_16bit(s.out, i, _mm256_srli_epi32(_mm256_castps_si256(p), 16), stream);
     }
-    if (stream) _mm_sfence();
-    probe_elements<G, O, HasOut>(b, i, end);
+    if (stream || StreamFp32) _mm_sfence();
+    return i;
   }
 };
 
@@ -165,8 +171,8 @@ void adam_range_avx2(const AdamBuffers& b, const AdamConstants& c, size_t begin,
   dispatch_types(b, AdamAvx2{b, c, begin, end});
 }
 
-void probe_range_avx2(const AdamBuffers& b, size_t begin, size_t end) {
-  dispatch_types(b, ProbeAvx2{b, begin, end});
+void probe_range_avx2(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end) {
+  dispatch_types(b, ProbeAvx2{b, options, begin, end});
 }
 
 }  // namespace detail
@@ -183,7 +189,9 @@ namespace detail {
 void adam_range_avx2(const AdamBuffers& b, const AdamConstants& c, size_t begin, size_t end) {
   adam_range_scalar(b, c, begin, end);
 }
-void probe_range_avx2(const AdamBuffers& b, size_t begin, size_t end) { probe_range_scalar(b, begin, end); }
+void probe_range_avx2(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end) {
+  probe_range_scalar(b, options, begin, end);
+}
 }  // namespace detail
 }  // namespace adam
 }  // namespace hetmem

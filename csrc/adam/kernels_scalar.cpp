@@ -29,7 +29,8 @@ void adam_range_scalar(const AdamBuffers& b, const AdamConstants& c, size_t begi
   dispatch_types(b, AdamScalar{b, c, begin, end});
 }
 
-void probe_range_scalar(const AdamBuffers& b, size_t begin, size_t end) {
+// (no software prefetch or streaming stores here: `options` changes nothing but the split)
+void probe_range_scalar(const AdamBuffers& b, const ProbeOptions& /*options*/, size_t begin, size_t end) {
   dispatch_types(b, ProbeScalar{b, begin, end});
 }
 

@@ -291,14 +291,22 @@ def _bump_versions(*tensors: torch.Tensor | None) -> None:
 
 
 def stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 out: torch.Tensor | None = None) -> None:
+                 out: torch.Tensor | None = None, *, prefetch: bool = True, streaming_stores: bool = False,
+                 static_split: bool = False) -> None:
     """Adam's memory traffic with trivial math, on the same threads: the roofline.
 
     Reads param, exp_avg, exp_avg_sq (fp32) and grad, writes param, exp_avg, exp_avg_sq and
-    out (if given) with the same loads, stores and thread split as adam_step: 28 bytes per
-    element for fp32 grads without out, and for 16-bit grad and out.  It adds g to param
-    and exp_avg, g*g to exp_avg_sq, and writes param's upper 16 bits to out, so the arrays
-    stay usable.  Needs the C++ op (raises OpBuildError without it).
+    out (if given): 28 bytes per element for fp32 grads without out, and for 16-bit grad
+    and out.  It adds g to param and exp_avg, g*g to exp_avg_sq, and writes param's upper
+    16 bits to out, so the arrays stay usable.  With the defaults it moves them as
+    adam_step does (same loads, stores, software prefetch and thread split); the options
+    change one thing each, so that a benchmark can take the fastest way it finds:
+
+        prefetch=False          no software prefetch (the hardware prefetchers only)
+        streaming_stores=True   param, exp_avg and exp_avg_sq stored around the cache
+        static_split=True       one contiguous range per thread, none taken from another
+
+    Needs the C++ op (raises OpBuildError without it).
     """
     _check_tensor("param", param, (torch.float32,), None)
     n = param.numel()
@@ -308,12 +316,14 @@ def stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     if out is not None:
         _check_tensor("out", out, _LOW_PRECISION, n)
     _check_overlap({"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "out": out})
+    options = {name: _check_flag(name, value) for name, value in
+               (("prefetch", prefetch), ("streaming_stores", streaming_stores), ("static_split", static_split))}
     op = _op()
     if op is None:
         raise OpBuildError(f"stream_probe needs the cpu_adam op: {_STATE.reason}")
     op.stream_probe(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
                     0 if out is None else out.data_ptr(), n, _DTYPE_NAMES[grad.dtype],
-                    "bfloat16" if out is None else _DTYPE_NAMES[out.dtype])
+                    "bfloat16" if out is None else _DTYPE_NAMES[out.dtype], **options)
 
 
 # -- fallback ------------------------------------------------------------------------------

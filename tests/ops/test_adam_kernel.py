@@ -297,25 +297,45 @@ def test_more_threads_than_cores_still_correct():
         assert torch.equal(a, b)
 
 
+# The benchmark's ways to move the probe's bytes, and all three changes at once.
+PROBE_OPTIONS = {"adam_loop": {}, "no_prefetch": {"prefetch": False},
+                 "static_split": {"static_split": True, "prefetch": False}, "streaming_stores": {"streaming_stores": True},
+                 "all_changed": {"prefetch": False, "streaming_stores": True, "static_split": True}}
+
+
+@pytest.mark.parametrize("options", PROBE_OPTIONS.values(), ids=PROBE_OPTIONS.keys())
 @pytest.mark.parametrize("grad_dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
                                                   (torch.float16, torch.float16)])
-def test_stream_probe_touches_every_element(grad_dtype, out_dtype):
-    # The roofline is only honest if the probe really reads and writes every byte.
+def test_stream_probe_touches_every_element(grad_dtype, out_dtype, options):
+    # The roofline is only honest if the probe really reads and writes every byte, whichever
+    # way it moves them: on every level, with 3 threads (runs of uneven length, blocks taken
+    # from others' runs), arrays 64-byte aligned (streaming stores used) or not.
     n = 2**20 + 3
     gen = torch.Generator().manual_seed(5)
-    p, m, v = (view_at(n, 1).copy_(torch.randn(n, generator=gen)) for _ in range(3))
+    p, m, v = (torch.randn(n, generator=gen) for _ in range(3))
     g = torch.randn(n, generator=gen).to(grad_dtype)
     out = None if out_dtype is None else torch.empty(n, dtype=out_dtype)
     expected = [p + g.float(), m + g.float(), v + g.float() * g.float()]
     adam.set_serial_threshold(0)
+    adam.set_num_threads(3)
     for level in LEVELS:
         adam.set_simd_level(level)
-        p2, m2, v2 = p.clone(), m.clone(), v.clone()
-        adam.stream_probe(p2, g, m2, v2, out=out)
-        for a, e in zip((p2, m2, v2), expected):
-            assert torch.equal(a, e)
-        if out is not None:
-            assert torch.equal(out.view(torch.int16), (p2.view(torch.int32) >> 16).to(torch.int16))
+        for offset in (0, 1):
+            p2, m2, v2 = (view_at(n, offset).copy_(t) for t in (p, m, v))
+            if out is not None:
+                out.fill_(0)
+            adam.stream_probe(p2, g, m2, v2, out=out, **options)
+            for name, a, e in zip(("param", "exp_avg", "exp_avg_sq"), (p2, m2, v2), expected):
+                assert torch.equal(a, e), f"{level} offset={offset} {name}"
+            if out is not None:
+                assert torch.equal(out.view(torch.int16), (p2.view(torch.int32) >> 16).to(torch.int16))
+
+
+def test_stream_probe_options_must_be_bools():
+    p, g, m, v = (torch.zeros(4) for _ in range(4))
+    for name in ("prefetch", "streaming_stores", "static_split"):
+        with pytest.raises(ValueError, match=f"{name} must be a bool, found int 1"):
+            adam.stream_probe(p, g, m, v, **{name: 1})
 
 
 def test_simd_env_caps_the_level_and_threads_default_to_usable_cores(tmp_path):
