@@ -213,6 +213,18 @@ def _check_overlap(tensors: dict[str, torch.Tensor | None]) -> None:
                 f"exactly (same data_ptr, numel and 16-bit dtype)")
 
 
+def _check_operands(param, grad, exp_avg, exp_avg_sq, out) -> int:
+    """Device, dtype, layout and size of adam_step's tensors; returns the element count."""
+    _check_tensor("param", param, (torch.float32,), None)
+    n = param.numel()
+    _check_tensor("grad", grad, (torch.float32, *_LOW_PRECISION), n)
+    _check_tensor("exp_avg", exp_avg, (torch.float32,), n)
+    _check_tensor("exp_avg_sq", exp_avg_sq, (torch.float32,), n)
+    if out is not None:
+        _check_tensor("out", out, _LOW_PRECISION, n)
+    return n
+
+
 def _check_step(step) -> int:
     integral = (isinstance(step, int) and not isinstance(step, bool)) or (
         isinstance(step, float) and step.is_integer())
@@ -250,13 +262,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     Tensors may have any shapes with equal numel.  Raises ValueError naming the argument
     for a bad tensor (device, dtype, layout, contiguity, size, overlap) or a bad value.
     """
-    _check_tensor("param", param, (torch.float32,), None)
-    n = param.numel()
-    _check_tensor("grad", grad, (torch.float32, *_LOW_PRECISION), n)
-    _check_tensor("exp_avg", exp_avg, (torch.float32,), n)
-    _check_tensor("exp_avg_sq", exp_avg_sq, (torch.float32,), n)
-    if out is not None:
-        _check_tensor("out", out, _LOW_PRECISION, n)
+    n = _check_operands(param, grad, exp_avg, exp_avg_sq, out)
     step = _check_step(step)
     lr = _check_number("lr", lr, 0.0)
     beta1 = _check_number("beta1", beta1, 0.0, 1.0)
@@ -308,13 +314,7 @@ def stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
 
     Needs the C++ op (raises OpBuildError without it).
     """
-    _check_tensor("param", param, (torch.float32,), None)
-    n = param.numel()
-    _check_tensor("grad", grad, (torch.float32, *_LOW_PRECISION), n)
-    _check_tensor("exp_avg", exp_avg, (torch.float32,), n)
-    _check_tensor("exp_avg_sq", exp_avg_sq, (torch.float32,), n)
-    if out is not None:
-        _check_tensor("out", out, _LOW_PRECISION, n)
+    n = _check_operands(param, grad, exp_avg, exp_avg_sq, out)
     _check_overlap({"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "out": out})
     options = {name: _check_flag(name, value) for name, value in
                (("prefetch", prefetch), ("streaming_stores", streaming_stores), ("static_split", static_split))}
