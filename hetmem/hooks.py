@@ -157,9 +157,8 @@ class SavedTensorHooks:
         # Some weights in this range were replaced by their gradients already (a use the
         # warm-up did not see): rebuild them from the fp32 master copy.
         region = chunk.payload.narrow(0, start, stop - start).clone()
-        master = chunk.group.chunks[ChunkKind.MASTER]
-        self.scheduler.manager.wait(master)
+        master = self.scheduler.manager.payload_in_memory(chunk.group.chunks[ChunkKind.MASTER])
         for slot in in_slot:
             lo, hi = max(slot.offset, start), min(slot.end, stop)
-            region[lo - start:hi - start].copy_(master.flat(lo, hi))
+            region[lo - start:hi - start].copy_(master.narrow(0, lo, hi - lo))
         return torch.as_strided(region, ref.size, ref.stride, 0)

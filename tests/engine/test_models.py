@@ -285,3 +285,47 @@ def test_forward_between_backward_and_step_is_refused_clearly():
     engine.step()  # the engine is still usable afterwards
     engine.backward(engine(x, y))
     engine.step()
+
+
+class LateUse(nn.Module):
+    """With extra=True the Linear's weight is also used, detached, before the Linear: its value
+    is needed in backward after the Linear's gradient has arrived (a use warm-up never saw)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(256, 32)
+        self.lin = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 256)
+
+    def forward(self, x, y, extra=False):
+        e = self.emb(x)
+        if extra:
+            e = torch.tanh(e @ self.lin.weight.detach())
+        h = torch.tanh(self.lin(e))
+        return nn.functional.cross_entropy(self.head(h).float().reshape(-1, 256), y.reshape(-1))
+
+
+def test_weight_needed_after_its_gradient_took_its_slot_is_rebuilt_from_master(monkeypatch):
+    data = batches(5)
+    flags = [False, False, True, True, False]
+
+    def run(in_slot: bool):
+        torch.manual_seed(0)
+        engine = hetmem.initialize(LateUse(), config(dtype="bf16", chunk_size=4096))
+        if not in_slot:
+            monkeypatch.setattr(engine.grads, "decide_in_slot", lambda: 0)
+        losses = []
+        for (x, y), flag in zip(data, flags):
+            loss = engine(x, y, extra=flag)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return engine, losses
+
+    in_slot_engine, in_slot = run(True)
+    assert any(g.grad_in_slot for g in in_slot_engine.layout.groups)
+    reference_engine, reference = run(False)
+    assert in_slot == reference
+    expected = reference_engine.state_dict()
+    for key, value in in_slot_engine.state_dict().items():
+        assert torch.equal(value, expected[key]), key
