@@ -56,7 +56,6 @@ class ChunkGroup:
         self.trainable = trainable                  # frozen groups have only a PARAM chunk
         self.chunks: dict[ChunkKind, Chunk] = {}    # filled by the manager
         self.grad_in_slot = False                   # gradients go into the PARAM slots (decided after warm-up)
-        self.grad_chunk_dirty = False               # the GRAD chunk holds gradients of this window
         for slot in slots:
             slot.group = self
 

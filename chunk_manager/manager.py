@@ -81,10 +81,6 @@ class ChunkManager:
     def bytes_on(self, tier: Tier) -> int:
         return self._tier_totals[tier]
 
-    def bytes_by_kind(self, tier: Tier) -> dict[str, int]:
-        base = _TIER_INDEX[tier] * len(ChunkKind)
-        return {k.name: self._counters[base + i] for i, k in enumerate(ChunkKind)}
-
     def counters(self) -> tuple[int, ...]:
         """Bytes per (tier, kind), tier-major in Tier and ChunkKind order: a cheap snapshot."""
         return tuple(self._counters)
@@ -93,9 +89,6 @@ class ChunkManager:
         delta = sign * chunk.nbytes
         self._counters[_TIER_INDEX[tier] * len(ChunkKind) + _KIND_INDEX[chunk.kind]] += delta
         self._tier_totals[tier] += delta
-
-    def on_tier(self, tier: Tier) -> list[Chunk]:
-        return [c for c in self.chunks if c.tier is tier]
 
     # -- placement ---------------------------------------------------------------------
 

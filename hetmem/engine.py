@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hetmem.chunk_manager.manager import ChunkManager
-from hetmem.chunk_manager.states import ChunkKind, Tier
+from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import Config
 from hetmem.device import Budgets, resolve_budgets, resolve_device
 from hetmem.grads import GradRouter
@@ -306,9 +306,6 @@ class Engine:
     def nvme_capacity_bytes(self) -> int | None:
         """Bytes the swap space holds for chunks; None while the NVMe tier is off."""
         return None if self.manager.nvme is None else self.manager.nvme.nbytes
-
-    def device_chunk_bytes(self) -> int:
-        return self.manager.bytes_on(Tier.DEVICE)
 
     def _check_open(self) -> None:
         if self._closed:

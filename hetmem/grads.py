@@ -150,7 +150,6 @@ class GradRouter:
         else:
             target.copy_(source)
         slot.has_grad = True
-        group.grad_chunk_dirty = True
         slot.set_state(TensorState.HOLD_AFTER_BWD)
         return target
 

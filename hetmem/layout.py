@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
@@ -88,15 +87,3 @@ def build_layout(model: nn.Module, *, chunk_elements: int | None, max_chunk_elem
         for alias in slot.aliases:
             layout.by_name[alias] = slot
     return layout
-
-
-def padding_elements(layout: Layout) -> int:
-    return sum(g.capacity for g in layout.groups) - layout.numel
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def is_meta(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "meta"

@@ -269,5 +269,4 @@ class ChunkedAdam:
             slot.has_grad = False
             if slot.state is not TensorState.HOLD:
                 slot.set_state(TensorState.HOLD)
-        group.grad_chunk_dirty = False
         self.manager.rebind(group.chunks[ChunkKind.PARAM])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -107,10 +107,6 @@ def sample(engine: Engine, prompt: str, length: int, block_size: int, seed: int 
         idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
     engine.train()
     return bytes(idx[0].tolist()).decode("utf-8", errors="replace")
-
-
-def options_dict(options: TrainOptions) -> dict:
-    return asdict(options)
 
 
 def default_run_dir() -> Path:

@@ -27,7 +27,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -286,6 +285,3 @@ def builder(name: str) -> OpBuilder:
             return b
     raise ValueError(f"unknown hetmem op {name!r}; known: {', '.join(b.name for b in ALL_BUILDERS)}")
 
-
-def platform_summary() -> str:
-    return f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
