@@ -84,11 +84,11 @@ class Engine:
         self.scaler = LossScaler(config.loss_scale if config.uses_loss_scaling else None)
         self.grads = GradRouter(self.layout, self.manager, mixed=config.mixed_precision,
                                 accumulation_steps=config.gradient_accumulation_steps,
-                                track_norms=config.gradient_clipping is not None or config.uses_loss_scaling,
                                 on_schedule_change=self._on_schedule_change)
         self.optimizer = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
-        self.global_step = 0          # optimizer steps taken (skipped fp16 steps included)
+        self.global_step = 0          # optimizer steps taken, skipped (non-finite) steps included
         self.micro_step = 0           # backward passes since initialize
+        self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
         self.last_step: StepResult | None = None
         self._awaiting_backward = False
         self._in_slot_pending = False  # a warm-up finished; decide in-slot gradients after the step
@@ -207,6 +207,7 @@ class Engine:
                     target.backward()
         except BaseException:
             self._abort()
+            self._drop_after_error("backward")
             raise
         warmup = self.tracer.recording
         self.scheduler.end_microstep()
@@ -218,12 +219,19 @@ class Engine:
         self.grads.reset_fires()
 
     def step(self) -> bool:
-        """The optimizer step, at accumulation boundaries; returns whether one ran."""
+        """The optimizer step, at accumulation boundaries; returns whether one ran.
+
+        False (nothing counted) between accumulation boundaries and when no backward ran since
+        the last step or ``zero_grad()``.  A non-finite gradient norm skips the update but counts
+        in ``global_step`` (``last_step.skipped`` and ``.reason`` say why; per-parameter Adam step
+        counts do not advance).  If the step raises (an IO error), calling it again applies the
+        groups it did not reach; ``zero_grad()`` drops them instead (README "Reliability").
+        """
         self._check_open()
         if self._awaiting_backward:
             raise RuntimeError("engine.step() after a forward without engine.backward(); call "
                                "engine.backward(loss) first")
-        if self.micro_step == 0 or self.micro_step % self.config.gradient_accumulation_steps:
+        if self.micro_step == self._stepped_at or self.micro_step % self.config.gradient_accumulation_steps:
             return False
         self.scheduler.phase = "optimizer"
         try:
@@ -236,6 +244,7 @@ class Engine:
         finally:
             self.scheduler.phase = "idle"
         self.global_step += 1
+        self._stepped_at = self.micro_step
         if self._in_slot_pending and not self.tracer.needs_warmup:
             moved = self.grads.decide_in_slot()
             if moved:
@@ -245,6 +254,25 @@ class Engine:
         if self.recorder is not None:
             self.recorder.end_step(self.last_step)
         return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every pending gradient without a step (in-slot ones give their weights back).
+
+        The way back after an exception in forward, backward or step; a later ``step()`` at
+        this boundary returns False.  ``set_to_none`` is accepted for torch compatibility.
+        """
+        self._check_open()
+        self.optimizer.drop_gradients()
+        self._stepped_at = self.micro_step
+
+    def _drop_after_error(self, where: str) -> None:
+        try:
+            self.zero_grad()
+        except Exception:  # noqa: BLE001 - the original error propagates; zero_grad() can be retried
+            logger.exception("after the error in %s, dropping the partial gradients failed too; call "
+                             "engine.zero_grad() before training on", where)
+        else:
+            logger.warning("%s raised: its partial gradients were dropped", where)
 
     def _abort(self) -> None:
         self.scheduler.abort()
@@ -268,6 +296,7 @@ class Engine:
     # -- modes and state -----------------------------------------------------------------
 
     def train(self, mode: bool = True) -> "Engine":
+        self._check_open()
         self.module.train(mode)
         return self
 
@@ -276,9 +305,11 @@ class Engine:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full-precision weights and buffers under the model's own keys (CPU tensors)."""
+        self._check_open()
         return state_io.full_state_dict(self)
 
     def load_state_dict(self, state_dict, strict: bool = True):
+        self._check_open()
         return state_io.load_full_state_dict(self, state_dict, strict=strict)
 
     def save_checkpoint(self, directory, *, tag: str | None = None, client_state=None,
@@ -286,15 +317,20 @@ class Engine:
         """Full training state, wherever it lives; see hetmem/checkpoint.py.  Returns the folder."""
         from hetmem.checkpoint import save_checkpoint
 
+        self._check_open()
         return save_checkpoint(self, directory, tag=tag, client_state=client_state, keep=keep)
 
     def load_checkpoint(self, directory, *, tag: str | None = None):
         """Restore a checkpoint (``directory`` or its ``latest``); returns the saved client state."""
         from hetmem.checkpoint import load_checkpoint
 
-        return load_checkpoint(self, directory, tag=tag)
+        self._check_open()
+        client_state = load_checkpoint(self, directory, tag=tag)
+        self.zero_grad()  # the loaded state starts at a boundary with no pending gradients
+        return client_state
 
     def memory_report(self):
+        self._check_open()
         if self.recorder is None:
             raise RuntimeError("memory_report() needs memory_trace=True in the config")
         return self.recorder.report()
@@ -305,11 +341,13 @@ class Engine:
 
     def nvme_capacity_bytes(self) -> int | None:
         """Bytes the swap space holds for chunks; None while the NVMe tier is off."""
+        self._check_open()
         return None if self.manager.nvme is None else self.manager.nvme.nbytes
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this engine is closed")
+            raise RuntimeError("this engine is closed (engine.close() was called); engine.module keeps the "
+                               "trained weights: use it directly, or wrap it again with hetmem.initialize()")
 
     def close(self) -> None:
         if self._closed:

@@ -12,10 +12,13 @@ clears ``param.grad``, so no gradient outlives its hook on the device.
 - GRAD chunk (fp32 training, gradient accumulation, a gradient produced more than once, and
   during warm-up while the counts are unknown): accumulated in fp32 in the group's GRAD chunk.
 
-Without gradient accumulation, each parameter's squared gradient norm (for clipping and the
-fp16 overflow check) is taken as its gradient arrives, the same way on both paths, so the
-step needs one host sync and a run resumed from a checkpoint (which warms up on GRAD chunks)
-computes exactly what the uninterrupted run (in-slot) computed.
+Each parameter's squared gradient norm is taken as its gradient arrives, the same way on
+both paths, in every dtype: the step sums them with one host sync to skip a non-finite step
+(hetmem/optimizer.py) and, without gradient accumulation, to clip, so a run resumed from a
+checkpoint (which warms up on GRAD chunks) computes exactly what the uninterrupted run
+(in-slot) computed.  With accumulation the entry is the sum of each micro-step's squared
+norm: finite exactly when every gradient was (the clipping norm then comes from the GRAD
+chunks).  Cost: one ``vector_norm`` per gradient (see README "Reliability").
 """
 from __future__ import annotations
 
@@ -34,13 +37,14 @@ logger = logging.getLogger("hetmem.grads")
 
 class GradRouter:
     def __init__(self, layout: Layout, manager: ChunkManager, *, mixed: bool, accumulation_steps: int,
-                 track_norms: bool, on_schedule_change):
+                 on_schedule_change):
         self.layout = layout
         self.manager = manager
         self.mixed = mixed
         self.accumulation_steps = accumulation_steps
-        self.track_norms = track_norms and accumulation_steps == 1  # norms taken as gradients arrive
-        self.norm_parts: dict[int, torch.Tensor] = {}  # id(slot) -> squared norm of its gradient (0-d)
+        self.accumulating = accumulation_steps > 1  # norm_parts are then sums over micro-steps
+        # id(slot) -> squared norm of its gradient (0-d, fp32), until the step or zero_grad
+        self.norm_parts: dict[int, torch.Tensor] = {}
         self._on_schedule_change = on_schedule_change
         self._shaped: set[int] = set()            # slots given a shaped placeholder for accumulation
         self._handles: list = []
@@ -115,7 +119,11 @@ class GradRouter:
             target = self._into_slot(slot, group, grad)
         else:
             target = self._into_grad_chunk(slot, group, grad)
-        if self.track_norms:
+        if self.accumulating:  # each micro-step's gradient: a finiteness witness, not the norm
+            square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            previous = self.norm_parts.get(id(slot))
+            self.norm_parts[id(slot)] = square if previous is None else previous + square.to(previous.device)
+        else:
             # the first gradient is the whole gradient unless another arrives: then the sum
             # lives in the GRAD chunk (a parameter with several gradients never goes in-slot)
             source = grad if slot.grad_fires == 1 else target
