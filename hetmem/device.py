@@ -60,6 +60,10 @@ def resolve_budgets(config: Config, device: torch.device) -> Budgets:
                   if config.device_margin == AUTO else config.device_margin)
     else:
         device_budget = available // 2 if config.device_budget == AUTO else config.device_budget
+        if config.device_budget != AUTO and device_budget > available:
+            raise ValueError(f"device_budget={format_bytes(device_budget)} is more than the "
+                             f"{format_bytes(available)} of host memory available here, which is the compute "
+                             f"device for device='cpu'; lower device_budget or use 'auto'")
         margin = 0 if config.device_margin == AUTO else config.device_margin
     if margin >= device_budget:
         raise ValueError(f"device_margin={format_bytes(margin)} leaves nothing of "

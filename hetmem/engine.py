@@ -125,7 +125,10 @@ class Engine:
             raise ValueError(
                 f"host_budget={format_bytes(self.budgets.host)} is too small for the model's chunks "
                 f"({format_bytes(host_need)}: parameters, master weights, Adam states, gradients) and the "
-                f"NVMe tier is off; raise host_budget or set nvme_dir to spill to disk")
+                f"NVMe tier is off; raise host_budget or set nvme_dir to spill to disk"
+                + (f" (host_budget='auto' is what device_budget={format_bytes(self.budgets.device)} leaves of host "
+                   f"memory: lower device_budget)" if self.config.host_budget == "auto" and self.device.type == "cpu"
+                   else ""))
         if self.config.nvme_dir is not None:
             # the optimizer pipeline holds three groups in host memory: one being written back,
             # one being updated, one being read (see hetmem/optimizer.py)
