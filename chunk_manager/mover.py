@@ -96,6 +96,10 @@ class Transfer:
                 self.error = self._future.exception()
             elif self._request is not None and self._request.error is not None:
                 self.error = self._request.error
+                try:  # the failure is this transfer's to report (on_error, wait, poll) from now on:
+                    self._request.wait()  # tell the file it was seen, or its close() raises it again
+                except OSError:
+                    pass
         self._finished = True
         self.t_done = time.perf_counter()
         self._keepalive = ()

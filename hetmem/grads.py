@@ -115,6 +115,7 @@ class GradRouter:
             return
         slot.grad_fires += 1
         group = slot.group
+        had_grad = slot.has_grad  # a gradient of an earlier backward is pending (no step between)
         if group.grad_in_slot:
             target = self._into_slot(slot, group, grad)
         else:
@@ -124,9 +125,9 @@ class GradRouter:
             previous = self.norm_parts.get(id(slot))
             self.norm_parts[id(slot)] = square if previous is None else previous + square.to(previous.device)
         else:
-            # the first gradient is the whole gradient unless another arrives: then the sum
-            # lives in the GRAD chunk (a parameter with several gradients never goes in-slot)
-            source = grad if slot.grad_fires == 1 else target
+            # the first gradient is the whole gradient unless another arrived (in this backward
+            # or an earlier one since the step): then the norm is the sum's, where it accumulated
+            source = grad if slot.grad_fires == 1 and not had_grad else target
             self.norm_parts[id(slot)] = torch.linalg.vector_norm(source, dtype=torch.float32).square()
 
     def _into_slot(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
