@@ -58,7 +58,7 @@ setup(
     extras_require={
         "aio": ["aiofiles"],
         "report": ["matplotlib"],
-        "test": ["pytest", "aiofiles", "matplotlib", "safetensors", "transformers"],
+        "test": ["pytest", "hypothesis", "aiofiles", "matplotlib", "safetensors", "transformers"],
     },
     entry_points={"console_scripts": ["hetmem=hetmem.cli:main"]},
     **_ahead_of_time_ops(),

@@ -9,7 +9,10 @@ for a few steps with nvme_dir set.  In the same run:
 - the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
   peak above that baseline can be compared with the budgets;
 - each optimizer step's bytes read + written over its duration is compared with the disk's
-  mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO).
+  mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO);
+- swap checksums (``nvme_checksum``, on by default): the crc32c time the swap space counts,
+  as a share of the steady step time, and the same training repeated with checksums off,
+  alternating on/off ``--checksum-repeats`` times: the median step time ratio on/off.
 
     python benchmarks/nvme_train.py --dir /nvme/scratch [--json]     (also: hetmem bench nvme-train)
 """
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-budget", default="384MiB")
     p.add_argument("--steps", type=int, default=4, help="steps after the warm-up step")
     p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
+    p.add_argument("--checksum-repeats", type=int, default=1,
+                   help="extra (off, on) training pairs for the checksum comparison; 0: none")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -108,31 +113,13 @@ def measure(args, progress=None) -> dict:
     sampler = RssSampler()
     baseline = sampler.peak
     sampler.start()
-    started = time.perf_counter()
-    with torch.device("meta"):
-        model = GPT(cfg)
-    engine = hetmem.initialize(model, config, init_fn=model.init_weights)
-    init_s = time.perf_counter() - started
-    steps = []
-    for i, (x, y) in enumerate(batches):
-        t0 = time.perf_counter()
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        result = engine.last_step
-        steps.append({"step": i, "warmup": i == 0, "seconds": time.perf_counter() - t0, "loss": loss.item(),
-                      "optimizer_s": result.seconds, "optimizer_io_wait_s": result.io_wait_s,
-                      "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes})
-        if progress:
-            progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
-                     f"{result.io_bytes / 1e9:.2f} GB moved)")
-    nvme_bytes = engine.manager.bytes_on(hetmem.Tier.NVME)
-    chunk_bytes = max(c.nbytes for c in engine.manager.chunks)
-    engine.close()
+    run = train(cfg, config, batches, progress)
+    steps, init_s = run["steps"], run["init_s"]
     peak = sampler.stop()
-    after = disk_mixed(directory, config, chunk_bytes, sample)
+    after = disk_mixed(directory, config, run["chunk_bytes"], sample)
     if progress:
         progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
+    checksums = checksum_cost(cfg, config, batches, run, args.checksum_repeats, progress)
 
     steady = [s for s in steps if not s["warmup"]]
     opt_rate = statistics.median(s["optimizer_io_bytes"] / s["optimizer_s"] for s in steady)
@@ -146,15 +133,70 @@ def measure(args, progress=None) -> dict:
                    "host_budget": args.host_budget, "nvme": {k: getattr(config, k) for k in
                    ("nvme_backend", "nvme_block_size", "nvme_queue_depth", "nvme_threads")}},
         "model": {"parameters": params, "state_bytes": state, "state_over_budgets": state / budgets,
-                  "bytes_on_nvme_at_end": nvme_bytes},
+                  "bytes_on_nvme_at_end": run["nvme_bytes"]},
         "memory": {"rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "rss_above_baseline": peak - baseline,
                    "budgets_bytes": budgets, "overhead_bytes": peak - baseline - budgets},
         "time": {"init_s": init_s, "step_s_median": statistics.median(s["seconds"] for s in steady),
                  "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
         "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
         "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
+        "checksum": checksums,
         "steps": steps,
     }
+
+
+def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict:
+    """One engine from scratch (meta-device model), a warm-up step and the steady steps."""
+    started = time.perf_counter()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    engine = hetmem.initialize(model, config, init_fn=model.init_weights)
+    init_s = time.perf_counter() - started
+    swap = engine.manager.nvme.swap
+    steps = []
+    for i, (x, y) in enumerate(batches):
+        t0 = time.perf_counter()
+        crc0 = swap.stats["checksum_seconds"]
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        result = engine.last_step
+        steps.append({"step": i, "warmup": i == 0, "seconds": time.perf_counter() - t0, "loss": loss.item(),
+                      "optimizer_s": result.seconds, "optimizer_io_wait_s": result.io_wait_s,
+                      "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes,
+                      "checksum_s": swap.stats["checksum_seconds"] - crc0})
+        if progress:
+            progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
+                     f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
+    out = {"steps": steps, "init_s": init_s, "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
+           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks), "checksum": swap.checksum_algorithm,
+           "swap_stats": dict(swap.stats)}
+    engine.close()
+    return out
+
+
+def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, first: dict, repeats: int, progress) -> dict:
+    """Swap checksums' share of the step: crc time counted by the swap space over the steps'
+    time, and the step-time ratio on/off from runs alternating off, on (``first`` was on)."""
+    steady = lambda run: [s["seconds"] for s in run["steps"] if not s["warmup"]]  # noqa: E731
+    crc = sum(s["checksum_s"] for s in first["steps"] if not s["warmup"])
+    out = {"algorithm": first["checksum"], "enabled_by_default": config.nvme_checksum,
+           "checksum_bytes": first["swap_stats"]["checksum_bytes"],
+           "checksum_seconds_steady": crc, "share_of_steady_step_time": crc / sum(steady(first))}
+    if repeats <= 0 or not config.nvme_checksum:
+        return out
+    on, off = [steady(first)], []
+    for _ in range(repeats):
+        off.append(steady(train(cfg, config.replace(nvme_checksum=False), batches)))
+        on.append(steady(train(cfg, config, batches)))
+        if progress:
+            progress(f"checksum comparison: on {statistics.median(on[-1]):.2f} s/step, off "
+                     f"{statistics.median(off[-1]):.2f} s/step")
+    on_median = statistics.median(x for run in on for x in run)
+    off_median = statistics.median(x for run in off for x in run)
+    out.update(step_s_median_on=on_median, step_s_median_off=off_median, ratio_on_off=on_median / off_median,
+               runs_on=len(on), runs_off=len(off))
+    return out
 
 
 def table(r: dict) -> str:
@@ -171,7 +213,17 @@ def table(r: dict) -> str:
         f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s; disk mixed read+write "
         f"{r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s (median of before/after) -> "
         f"{r['optimizer_vs_disk_mixed']:.0%} of the disk",
+        checksum_line(r["checksum"]),
     ])
+
+
+def checksum_line(c: dict) -> str:
+    line = (f"swap checksums ({c['algorithm']}, {format_bytes(c['checksum_bytes'])} in all): "
+            f"{c['checksum_seconds_steady']:.3f} s = {c['share_of_steady_step_time']:.2%} of the steady steps' time")
+    if "ratio_on_off" in c:
+        line += (f"; step time on/off {c['step_s_median_on']:.3f} / {c['step_s_median_off']:.3f} s = "
+                 f"{c['ratio_on_off']:.3f} (medians of {c['runs_on']} and {c['runs_off']} runs)")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

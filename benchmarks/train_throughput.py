@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversubscription", type=float, default=4.0,
                    help="parameter chunk bytes / device bytes left for them, in the oversubscribed run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--check-cost", action="store_true",
+                   help="add 'hetmem_fits_unchecked': hetmem_fits without the per-gradient norm that the "
+                        "non-finite check reads (the check's cost, same run)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -79,10 +82,13 @@ CHUNKS = 16  # parameter chunks both hetmem contenders use (the same layout, fit
 
 
 class Hetmem:
-    def __init__(self, model: torch.nn.Module, dtype: str, budget: int | str, chunk_elements: int):
+    def __init__(self, model: torch.nn.Module, dtype: str, budget: int | str, chunk_elements: int,
+                 check: bool = True):
         self.engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget=budget, dtype=dtype,
                                                              chunk_size=chunk_elements,
                                                              optimizer=hetmem.AdamConfig(lr=1e-3, weight_decay=0.1)))
+        if not check:  # measurement only: no squared norms, so the step sums nothing and skips nothing
+            self.engine.grads.track_norm = lambda *args: None
 
     def step(self, x, y) -> dict:
         started = time.perf_counter()
@@ -117,9 +123,14 @@ def measure(args: argparse.Namespace) -> dict:
     param_bytes = sum(c.nbytes for c in fits.manager.chunks if c.kind is hetmem.ChunkKind.PARAM)
     budget = int(param_bytes / args.oversubscription) + activations
     contenders["hetmem_oversubscribed"] = Hetmem(copy.deepcopy(base), args.dtype, budget, chunk_elements)
+    if args.check_cost:
+        contenders["hetmem_fits_unchecked"] = Hetmem(copy.deepcopy(base), args.dtype, "auto", chunk_elements,
+                                                     check=False)
 
     samples: dict[str, list[dict]] = {name: [] for name in contenders}
     for name, contender in contenders.items():  # warm-up step each (hetmem: the tracer's)
+        if name == "hetmem_fits_unchecked":
+            contender.step(*batches[0])  # as hetmem_fits: two steps before the measured ones
         contender.step(*batches[1])
     for _ in range(args.repeats):
         for name, contender in contenders.items():
@@ -147,6 +158,8 @@ def measure(args: argparse.Namespace) -> dict:
         "machine": {"torch": torch.__version__, "adam_simd": _simd()},
         "results": results,
         "ratios": {name: r["tokens_per_s"] / plain for name, r in results.items()},
+        **({"nonfinite_check_cost": results["hetmem_fits"]["step_s"] / results["hetmem_fits_unchecked"]["step_s"] - 1}
+           if args.check_cost else {}),
     }
 
 
@@ -165,6 +178,9 @@ def table(result: dict) -> str:
     for name, r in result["results"].items():
         lines.append(f"{name:24s} {r['tokens_per_s']:10,.0f} {r['step_s'] * 1e3:7.1f}ms "
                      f"{result['ratios'][name]:9.3f} {r['wait_share']:8.1%}")
+    if "nonfinite_check_cost" in result:
+        lines.append(f"non-finite check (a norm per gradient, one sync per step): "
+                     f"{result['nonfinite_check_cost']:+.1%} of hetmem_fits' step time")
     over = result["results"]["hetmem_oversubscribed"]
     lines.append(f"oversubscribed: device budget {format_bytes(over['device_budget_bytes'])} = activations "
                  f"{format_bytes(model['activation_peak_bytes'])} + 1/{cfg['oversubscription']:g} of the "

@@ -120,6 +120,10 @@ class GradRouter:
             target = self._into_slot(slot, group, grad)
         else:
             target = self._into_grad_chunk(slot, group, grad)
+        self.track_norm(slot, grad, target, had_grad)
+
+    def track_norm(self, slot: ParamSlot, grad: torch.Tensor, target: torch.Tensor, had_grad: bool) -> None:
+        """Record the squared norm of the gradient that just arrived (see the module docstring)."""
         if self.accumulating:  # each micro-step's gradient: a finiteness witness, not the norm
             square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
             previous = self.norm_parts.get(id(slot))
