@@ -216,7 +216,17 @@ class ChunkManager:
         """Set the chunk's bytes from host tensor ``data`` wherever the chunk lives."""
         self.wait(chunk)
         if chunk.tier is Tier.NVME:
-            self.nvme.store(chunk, data).wait()
+            try:
+                self.nvme.store(chunk, data).wait()
+            except OSError:
+                # the blob is invalid now: keep the new bytes in host memory (dirty, spilled
+                # again later) so the chunk never points at bytes that are gone
+                buffer = self.pool.take(Tier.HOST, chunk.dtype, chunk.capacity)
+                buffer.copy_(data)
+                self._account(Tier.NVME, chunk, -1)
+                self._account(Tier.HOST, chunk, +1)
+                chunk.payload, chunk.tier, chunk.nvme_valid = buffer, Tier.HOST, False
+                raise
             chunk.nvme_valid = True
         else:
             chunk.payload.copy_(data)

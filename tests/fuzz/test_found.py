@@ -1,6 +1,8 @@
 """What the fuzzer found, kept as fixed sequences (each failed before its fix)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.fuzz.twin import Pair
@@ -17,6 +19,9 @@ FOUND = {
     # the first one went unnoticed and the step wrote NaN into every weight
     "inf_gradient_then_a_finite_one_before_the_step": (False, [
         ("train", 0, "inf"), ("train", 1, "none"), ("step",), ("train", 2, "none"), ("step",)]),
+    # loading again after an IO error in load_checkpoint gives the checkpoint's state
+    "load_again_after_an_io_error": (True, [
+        ("train", 0, "none"), ("save",), ("step",), ("fault", "error", 0, ("load",))]),
 }
 
 
@@ -27,5 +32,24 @@ def test_found_sequence(name):
     try:
         for op in sequence:
             pair.run(op)
+    finally:
+        pair.close()
+
+
+def test_an_io_error_inside_load_checkpoint_loses_no_chunk():
+    """An IO error while load_checkpoint wrote a chunk that lives on NVMe left the chunk pointing
+    at a blob whose store failed: every later save or fetch of it raised (found by the fuzzer)."""
+    pair = Pair(nvme=True)
+    try:
+        folder = os.path.join(pair.folder, "ckpt")
+        pair.engine.save_checkpoint(folder)
+        swap = pair.engine.manager.nvme.swap.file
+        swap.inject_fault("error", after=0)
+        with pytest.raises(OSError, match="Input/output error during pwrite"):
+            pair.engine.load_checkpoint(folder)
+        swap.inject_fault("none")
+        pair.engine.save_checkpoint(folder)  # every chunk still readable
+        for op in [("train", 0, "none"), ("step",)]:
+            pair.run(op)  # and training goes on, with the checkpoint's values (the same as the start)
     finally:
         pair.close()

@@ -193,12 +193,16 @@ class Pair:
         self.twin.save()
 
     def _op_load(self) -> None:
+        folder = os.path.join(self.folder, "ckpt")
         try:
-            self.engine.load_checkpoint(os.path.join(self.folder, "ckpt"))
+            self.engine.load_checkpoint(folder)
         except CheckpointError as exc:  # documented: nothing saved yet; nothing changed
             assert self.twin.saved is None, f"load refused although a save succeeded: {exc}"
             self.errors.append(f"load: {exc}")
             return
+        except OSError as exc:  # documented: an IO error while applying it; loading again completes it
+            self.errors.append(f"load: {exc}")
+            self.engine.load_checkpoint(folder)
         self.twin.load()
 
     def _op_zero_grad(self) -> None:
