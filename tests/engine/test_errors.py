@@ -1,15 +1,12 @@
 """Bad configs and misuse raise errors that name the key (or the state) and the fix."""
 from __future__ import annotations
 
-import subprocess
-import uuid
-
 import pytest
 import torch
 
 import hetmem
 from tests.engine.helpers import batches, config, tiny_gpt
-from tests.nvme.conftest import _mount
+from tests.nvme.conftest import mounted
 
 
 def _nvme_config(nvme_dir) -> hetmem.Config:
@@ -33,15 +30,7 @@ def test_nvme_dir_that_cannot_be_reached(tmp_path):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    target = tmp_path / f"ro-{uuid.uuid4().hex[:6]}"
-    target.mkdir()
-    reason = _mount("tmpfs", str(target), ["-o", "size=1m,ro"])
-    if reason:
-        pytest.skip(reason)
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
+    yield from mounted(tmp_path, "tmpfs", ["-o", "size=1m,ro"])
 
 
 def test_nvme_dir_on_a_read_only_file_system(read_only_dir):

@@ -8,28 +8,19 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 
 from tests.fuzz.strategies import ops
-from tests.fuzz.twin import Pair
+from tests.fuzz.twin import replay
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def run_sequence(sequence, *, nvme: bool) -> None:
-    pair = Pair(nvme=nvme)
-    try:
-        for op in sequence:
-            pair.run(op)
-    finally:
-        pair.close()
-
-
 @settings(FUZZ, max_examples=150)
 @given(ops(nvme=False))
 def test_engine_calls_agree_with_torch(sequence):
-    run_sequence(sequence, nvme=False)
+    replay(sequence, nvme=False)
 
 
 @settings(FUZZ, max_examples=100)
 @given(ops(nvme=True))
 def test_engine_calls_with_nvme_and_io_faults_agree_with_torch(sequence):
-    run_sequence(sequence, nvme=True)
+    replay(sequence, nvme=True)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.fuzz.twin import Pair
+from tests.fuzz.twin import Pair, replay
 
 FOUND = {
     # a store that failed during a forward's eviction was raised to the user (and the chunk
@@ -28,12 +28,7 @@ FOUND = {
 @pytest.mark.parametrize("name", sorted(FOUND))
 def test_found_sequence(name):
     nvme, sequence = FOUND[name]
-    pair = Pair(nvme=nvme)
-    try:
-        for op in sequence:
-            pair.run(op)
-    finally:
-        pair.close()
+    replay(sequence, nvme=nvme)
 
 
 def test_an_io_error_inside_load_checkpoint_loses_no_chunk():

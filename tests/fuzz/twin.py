@@ -231,3 +231,14 @@ class Pair:
         engine_steps = {s.step for s in self.engine.layout.slots}
         if twin_steps != engine_steps:
             raise Mismatch(f"Adam step counts: hetmem {sorted(engine_steps)}, torch {sorted(twin_steps)}")
+
+
+def replay(sequence, *, nvme: bool) -> Pair:
+    """Run ``sequence`` on a fresh pair (closed after); returns it for its log and errors."""
+    pair = Pair(nvme=nvme)
+    try:
+        for op in sequence:
+            pair.run(op)
+    finally:
+        pair.close()
+    return pair
