@@ -10,9 +10,9 @@ for a few steps with nvme_dir set.  In the same run:
   peak above that baseline can be compared with the budgets;
 - each optimizer step's bytes read + written over its duration is compared with the disk's
   mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO);
-- swap checksums (``nvme_checksum``, on by default): the crc32c time the swap space counts,
-  as a share of the steady step time, and the same training repeated with checksums off,
-  alternating on/off ``--checksum-repeats`` times: the median step time ratio on/off.
+- swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
+  stepped in turn on the same batches: the median of the paired step-time ratios on/off, and
+  the crc32c time the swap space counts as a share of the step (``--checksum-repeats`` passes).
 
     python benchmarks/nvme_train.py --dir /nvme/scratch [--json]     (also: hetmem bench nvme-train)
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="steps after the warm-up step")
     p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
     p.add_argument("--checksum-repeats", type=int, default=1,
-                   help="extra (off, on) training pairs for the checksum comparison; 0: none")
+                   help="passes over the batches comparing checksums on and off step by step; 0: none")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -119,7 +120,7 @@ def measure(args, progress=None) -> dict:
     after = disk_mixed(directory, config, run["chunk_bytes"], sample)
     if progress:
         progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
-    checksums = checksum_cost(cfg, config, batches, run, args.checksum_repeats, progress)
+    checksums = checksum_cost(cfg, config, batches, args.checksum_repeats, progress)
 
     steady = [s for s in steps if not s["warmup"]]
     opt_rate = statistics.median(s["optimizer_io_bytes"] / s["optimizer_s"] for s in steady)
@@ -152,51 +153,65 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
         model = GPT(cfg)
     engine = hetmem.initialize(model, config, init_fn=model.init_weights)
     init_s = time.perf_counter() - started
-    swap = engine.manager.nvme.swap
     steps = []
     for i, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
-        crc0 = swap.stats["checksum_seconds"]
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
         result = engine.last_step
         steps.append({"step": i, "warmup": i == 0, "seconds": time.perf_counter() - t0, "loss": loss.item(),
                       "optimizer_s": result.seconds, "optimizer_io_wait_s": result.io_wait_s,
-                      "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes,
-                      "checksum_s": swap.stats["checksum_seconds"] - crc0})
+                      "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes})
         if progress:
             progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
                      f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
     out = {"steps": steps, "init_s": init_s, "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
-           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks), "checksum": swap.checksum_algorithm,
-           "swap_stats": dict(swap.stats)}
+           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks)}
     engine.close()
     return out
 
 
-def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, first: dict, repeats: int, progress) -> dict:
-    """Swap checksums' share of the step: crc time counted by the swap space over the steps'
-    time, and the step-time ratio on/off from runs alternating off, on (``first`` was on)."""
-    steady = lambda run: [s["seconds"] for s in run["steps"] if not s["warmup"]]  # noqa: E731
-    crc = sum(s["checksum_s"] for s in first["steps"] if not s["warmup"])
-    out = {"algorithm": first["checksum"], "enabled_by_default": config.nvme_checksum,
-           "checksum_bytes": first["swap_stats"]["checksum_bytes"],
-           "checksum_seconds_steady": crc, "share_of_steady_step_time": crc / sum(steady(first))}
-    if repeats <= 0 or not config.nvme_checksum:
-        return out
-    on, off = [steady(first)], []
-    for _ in range(repeats):
-        off.append(steady(train(cfg, config.replace(nvme_checksum=False), batches)))
-        on.append(steady(train(cfg, config, batches)))
+def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, progress) -> dict:
+    """Swap checksums' cost: two engines, checksums on and off, stepped in turn on the same
+    batches (the order alternating), so a load change hits both: the median of the paired step
+    time ratios on/off, and the crc time the swap space counts as a share of the 'on' steps."""
+    if repeats <= 0:
+        return {}
+    engines = {}
+    for on in (True, False):
+        with torch.device("meta"):
+            model = GPT(cfg)
+        folder = os.path.join(config.nvme_dir, "checksums-on" if on else "checksums-off")
+        engines[on] = hetmem.initialize(model, config.replace(nvme_checksum=on, nvme_dir=folder),
+                                        init_fn=model.init_weights)
+        step_once(engines[on], *batches[0])  # the warm-up step
+    ratios, shares = [], []
+    for r in range(repeats):
+        for i, (x, y) in enumerate(batches[1:]):
+            seconds, crc = {}, 0.0
+            for on in ((True, False) if (r + i) % 2 == 0 else (False, True)):
+                stats = engines[on].manager.nvme.swap.stats
+                crc0, t0 = stats["checksum_seconds"], time.perf_counter()
+                step_once(engines[on], x, y)
+                seconds[on] = time.perf_counter() - t0
+                if on:
+                    crc = stats["checksum_seconds"] - crc0
+            ratios.append(seconds[True] / seconds[False])
+            shares.append(crc / seconds[True])
         if progress:
-            progress(f"checksum comparison: on {statistics.median(on[-1]):.2f} s/step, off "
-                     f"{statistics.median(off[-1]):.2f} s/step")
-    on_median = statistics.median(x for run in on for x in run)
-    off_median = statistics.median(x for run in off for x in run)
-    out.update(step_s_median_on=on_median, step_s_median_off=off_median, ratio_on_off=on_median / off_median,
-               runs_on=len(on), runs_off=len(off))
-    return out
+            progress(f"checksum comparison, repeat {r + 1}: median on/off so far {statistics.median(ratios):.3f}")
+    algorithm = engines[True].manager.nvme.swap.checksum_algorithm
+    for engine in engines.values():
+        engine.close()
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"algorithm": algorithm, "pairs": len(ratios), "ratio_on_off_median": statistics.median(ratios),
+            "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares)}
+
+
+def step_once(engine, x, y) -> None:
+    engine.backward(engine(x, y))
+    engine.step()
 
 
 def table(r: dict) -> str:
@@ -218,12 +233,11 @@ def table(r: dict) -> str:
 
 
 def checksum_line(c: dict) -> str:
-    line = (f"swap checksums ({c['algorithm']}, {format_bytes(c['checksum_bytes'])} in all): "
-            f"{c['checksum_seconds_steady']:.3f} s = {c['share_of_steady_step_time']:.2%} of the steady steps' time")
-    if "ratio_on_off" in c:
-        line += (f"; step time on/off {c['step_s_median_on']:.3f} / {c['step_s_median_off']:.3f} s = "
-                 f"{c['ratio_on_off']:.3f} (medians of {c['runs_on']} and {c['runs_off']} runs)")
-    return line
+    if not c:
+        return "swap checksums: not compared (--checksum-repeats 0)"
+    return (f"swap checksums ({c['algorithm']}): step time on/off {c['ratio_on_off_median']:.3f} (median of "
+            f"{c['pairs']} paired steps, quartiles {c['ratio_on_off_quartiles'][0]:.3f}-"
+            f"{c['ratio_on_off_quartiles'][1]:.3f}); crc32c itself {c['crc_share_of_step_median']:.2%} of the step")
 
 
 def main(argv: list[str] | None = None) -> int:
