@@ -193,7 +193,10 @@ class Engine:
             self.scheduler.traced = traced
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss`` (scaled for fp16; divided by the accumulation steps)."""
+        """Backpropagate ``loss`` (scaled for fp16; divided by the accumulation steps).
+
+        If it raises, every pending gradient is dropped (as by ``zero_grad()``) before the error
+        propagates, so the next forward/backward/step runs normally (README "Reliability")."""
         self._check_open()
         if not self._awaiting_backward:
             raise RuntimeError("engine.backward(loss) needs a loss computed by engine(...) since the last "
