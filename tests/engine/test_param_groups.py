@@ -280,3 +280,13 @@ def test_meta_model_with_optimizer_over_meta_parameters():
     x, y = batches(1)[0]
     engine.backward(engine(x, y))
     assert engine.step()
+
+
+def test_no_gradient_clipping_by_default_as_in_torch():
+    assert hetmem.Config().gradient_clipping is None
+    _, model = pair(seed=8)
+    engine = hetmem.initialize(model, {"device": "cpu", "dtype": "fp32"})
+    x, y = batches(1)[0]
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.last_step.grad_norm is None  # no norm is even computed
