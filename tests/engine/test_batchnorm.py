@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import hetmem
-from tests.engine.helpers import config, steady_steps
+from tests.engine.helpers import config, steady_steps, train_engine
 
 
 class Block(nn.Module):
@@ -60,13 +60,7 @@ def train(dtype: str, data):
     model = TinyResNet()
     engine = hetmem.initialize(model, config(device_budget=BUDGET[dtype], dtype=dtype, chunk_size=4096,
                                              optimizer=dict(lr=2e-3, weight_decay=0.0)))
-    losses = []
-    for x, y in data:
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return engine, model, torch.tensor(losses)
+    return engine, model, torch.tensor(train_engine(engine, data))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

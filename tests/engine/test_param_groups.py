@@ -134,23 +134,27 @@ def test_torch_and_hf_schedulers_work_unchanged(name):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
+class LrByHand:
+    """Sets every group's lr by hand after each step, as a user may."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.steps = optimizer, 0
+
+    def step(self):
+        self.steps += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-3 * (self.steps + 1)
+
+
 def test_lr_set_by_hand_and_adam_l2_groups():
     ref, model = pair(seed=2)
     data = batches(6, seed=9)
     make = lambda m: torch.optim.Adam(two_groups(m), lr=1e-3)  # noqa: E731 - Adam: L2 in the gradient
-    opt_ref = make(ref)
+    expected, expected_lrs = run_torch(ref, data, make, LrByHand)
     engine = hetmem.initialize(model, config(), optimizer=make(model))
-    for i, (x, y) in enumerate(data):
-        for group_ref, group in zip(opt_ref.param_groups, engine.optimizer.param_groups):
-            group_ref["lr"] = group["lr"] = 1e-3 * (i + 1)
-        expected = ref(x, y)
-        expected.backward()
-        opt_ref.step()
-        opt_ref.zero_grad()
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    got, got_lrs = run_engine(engine, data, LrByHand)
+    assert got_lrs == expected_lrs and got_lrs[-1] == [6e-3, 6e-3]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
     assert engine.optimizer.param_groups[0]["decoupled_weight_decay"] is False
 
 
