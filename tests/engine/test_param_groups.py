@@ -171,6 +171,13 @@ def test_parameter_in_no_group_is_not_trained_in_any_precision():
         for name, value in before.items():
             changed = not torch.equal(after[name], value.float())
             assert changed == (value.dim() >= 2), f"{dtype} {name}: changed={changed}"
+            slot = engine.layout.by_name[name]
+            compute = engine.manager.payload_in_memory(slot.group.chunks[hetmem.ChunkKind.PARAM])
+            if value.dim() < 2:  # the compute copy too (in bf16 its slot held the gradient)
+                assert torch.equal(compute.narrow(0, slot.offset, slot.numel).view(slot.shape),
+                                   value.to(engine.param_dtype)), f"{dtype} {name}"
+        if dtype == "bf16":
+            assert all(g.grad_in_slot for g in engine.layout.groups if g.trainable)
         state = engine.optimizer.state_dict()["state"]
         assert sorted(state) == list(range(len(matrices)))
 
