@@ -110,7 +110,7 @@ def resolve_user_groups(optimizer, layout: Layout) -> list[tuple[dict[str, Any],
     groups = []
     for index, group in enumerate(optimizer.param_groups):
         hyper = {k: v for k, v in group.items() if k != "params"}
-        read_hyper(hyper, f"optimizer.param_groups[{index}]")  # raises on amsgrad/maximize/differentiable and bad values
+        read_hyper(hyper, f"optimizer.param_groups[{index}]")  # amsgrad, maximize, bad values: ValueError
         slots = []
         for i, param in enumerate(group["params"]):
             slot = layout.by_param.get(id(param))
@@ -144,8 +144,8 @@ class HetmemOptimizer(torch.optim.Optimizer):
             if id(param) not in self.layout.by_param:
                 raise ValueError(f"add_param_group: parameter {i} (shape {tuple(param.shape)}) is not a parameter "
                                  f"of the model hetmem trains")
+        read_hyper({**self.defaults, **param_group}, f"add_param_group: param_groups[{len(self.param_groups)}]")
         super().add_param_group(param_group)
-        read_hyper(self.param_groups[-1], f"engine.optimizer.param_groups[{len(self.param_groups) - 1}]")
 
     # -- the step ------------------------------------------------------------------------
 
@@ -165,7 +165,8 @@ class HetmemOptimizer(torch.optim.Optimizer):
     def run_update(self) -> StepResult:
         """Read every group's parameters and hyperparameters now, then run the chunked update
         (the engine calls this at a boundary)."""
-        hyper = [read_hyper(group, f"engine.optimizer.param_groups[{i}]") for i, group in enumerate(self.param_groups)]
+        hyper = [read_hyper(group, f"engine.optimizer.param_groups[{i}]")
+                 for i, group in enumerate(self.param_groups)]
         self.adam.group_of = self._group_of()
         self.adam.hyper = hyper
         return self.adam.step()

@@ -301,3 +301,23 @@ def test_no_gradient_clipping_by_default_as_in_torch():
     engine.backward(engine(x, y))
     engine.step()
     assert engine.last_step.grad_norm is None  # no norm is even computed
+
+
+def test_add_param_group_trains_parameters_left_out_at_initialize():
+    _, model = pair(seed=9, bias=True)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    engine = hetmem.initialize(model, config(), optimizer=torch.optim.AdamW(matrices))
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        engine.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match=r"add_param_group.*\['lr'\]=-0.1"):
+        engine.optimizer.add_param_group({"params": vectors, "lr": -0.1})
+    assert len(engine.optimizer.param_groups) == 1  # the rejected group left nothing behind
+    engine.optimizer.add_param_group({"params": vectors, "weight_decay": 0.0})
+    before = engine.state_dict()
+    x, y = batches(1, seed=14)[0]
+    engine.backward(engine(x, y))
+    engine.step()
+    after = engine.state_dict()
+    assert not torch.equal(after["ln_f.bias"], before["ln_f.bias"])
+    assert engine.optimizer.param_groups[1]["lr"] == 1e-3  # the defaults of the user's optimizer
