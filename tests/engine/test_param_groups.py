@@ -86,12 +86,13 @@ def test_two_groups_and_warmup_cosine_match_torch_under_eviction():
 def test_bf16_with_groups_and_schedule_follows_fp32():
     data = batches(30, seed=6)
     curves = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype, budget in (("fp32", TIGHT), ("bf16", "1280KiB")):  # both evict in every step
         _, model = pair(seed=7, bias=True)
-        engine = hetmem.initialize(model, config(device_budget=TIGHT, dtype=dtype),
+        engine = hetmem.initialize(model, config(device_budget=budget, dtype=dtype),
                                    optimizer=torch.optim.AdamW(two_groups(model)))
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(5, len(data)))  # noqa: E731
         curves[dtype] = torch.tensor(run_engine(engine, data, sched)[0])
+        assert all(s["evictions"] for s in steady_steps(engine)), dtype
     fp32, bf16 = curves["fp32"], curves["bf16"]
     assert fp32[-5:].mean() < fp32[:5].mean() * 0.85, "the fp32 run did not learn"
     rel = ((bf16 - fp32).abs() / fp32).max().item()
