@@ -134,3 +134,36 @@ def test_close_without_keeping_weights():
     engine = hetmem.initialize(model, config())
     engine.close(keep_weights=False)
     assert all(p.numel() == 0 for p in model.parameters())
+
+
+def test_peft_adapter_state_dict_and_save_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    lora = peft.LoraConfig(r=32, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}  # frozen: stays as it is
+    model = peft.get_peft_model(base, lora)
+    engine = hetmem.initialize(model, config(device_budget="800KiB", chunk_size=4096))
+    for x, _ in batches(3, seed=4, batch_size=1):
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    assert any("lora" in name for name in _not_resident(engine))
+    adapter = peft.get_peft_model_state_dict(model)
+    expected = peft.get_peft_model_state_dict(model, state_dict=engine.state_dict())
+    assert list(adapter) == list(expected) and any("lora_B" in k for k in adapter)
+    for key, value in expected.items():
+        assert torch.equal(adapter[key], value), key
+    assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)  # trained (B starts at 0)
+    model.save_pretrained(tmp_path)
+    engine.eval()
+    x = batches(1, seed=5)[0][0]
+    with torch.no_grad():
+        logits = engine(input_ids=x).logits
+    fresh = transformers.LlamaForCausalLM(cfg)
+    fresh.load_state_dict(base_state)
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, logits, rtol=1e-6, atol=1e-6)
