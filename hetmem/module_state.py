@@ -27,12 +27,12 @@ import logging
 import weakref
 from collections import OrderedDict
 
-import psutil
 import torch
 from torch import nn
 
 from hetmem.chunk_manager.chunk import ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
+from hetmem.host_memory import available_host_bytes
 from hetmem.layout import Layout
 from hetmem.state import read_weights, write_weights
 from hetmem.units import format_bytes
@@ -159,7 +159,3 @@ class ModuleStateHooks:
                     dtype = self.buffer_dtypes.get((id(module), name), buffer.dtype)
                     module._buffers[name] = buffer.to("cpu", dtype)
         logger.info("the model holds its weights again (%s on the host)", format_bytes(self.weights_nbytes()))
-
-
-def available_host_bytes() -> int:
-    return psutil.virtual_memory().available

@@ -41,10 +41,12 @@ from hetmem.chunk_manager.chunk import ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import AdamConfig
+from hetmem.host_memory import available_host_bytes
 from hetmem.layout import Layout
 from hetmem.optim.adam import _scalar_dtype
 from hetmem.optimizer import AdamHyper, ChunkedAdam, StepResult
 from hetmem.state import read_slot, write_slot
+from hetmem.units import format_bytes
 
 logger = logging.getLogger("hetmem.optimizer_groups")
 
@@ -195,6 +197,11 @@ class HetmemOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's state dict, gathered from the chunks into host memory."""
+        need = sum(2 * 4 * s.numel for s in self.layout.slots if s.trainable and s.step > 0)
+        if need > available_host_bytes():
+            raise RuntimeError(f"engine.optimizer.state_dict() gathers Adam's state ({format_bytes(need)}) into host "
+                               f"memory, but only {format_bytes(available_host_bytes())} is available; use "
+                               f"engine.save_checkpoint(DIR), which streams it chunk by chunk")
         gathered = defaultdict(dict)
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:

@@ -282,6 +282,19 @@ def test_state_dict_interchanges_with_torch_adamw_both_ways():
         engine.optimizer.load_state_dict({"state": {}, "param_groups": saved["param_groups"][:1]})
 
 
+def test_optimizer_state_dict_refuses_what_host_memory_cannot_hold(monkeypatch):
+    _, model = pair(seed=10)
+    engine = hetmem.initialize(model, config())
+    x, y = batches(1)[0]
+    engine.backward(engine(x, y))
+    engine.step()
+    monkeypatch.setattr(hetmem.optimizer_groups, "available_host_bytes", lambda: 1000)
+    with pytest.raises(RuntimeError, match="engine.save_checkpoint"):
+        engine.optimizer.state_dict()
+    monkeypatch.undo()
+    assert len(engine.optimizer.state_dict()["state"]) == len(list(model.parameters()))
+
+
 def test_meta_model_with_optimizer_over_meta_parameters():
     with torch.device("meta"):
         model = tiny_gpt(0)
