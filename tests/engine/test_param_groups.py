@@ -206,7 +206,7 @@ def test_invalid_optimizers_and_hyperparameters_raise_naming_them():
     _, model = pair(seed=5)
     with pytest.raises(ValueError, match="SGD"):
         hetmem.initialize(model, config(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    for option in ("amsgrad", "maximize"):
+    for option in ("amsgrad", "maximize", "differentiable"):
         with pytest.raises(ValueError, match=option):
             hetmem.initialize(model, config(), optimizer=torch.optim.AdamW(model.parameters(), **{option: True}))
     stranger = torch.nn.Parameter(torch.zeros(3, 5))
