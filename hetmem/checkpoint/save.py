@@ -115,9 +115,9 @@ def _write_buffers(module, path: Path, algorithm: str) -> list[dict]:
 def _torch_bytes(obj: Any, what: str) -> bytes:
     """torch.save bytes of ``obj``, refused now if torch.load(weights_only=True) would refuse them."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
     try:
+        torch.save(obj, buffer)
+        data = buffer.getvalue()
         torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:
         raise ValueError(f"{what} cannot go into a checkpoint: checkpoints load with torch.load(weights_only=True), "
