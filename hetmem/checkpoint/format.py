@@ -128,9 +128,9 @@ def resolve(directory: str | os.PathLike, tag: str | None = None) -> Path:
         tag_dir = root / read_pointer(root / LATEST)
     else:
         tag_dir = root
-    if (tag_dir / META).is_file():
-        return tag_dir
     version = read_pointer(tag_dir / CURRENT)
+    if version is None and (tag_dir / META).is_file():
+        return tag_dir
     if version is None:
         if tag_dir != root:
             raise CheckpointError(f"checkpoint folder {str(tag_dir)!r} is missing or incomplete (no {CURRENT} file)")
@@ -298,9 +298,30 @@ def encode_groups(optimizer: Any, names_of: dict[int, str]) -> list[dict] | None
         hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()
                  if k != "params" and _jsonable(v)}
         tuples = sorted(k for k, v in group.items() if k in hyper and isinstance(v, tuple))
-        names = [names_of.get(id(p)) for p in group.get("params", [])]
-        out.append({"hyper": hyper, "tuples": tuples, "params": names if None not in names else None})
+        out.append({"hyper": hyper, "tuples": tuples, "params": group_param_names(group, names_of)})
     return out
+
+
+def group_param_names(group: dict, names_of: dict[int, str]) -> list[str] | None:
+    """The parameter names of a param group (None when one is not the model's)."""
+    names = [names_of.get(id(p)) for p in group.get("params", [])]
+    return None if None in names else names
+
+
+def check_groups(saved: list[dict] | None, optimizer: Any, names_of: dict[int, str], folder: Path) -> None:
+    """The optimizer has as many groups as were saved, holding the same parameters."""
+    own = getattr(optimizer, "param_groups", None)
+    if saved is None or own is None:
+        return
+    if len(saved) != len(own):
+        raise CheckpointError(f"{folder} holds {len(saved)} optimizer param_groups, this engine's optimizer has "
+                              f"{len(own)}; build the optimizer with the same groups as when it was saved")
+    for i, (entry, group) in enumerate(zip(saved, own)):
+        names = group_param_names(group, names_of)
+        if entry["params"] is not None and names is not None and entry["params"] != names:
+            raise CheckpointError(f"{folder}: optimizer param_groups[{i}] held {len(entry['params'])} parameters "
+                                  f"({', '.join(entry['params'][:3])}, ...) when saved and holds {len(names)} here "
+                                  f"({', '.join(names[:3])}, ...); build the optimizer with the same groups")
 
 
 def restore_groups(optimizer: Any, saved: list[dict]) -> None:

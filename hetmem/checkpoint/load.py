@@ -22,7 +22,7 @@ from hetmem.chunk_manager.states import ChunkKind
 from hetmem.checkpoint import files
 from hetmem.checkpoint.files import CURRENT, LATEST, VERSION_PREFIX
 from hetmem.checkpoint.format import (BLOCK, BUFFERS, CLIENT, DTYPES, META, OPTIMIZER, PARAMS, RNG, SCHEDULER,
-                                      CheckpointError, CheckpointParts, TensorFile, _set_rng_state, check_tiling,
+                                      CheckpointError, CheckpointParts, TensorFile, _set_rng_state, check_groups, check_tiling,
                                       decode_rng, load_torch_bytes, parse_dtype, read_meta, read_small_file, resolve,
                                       restore_groups)
 from hetmem.checkpoint.save import Staging, check_boundary, group_fields
@@ -63,7 +63,10 @@ def load_checkpoint(parts: CheckpointParts, directory: str | os.PathLike, *, tag
     folder = resolve(directory, tag)
     _clean_around(folder)
     meta = read_meta(folder)
-    verified = _verify(parts, folder, meta, lr_scheduler)
+    try:
+        verified = _verify(parts, folder, meta, lr_scheduler)
+    except (KeyError, TypeError, AttributeError) as exc:  # a meta.json with the right checksum, not written by hetmem
+        raise CheckpointError(f"{folder / META} lacks or mangles an entry hetmem writes ({exc!r})") from None
     try:
         _apply(parts, folder, meta, verified, lr_scheduler)
     except BaseException as exc:
@@ -113,10 +116,7 @@ def _verify(parts: CheckpointParts, folder: Path, meta: dict, lr_scheduler: Any)
                               f"gradient_accumulation_steps={accumulation}; load it with the "
                               f"gradient_accumulation_steps it was saved with ({meta['config'].get('gradient_accumulation_steps')})")
     groups = json.loads(small[OPTIMIZER])["param_groups"]
-    own_groups = getattr(parts.optimizer, "param_groups", None)
-    if groups is not None and own_groups is not None and len(groups) != len(own_groups):
-        raise CheckpointError(f"{folder} holds {len(groups)} optimizer param_groups, this engine's optimizer has "
-                              f"{len(own_groups)}; build the optimizer with the same groups as when it was saved")
+    check_groups(groups, parts.optimizer, {id(s.param): s.name for s in parts.layout.slots}, folder)
     scheduler_state = None
     if lr_scheduler is not None:
         if SCHEDULER not in small:

@@ -9,7 +9,7 @@ import torch
 
 import hetmem
 from hetmem.checkpoint import CheckpointError
-from hetmem.chunk_manager.states import ChunkKind, Tier
+from hetmem.chunk_manager.states import Tier
 from tests.engine.checkpoint_state import assert_same_state, training_state
 from tests.engine.helpers import batches, config, pair, run_resume_worker, tiny_gpt, train_engine
 
@@ -80,14 +80,19 @@ def _frozen_ln(model):
     return model
 
 
+def _saved_and_loaded(tmp_path, saved_dtype: str, loaded_dtype: str):
+    """Train 2 steps in one dtype, save, load into the other at another chunk size: (saved state,
+    loaded state, the loading engine); ln_f is frozen."""
+    source = hetmem.initialize(_frozen_ln(pair()[1]), config(dtype=saved_dtype, device_budget=TIGHT))
+    train_engine(source, batches(2))
+    source.save_checkpoint(tmp_path / "ckpt")
+    target = hetmem.initialize(_frozen_ln(tiny_gpt(seed=3)), config(dtype=loaded_dtype, chunk_size=16384))
+    target.load_checkpoint(tmp_path / "ckpt")
+    return training_state(source), training_state(target), target
+
+
 def test_bf16_checkpoint_resumes_in_fp32_from_its_master(tmp_path):
-    bf16 = hetmem.initialize(_frozen_ln(pair()[1]), config(dtype="bf16", device_budget=TIGHT))
-    train_engine(bf16, batches(2))
-    bf16.save_checkpoint(tmp_path / "ckpt")
-    saved = training_state(bf16)
-    fp32 = hetmem.initialize(_frozen_ln(tiny_gpt(seed=3)), config(dtype="fp32", chunk_size=16384))
-    fp32.load_checkpoint(tmp_path / "ckpt")
-    got = training_state(fp32)
+    saved, got, fp32 = _saved_and_loaded(tmp_path, "bf16", "fp32")
     for slot in fp32.layout.slots:
         if slot.trainable:
             assert torch.equal(got[(slot.name, "PARAM")], saved[(slot.name, "MASTER")]), slot.name
@@ -100,13 +105,7 @@ def test_bf16_checkpoint_resumes_in_fp32_from_its_master(tmp_path):
 
 
 def test_fp32_checkpoint_resumes_in_bf16_with_master_equal_to_the_weights(tmp_path):
-    fp32 = hetmem.initialize(_frozen_ln(pair()[1]), config(dtype="fp32", device_budget=TIGHT))
-    train_engine(fp32, batches(2))
-    fp32.save_checkpoint(tmp_path / "ckpt")
-    saved = training_state(fp32)
-    bf16 = hetmem.initialize(_frozen_ln(tiny_gpt(seed=3)), config(dtype="bf16", chunk_size=16384))
-    bf16.load_checkpoint(tmp_path / "ckpt")
-    got = training_state(bf16)
+    saved, got, bf16 = _saved_and_loaded(tmp_path, "fp32", "bf16")
     for slot in bf16.layout.slots:
         weights = saved[(slot.name, "PARAM")]
         assert torch.equal(got[(slot.name, "PARAM")], weights.to(torch.bfloat16)), slot.name
@@ -144,8 +143,11 @@ def test_optimizer_groups_and_lr_scheduler_round_trip(tmp_path):
     engine.save_checkpoint(tmp_path / "ckpt", lr_scheduler=sched)
     saved_sched = sched.state_dict()
     fresh = hetmem.initialize(pair()[1], config())
-    fresh.optimizer.param_groups = [{"params": [], "lr": 0.0, "betas": (0.0, 0.0), "amsgrad": True},
-                                    {"params": [], "lr": 0.0, "betas": (0.0, 0.0), "fn": None}]
+    fresh_slots = fresh.layout.slots
+    fresh.optimizer.param_groups = [{"params": [s.param for s in fresh_slots[:4]], "lr": 0.0, "betas": (0.0, 0.0),
+                                     "amsgrad": True},
+                                    {"params": [s.param for s in fresh_slots[4:]], "lr": 0.0, "betas": (0.0, 0.0),
+                                     "fn": None}]
     opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 0.9 ** step)
     fresh.load_checkpoint(tmp_path / "ckpt", lr_scheduler=sched2)
@@ -154,6 +156,10 @@ def test_optimizer_groups_and_lr_scheduler_round_trip(tmp_path):
         (3e-4, (0.8, 0.95), False, "decay", None)
     assert (second["lr"], second["betas"], second["fn"]) == (1e-3, (0.9, 0.999), None)  # a function is not stored
     assert sched2.state_dict() == saved_sched and sched2.last_epoch == 3
+    first["params"], second["params"] = first["params"][:3], first["params"][3:] + second["params"]
+    with pytest.raises(CheckpointError, match=r"param_groups\[0\] held 4 parameters \(wte.weight, wpe.weight, "
+                                              r"blocks.0.ln1.weight, ...\) when saved and holds 3 here"):
+        fresh.load_checkpoint(tmp_path / "ckpt")
     fresh.optimizer.param_groups = fresh.optimizer.param_groups[:1]
     with pytest.raises(CheckpointError, match="holds 2 optimizer param_groups, this engine's optimizer has 1"):
         fresh.load_checkpoint(tmp_path / "ckpt")
@@ -221,4 +227,3 @@ def test_export_safetensors_loads_into_the_plain_model(tmp_path, dtype):
     if dtype == "fp32":
         torch.testing.assert_close(plain(x, y), engine(x, y), rtol=1e-6, atol=0)
     assert folder.name == "step-00000003"
-    assert ChunkKind.MASTER in engine.layout.groups[0].chunks if dtype == "bf16" else True

@@ -247,3 +247,30 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(small_disk, monkeypatch,
     fresh = _gpt_engine()
     fresh.load_checkpoint(root)
     assert_same_state(training_state(fresh), expected, skip=("torch_rng",))
+
+
+def test_a_full_disk_simulated_where_no_tmpfs_can_be_mounted(tmp_path, monkeypatch):
+    """The same promise without mounting: too little free space reported, then ENOSPC mid-write."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    import hetmem.checkpoint.save as save
+
+    engine = _bn_engine()
+    train_engine(engine, bn_batches(1))
+    root = tmp_path / "ckpt"
+    first = engine.save_checkpoint(root)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 1000, 1000))
+    with pytest.raises(OSError, match=r"it needs .* \(\d+ bytes\) and 1000 B are free"):
+        engine.save_checkpoint(root, tag="second")
+    monkeypatch.undo()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(save, "_write_buffers", full)
+    with pytest.raises(OSError, match=r"not enough space in .* the disk filled up while writing") as info:
+        engine.save_checkpoint(root, tag=first.name)
+    assert info.value.errno == errno.ENOSPC
+    assert _leftovers(root) == [] and sorted(p.name for p in root.iterdir()) == ["latest", first.name]
