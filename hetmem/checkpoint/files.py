@@ -106,7 +106,11 @@ def replace_pointer(path: Path, target: str, crash_name: str) -> None:
     """Point ``path`` at ``target`` atomically (crash points ``<crash_name>_tmp_written`` and
     ``<crash_name>_replaced``)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_file(tmp, target.encode())
+    try:
+        write_file(tmp, target.encode())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     crash_point(f"{crash_name}_tmp_written")
     os.replace(tmp, path)
     fsync_dir(path.parent)

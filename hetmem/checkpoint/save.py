@@ -40,19 +40,20 @@ def check_boundary(parts: CheckpointParts, what: str) -> None:
 
 
 class Staging:
-    """One reusable aligned host buffer per (dtype, elements): chunks not in host memory are
-    copied through it (NVMe reads and writes need the alignment)."""
+    """One reusable aligned host buffer per dtype, as large as the largest chunk seen: chunks not
+    in host memory are copied through it (NVMe reads and writes need the alignment)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def get(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        key = (dtype, numel)
-        if key not in self._buffers:
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
             from hetmem.nvme import aligned_tensor
 
-            self._buffers[key] = aligned_tensor(numel, dtype)
-        return self._buffers[key]
+            self._buffers.pop(dtype, None)   # freed before the larger one is allocated
+            buffer = self._buffers[dtype] = aligned_tensor(numel, dtype)
+        return buffer[:numel]
 
 
 def chunk_on_host(manager, chunk, staging: Staging) -> torch.Tensor:
