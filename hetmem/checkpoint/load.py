@@ -96,6 +96,12 @@ def _verify(parts: CheckpointParts, folder: Path, meta: dict, lr_scheduler: Any)
     algorithm = meta.get("checksum")
     if algorithm not in ("crc32c", "crc32"):
         raise CheckpointError(f"{folder / META}: unknown checksum algorithm {algorithm!r}")
+    if algorithm == "crc32c":
+        from hetmem.nvme._op import aio_op
+
+        if aio_op() is None:
+            logger.warning("%s uses crc32c checksums and the aio op is unavailable: verifying them in pure "
+                           "Python, at a few MB/s", folder)
     small = {name: read_small_file(folder, name, entry, algorithm) for name, entry in meta["files"].items()}
     for name in (RNG, OPTIMIZER):
         if name not in small:
