@@ -51,6 +51,7 @@ def _moved(engine, layout: str) -> bool:
     ("fp32", "tight-8192", "auto-8MiB", None),
     ("bf16", "nvme-8192", "auto-8MiB", 0.5),
     ("fp32", "auto-8MiB", "nvme-16384", 0.5),
+    ("fp16", "tight-8192", "nvme-16384", None),   # the loss scale and its counters resume too
 ])
 def test_resume_under_another_layout_is_bit_identical(tmp_path, dtype, saved_at, loaded_at, clip):
     """Save at one chunk size / budget / tier placement, load in a fresh engine at another, train on:
