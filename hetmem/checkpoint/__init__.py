@@ -43,7 +43,8 @@ object) is refused when saving, with a ``ValueError``, before anything is writte
 **Optimizer groups and schedulers.**  For each of ``engine.optimizer.param_groups`` (when it has
 them) every hyperparameter whose value is a number, bool, None, string or list of numbers is
 saved and restored; the group count must match.  ``lr_scheduler=`` saves and restores a torch
-(or Hugging Face) scheduler's ``state_dict``.
+(or Hugging Face) scheduler's ``state_dict``; a state with other keys (another kind of
+scheduler) or other per-group list lengths is refused before anything changes.
 
 Checkpoints are taken at accumulation boundaries (after ``engine.step()``), so no gradients
 are saved.  Format version 1 (chunk-layout dependent) is refused with a ``CheckpointError``.

@@ -3,7 +3,8 @@
 Phase 1 changes nothing: meta.json's checksum, format and version; the size and checksum of
 every file and of every tensor (streamed, never the whole model in memory); parameter names,
 shapes, trainability and dtypes against this engine; buffers; the accumulation boundary;
-the optimizer's group count; the scheduler state; random states and client state decoded.
+the optimizer's groups; random states and client state decoded; last, the scheduler state is
+loaded into the scheduler (put back as it was if that fails).
 Phase 2 fills each of the engine's chunks from the tensors of the parameters it holds (a
 staging buffer per chunk, written wherever the chunk lives) and sets the rest.
 """
@@ -68,7 +69,7 @@ def load_checkpoint(parts: CheckpointParts, directory: str | os.PathLike, *, tag
     except (KeyError, TypeError, AttributeError) as exc:  # a meta.json with the right checksum, not written by hetmem
         raise CheckpointError(f"{folder / META} lacks or mangles an entry hetmem writes ({exc!r})") from None
     try:
-        _apply(parts, folder, meta, verified, lr_scheduler)
+        _apply(parts, folder, meta, verified)
     except BaseException as exc:
         exc.add_note(f"hetmem: loading {folder} failed after it was verified, while writing it into the engine; "
                      f"the engine is partly loaded: load a checkpoint again before training on")
@@ -133,7 +134,30 @@ def _verify(parts: CheckpointParts, folder: Path, meta: dict, lr_scheduler: Any)
         logger.info("%s holds an lr_scheduler state; pass lr_scheduler= to load_checkpoint to restore it", folder)
     client_state = load_torch_bytes(small[CLIENT], folder / CLIENT) if CLIENT in small else None
     rng = decode_rng(json.loads(small[RNG]), folder / RNG)
+    if lr_scheduler is not None:  # last: it is the one check that changes something (undone on failure)
+        _load_scheduler(lr_scheduler, scheduler_state, folder / SCHEDULER)
     return _Verified(algorithm, records, values, rng, groups, client_state, scheduler_state)
+
+
+def _load_scheduler(lr_scheduler: Any, state: Any, path: Path) -> None:
+    """Torch's schedulers take any dict (``__dict__.update``): check the keys and the per-group
+    list lengths first; a load_state_dict that raises is undone."""
+    backup = lr_scheduler.state_dict()
+    kind = type(lr_scheduler).__name__
+    if not isinstance(state, dict) or set(state) != set(backup):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} holds a scheduler state with keys {keys}, this {kind} has {sorted(backup)}; "
+                              f"pass the kind of scheduler it was saved from")
+    for key, value in backup.items():
+        if isinstance(value, list) and isinstance(state[key], list) and len(value) != len(state[key]):
+            raise CheckpointError(f"{path} holds a scheduler over {len(state[key])} param groups ({key!r}), this "
+                                  f"{kind} has {len(value)}; build it over the same optimizer groups")
+    try:
+        lr_scheduler.load_state_dict(state)
+    except Exception as exc:
+        lr_scheduler.load_state_dict(backup)
+        raise CheckpointError(f"{path} does not fit this {kind}: {exc}; pass the kind of scheduler it was saved "
+                              f"from") from None
 
 
 def _mismatch(folder: Path, problems: list[str], fix: str) -> None:
@@ -195,7 +219,7 @@ def _read_buffers(parts: CheckpointParts, folder: Path, meta: dict, algorithm: s
 
 # -- phase 2 -------------------------------------------------------------------------------
 
-def _apply(parts: CheckpointParts, folder: Path, meta: dict, verified: _Verified, lr_scheduler: Any) -> None:
+def _apply(parts: CheckpointParts, folder: Path, meta: dict, verified: _Verified) -> None:
     staging = Staging()
     with TensorFile(folder, PARAMS, verified.algorithm) as f:
         for group in parts.layout.groups:
@@ -226,6 +250,4 @@ def _apply(parts: CheckpointParts, folder: Path, meta: dict, verified: _Verified
         parts.scaler.load_state_dict(meta["loss_scaler"])
     if verified.groups is not None:
         restore_groups(parts.optimizer, verified.groups)
-    if lr_scheduler is not None:
-        lr_scheduler.load_state_dict(verified.scheduler_state)
     _set_rng_state(verified.rng)

@@ -157,6 +157,19 @@ def test_optimizer_groups_and_lr_scheduler_round_trip(tmp_path):
         (3e-4, (0.8, 0.95), False, "decay", None)
     assert (second["lr"], second["betas"], second["fn"]) == (1e-3, (0.9, 0.999), None)  # a function is not stored
     assert sched2.state_dict() == saved_sched and sched2.last_epoch == 3
+    train_engine(fresh, batches(1, seed=1))   # the live state now differs from the checkpoint
+    two_groups = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
+                                  {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.5)
+    other = torch.optim.lr_scheduler.LambdaLR(two_groups, [lambda step: 1.0, lambda step: 0.5])
+    before, other_before = training_state(fresh), other.state_dict()
+    with pytest.raises(CheckpointError, match=r"lr_scheduler.pt holds a scheduler over 1 param groups \('base_lrs'\), "
+                                              r"this LambdaLR has 2"):
+        fresh.load_checkpoint(tmp_path / "ckpt", lr_scheduler=other)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt2, step_size=2)
+    with pytest.raises(CheckpointError, match=r"holds a scheduler state with keys .*, this StepLR has"):
+        fresh.load_checkpoint(tmp_path / "ckpt", lr_scheduler=step_lr)
+    assert other.state_dict() == other_before and len(other.lr_lambdas) == 2
+    assert_same_state(training_state(fresh), before)
     first["params"], second["params"] = first["params"][:3], first["params"][3:] + second["params"]
     with pytest.raises(CheckpointError, match=r"param_groups\[0\] held 4 parameters \(wte.weight, wpe.weight, "
                                               r"blocks.0.ln1.weight, ...\) when saved and holds 3 here"):
