@@ -168,7 +168,7 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
                      f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
     out = {"steps": steps, "init_s": init_s, "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
            "chunk_bytes": max(c.nbytes for c in engine.manager.chunks)}
-    engine.close()
+    engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
     return out
 
 
@@ -203,7 +203,7 @@ def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, 
             progress(f"checksum comparison, repeat {r + 1}: median on/off so far {statistics.median(ratios):.3f}")
     algorithm = engines[True].manager.nvme.swap.checksum_algorithm
     for engine in engines.values():
-        engine.close()
+        engine.close(keep_weights=False)
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {"algorithm": algorithm, "pairs": len(ratios), "ratio_on_off_median": statistics.median(ratios),
             "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares)}

@@ -93,7 +93,7 @@ class Hetmem:
 
     def time_check(self) -> None:
         """Count the seconds spent in the non-finite check's two parts (measurement only)."""
-        for owner, name in ((self.engine.grads, "track_norm"), (self.engine.optimizer, "_sum_of_squares")):
+        for owner, name in ((self.engine.grads, "track_norm"), (self.engine.adam, "_sum_of_squares")):
             inner = getattr(owner, name)
 
             def timed(*args, inner=inner):

@@ -30,7 +30,9 @@ from hetmem.hooks import ModuleHooks, SavedTensorHooks
 from hetmem.layout import Layout, build_layout
 from hetmem.loss_scaler import LossScaler
 from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
+from hetmem.module_state import ModuleStateHooks
 from hetmem.optimizer import ChunkedAdam, StepResult
+from hetmem.optimizer_groups import HetmemOptimizer, config_group, resolve_user_groups
 from hetmem.placement import place_all_if_it_fits, release_residency
 from hetmem.scheduler import Scheduler
 from hetmem.tracer.budget import BudgetPolicy
@@ -48,7 +50,8 @@ PIPELINE_GROUPS = 3
 
 
 class Engine:
-    def __init__(self, model: nn.Module, config: Config, *, init_fn: Callable[[nn.Module], None] | None = None):
+    def __init__(self, model: nn.Module, config: Config, *, init_fn: Callable[[nn.Module], None] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
         started = time.perf_counter()
         self.config = config
         self.module = model                                   # the user's model, hooks installed
@@ -62,6 +65,9 @@ class Engine:
         self.layout: Layout = build_layout(model, chunk_elements=chunk_elements, max_chunk_elements=max_chunk)
         if not self.layout.slots:
             raise ValueError(f"the model ({type(model).__name__}) has no parameters; nothing to train")
+        param_groups = (resolve_user_groups(optimizer, self.layout) if optimizer is not None else
+                        [(config_group(config.optimizer), [s for s in self.layout.slots if s.trainable])])
+        self.module_state = ModuleStateHooks(model, self.layout)  # module.state_dict() reads the chunks
         create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True)
         self._check_fits_at_all()
         self.recorder = None
@@ -74,7 +80,9 @@ class Engine:
         if config.nvme_dir is not None:
             self._attach_nvme()
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
-        self.buffer_bytes = move_buffers(model, self.device)
+        self.module_state.install(self.manager)
+        self.buffer_bytes = move_buffers(model, self.device,
+                                         norm_dtype=self.param_dtype if config.mixed_precision else None)
         self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
                                    recorder=self.recorder)
@@ -85,7 +93,12 @@ class Engine:
         self.grads = GradRouter(self.layout, self.manager, mixed=config.mixed_precision,
                                 accumulation_steps=config.gradient_accumulation_steps,
                                 on_schedule_change=self._on_schedule_change)
-        self.optimizer = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
+        self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
+        # a torch.optim.Optimizer over the user's groups; its step() is this engine's step
+        self.optimizer = HetmemOptimizer(param_groups, layout=self.layout, manager=self.manager, adam=self.adam,
+                                         run_step=self._step)
+        if optimizer is not None and optimizer.state:
+            self.optimizer.load_state_dict(optimizer.state_dict())  # the user's optimizer had stepped
         self.global_step = 0          # optimizer steps taken, skipped (non-finite) steps included
         self.micro_step = 0           # backward passes since initialize
         self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
@@ -225,7 +238,8 @@ class Engine:
         self.grads.reset_fires()
 
     def step(self) -> bool:
-        """The optimizer step, at accumulation boundaries; returns whether one ran.
+        """The optimizer step, at accumulation boundaries; returns whether one ran.  It runs
+        through ``engine.optimizer.step()``, so LR schedulers and step hooks see it.
 
         False (nothing counted) between accumulation boundaries and when no backward ran since
         the last step or ``zero_grad()``.  A non-finite gradient norm skips the update but counts
@@ -233,6 +247,10 @@ class Engine:
         counts do not advance).  If the step raises (an IO error), calling it again applies the
         groups it did not reach; ``zero_grad()`` drops them instead (README "Reliability").
         """
+        self.optimizer.step()
+        return self.optimizer.last_step_ran
+
+    def _step(self) -> bool:
         self._check_open()
         if self._awaiting_backward:
             raise RuntimeError("engine.step() after a forward without engine.backward(); call "
@@ -244,9 +262,9 @@ class Engine:
             with torch.profiler.record_function("hetmem::step"):
                 if self.recorder is not None:
                     with self.recorder.phase("optimizer"):
-                        self.last_step = self.optimizer.step()
+                        self.last_step = self.optimizer.run_update()
                 else:
-                    self.last_step = self.optimizer.step()
+                    self.last_step = self.optimizer.run_update()
         finally:
             self.scheduler.phase = "idle"
         self.global_step += 1
@@ -268,7 +286,7 @@ class Engine:
         this boundary returns False.  ``set_to_none`` is accepted for torch compatibility.
         """
         self._check_open()
-        self.optimizer.drop_gradients()
+        self.adam.drop_gradients()
         self._stepped_at = self.micro_step
 
     def _drop_after_error(self, where: str) -> None:
@@ -319,21 +337,29 @@ class Engine:
         return state_io.load_full_state_dict(self, state_dict, strict=strict)
 
     def save_checkpoint(self, directory, *, tag: str | None = None, client_state=None,
-                        keep: int | None = None):
-        """Full training state, wherever it lives; see hetmem/checkpoint.py.  Returns the folder."""
+                        keep: int | None = None, lr_scheduler=None):
+        """Full training state, wherever it lives; see hetmem/checkpoint/.  Returns the folder."""
         from hetmem.checkpoint import save_checkpoint
 
         self._check_open()
-        return save_checkpoint(self, directory, tag=tag, client_state=client_state, keep=keep)
+        return save_checkpoint(self._checkpoint_parts(), directory, tag=tag, client_state=client_state, keep=keep,
+                               lr_scheduler=lr_scheduler)
 
-    def load_checkpoint(self, directory, *, tag: str | None = None):
+    def load_checkpoint(self, directory, *, tag: str | None = None, lr_scheduler=None):
         """Restore a checkpoint (``directory`` or its ``latest``); returns the saved client state."""
         from hetmem.checkpoint import load_checkpoint
 
         self._check_open()
-        client_state = load_checkpoint(self, directory, tag=tag)
+        restored = load_checkpoint(self._checkpoint_parts(), directory, tag=tag, lr_scheduler=lr_scheduler)
+        self.global_step, self.micro_step = restored.global_step, restored.micro_step
         self.zero_grad()  # the loaded state starts at a boundary with no pending gradients
-        return client_state
+        return restored.client_state
+
+    def _checkpoint_parts(self):
+        from hetmem.checkpoint import CheckpointParts
+
+        return CheckpointParts(self.layout, self.manager, self.module, self.scaler, self.config, self.optimizer,
+                               self.global_step, self.micro_step, self._awaiting_backward)
 
     def memory_report(self):
         self._check_open()
@@ -355,13 +381,23 @@ class Engine:
             raise RuntimeError("this engine is closed (engine.close() was called); engine.module keeps the "
                                "trained weights: use it directly, or wrap it again with hetmem.initialize()")
 
-    def close(self) -> None:
+    def close(self, *, keep_weights: bool = True) -> None:
+        """Release hetmem's memory and hooks.  The module keeps its trained weights as ordinary
+        host tensors (raises first, leaving the engine open, when they cannot fit in host memory);
+        ``keep_weights=False`` leaves it with empty placeholders."""
         if self._closed:
             return
+        if keep_weights:
+            self.module_state.check_host_room()
         self._closed = True
         self.hooks.remove()
         self.grads.remove()
-        self.manager.close()
+        try:
+            if keep_weights:
+                self.module_state.give_back_weights()
+        finally:
+            self.module_state.remove()
+            self.manager.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -371,9 +407,12 @@ class Engine:
 
 
 def initialize(model: nn.Module, config: Config | dict | str | None = None, *,
-               init_fn: Callable[[nn.Module], None] | None = None) -> Engine:
-    """Wrap ``model`` for training under the config's budgets.  See README."""
+               init_fn: Callable[[nn.Module], None] | None = None,
+               optimizer: torch.optim.Optimizer | None = None) -> Engine:
+    """Wrap ``model`` for training under the config's budgets.  ``optimizer``: a torch Adam or
+    AdamW over the model's parameters whose groups hetmem trains with (hetmem/optimizer_groups.py);
+    without it ``config.optimizer`` applies to every trainable parameter.  See README."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap your "
                          f"function in a Module")
-    return Engine(model, Config.coerce(config), init_fn=init_fn)
+    return Engine(model, Config.coerce(config), init_fn=init_fn, optimizer=optimizer)

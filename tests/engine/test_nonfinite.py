@@ -203,7 +203,7 @@ def test_a_step_that_raised_part_way_is_finished_exactly_by_the_next_step(monkey
         _, model = pair(seed=3)
         engine = hetmem.initialize(model, config(device_budget=TIGHT_16, dtype="bf16", gradient_clipping=0.5))
         if name == "interrupted":
-            real = engine.optimizer._step_group
+            real = engine.adam._step_group
             calls = {"n": 0}
 
             def flaky(group, grad_scale):
@@ -212,7 +212,7 @@ def test_a_step_that_raised_part_way_is_finished_exactly_by_the_next_step(monkey
                     raise OSError(5, "injected IO error")
                 return real(group, grad_scale)
 
-            monkeypatch.setattr(engine.optimizer, "_step_group", flaky)
+            monkeypatch.setattr(engine.adam, "_step_group", flaky)
         losses = []
         for i, (x, y) in enumerate(data):
             loss = engine(x, y)
