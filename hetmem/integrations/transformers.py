@@ -18,7 +18,8 @@ Everything the Trainer does stays the Trainer's: data loading, the optimizer's p
   ``optimizer.step()`` is the one step (``zero_grad`` does nothing: gradients live in chunks).
 - Forward and backward go through the engine (``engine(**inputs)``, ``engine.backward``): the
   model the Trainer calls is ``EngineModel``, a thin module whose forward is the engine's.
-- ``max_grad_norm`` becomes hetmem's ``gradient_clipping`` (0 or None: off) and the Trainer's
+- hetmem's device is the Trainer's (``TrainingArguments.device``; ``use_cpu=True`` for the CPU).
+  ``max_grad_norm`` becomes hetmem's ``gradient_clipping`` (0 or None: off) and the Trainer's
   own clipping is skipped; ``gradient_accumulation_steps`` and ``bf16``/``fp16`` (hetmem's
   ``dtype``; neither: fp32) are hetmem's too, and accelerate's mixed precision is off (hetmem
   casts and scales).  The model is not moved by the Trainer or accelerate: hetmem places it.
@@ -84,8 +85,11 @@ def hetmem_config_for(args: transformers.TrainingArguments, hetmem_config) -> Co
                 raise ValueError(f"hetmem_config[{key!r}]={value!r}: with HetmemTrainer the TrainingArguments "
                                  f"decide it ({TRAINER_KEYS[key]}); remove it from hetmem_config")
     config = Config.coerce(hetmem_config)
-    if args.use_cpu and config.device == "auto":
-        implied["device"] = "cpu"
+    if config.device == "auto":                         # the Trainer's device (inputs and losses live there)
+        implied["device"] = str(args.device)
+    elif torch.device(config.device).type != args.device.type:
+        raise ValueError(f"hetmem_config['device']={config.device!r} but the Trainer runs on {args.device}; "
+                         f"leave device out of hetmem_config (it follows TrainingArguments, e.g. use_cpu=True)")
     return dataclasses.replace(config, **implied)
 
 

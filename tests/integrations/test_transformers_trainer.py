@@ -110,6 +110,8 @@ def test_training_arguments_decide_dtype_clipping_and_accumulation(tmp_path):
         hetmem_config_for(training_args(tmp_path), {"dtype": "bf16"})
     with pytest.raises(ValueError, match=r"hetmem_config\['optimizer'\]"):
         hetmem_config_for(training_args(tmp_path), {"optimizer": {"lr": 1.0}})
+    with pytest.raises(ValueError, match=r"hetmem_config\['device'\]='cuda' but the Trainer runs on cpu"):
+        hetmem_config_for(training_args(tmp_path), {"device": "cuda"})
 
 
 def test_lora_model_trains_like_the_plain_trainer(tmp_path):
@@ -159,3 +161,18 @@ def test_a_partial_accumulation_window_is_a_clear_error(tmp_path):
                                          r"batches \(the end of an epoch\)"):
         trainer.train()
     trainer.engine.close()
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Hugging Face Trainer", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (Hugging Face Trainer)", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 20
+    assert (tmp_path / "hf_run" / "checkpoint-20" / "hetmem" / "latest").is_file()
+    assert (tmp_path / "hf_run" / "final" / "model.safetensors").is_file()
