@@ -48,6 +48,7 @@ class TrainOptions:
     lr: float = 2e-3
     lr_schedule: str = "cosine"   # after the warm-up: "cosine" (to MIN_LR_RATIO * lr) or "constant"
     warmup_steps: int = 20        # steps of linear learning-rate warm-up
+    save_every: int = 0           # checkpoint every this many steps and at the end (0: never)
     seed: int = 0
     checkpointing: bool = True
     corpus: str | None = None
@@ -61,6 +62,8 @@ class TrainOptions:
             raise ValueError(f"steps={self.steps} must be at least 1")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.save_every < 0:
+            raise ValueError(f"save_every={self.save_every}: give a number of steps >= 1, or 0 for no checkpoints")
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(vocab_size=256, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
@@ -184,9 +187,10 @@ def resume_state(engine: Engine, scheduler, run_dir: Path) -> TrainState:
 
 
 def train(engine: Engine, options: TrainOptions, scheduler, state: TrainState, *,
-          checkpoint_dir: Path | None = None, save_every: int = 0) -> Iterator[StepMetrics]:
+          checkpoint_dir: Path | None = None) -> Iterator[StepMetrics]:
     """Train from ``state.step`` to ``options.steps``, yielding each step's metrics; with
-    ``save_every`` a checkpoint goes to ``checkpoint_dir`` every that many steps and at the end."""
+    ``options.save_every`` a checkpoint goes to ``checkpoint_dir`` every that many steps and at
+    the end."""
     data = load_corpus(options.corpus)
     tokens = options.batch_size * options.block_size
     for step in range(state.step + 1, options.steps + 1):
@@ -200,7 +204,8 @@ def train(engine: Engine, options: TrainOptions, scheduler, state: TrainState, *
         seconds = time.perf_counter() - started
         state.step = step
         state.losses.append({"step": step, "loss": loss.item(), "lr": lr})
-        if save_every and checkpoint_dir is not None and (step % save_every == 0 or step == options.steps):
+        every = options.save_every
+        if every and checkpoint_dir is not None and (step % every == 0 or step == options.steps):
             engine.save_checkpoint(checkpoint_dir, client_state=state.client_state(scheduler),
                                    keep=KEEP_CHECKPOINTS)
         yield StepMetrics(step=step, loss=state.losses[-1]["loss"], lr=lr, tokens_per_s=tokens / seconds,

@@ -66,6 +66,8 @@ def test_resume_after_a_crash_continues_bit_exactly(tmp_path, monkeypatch):
     assert main(["train", "--resume", "--no-progress", "--sample", "0"]) == 0
     resumed = _losses(tmp_path / "hetmem_runs" / "crashed")
     assert resumed == uninterrupted  # exact: data position, weights, Adam state and lr schedule all resumed
+    # the resumed run kept the run's --save-every 2
+    assert (tmp_path / "hetmem_runs" / "crashed" / "checkpoints" / "latest").read_text() == "step-00000006"
 
 
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys, monkeypatch):

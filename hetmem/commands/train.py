@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
     parser.add_argument("--corpus", default=None, help="train on this text file instead of the shipped corpus")
     parser.add_argument("--out", default=None, help="folder for the run (default: hetmem_runs/<time>)")
-    parser.add_argument("--save-every", type=int, default=0, metavar="N",
-                        help="checkpoint every N steps and at the end, under RUN_DIR/checkpoints (default: off)")
+    parser.add_argument("--save-every", type=int, default=None, metavar="N",
+                        help="checkpoint every N steps and at the end, under RUN_DIR/checkpoints (default: off; "
+                             "with --resume: the run's)")
     parser.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="RUN_DIR",
                         help="continue a run from its latest checkpoint (default: the newest run in hetmem_runs/), "
                              "with the run's own options")
@@ -54,15 +55,15 @@ def _options(args: argparse.Namespace):
     if args.resume is not None:
         out = latest_run_dir() if args.resume == LATEST else Path(args.resume)
         options = read_options(out)
-        if args.steps is not None:
-            options = TrainOptions.from_dict({**options.to_dict(), "steps": args.steps})
-        return options, out
+        changes = {"steps": args.steps, "save_every": args.save_every}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return TrainOptions.from_dict({**options.to_dict(), **changes}), out
     options = TrainOptions(d_model=args.d_model, n_layer=args.layers, n_head=args.heads, block_size=args.block_size,
                            batch_size=args.batch_size, steps=args.steps or TrainOptions().steps, dtype=args.dtype,
                            device=args.device, device_budget=args.device_budget, host_budget=args.host_budget,
                            nvme_dir=args.nvme_dir, lr=args.lr, lr_schedule=args.lr_schedule,
-                           warmup_steps=args.warmup_steps, seed=args.seed, checkpointing=not args.no_checkpointing,
-                           corpus=args.corpus)
+                           warmup_steps=args.warmup_steps, save_every=args.save_every or 0, seed=args.seed,
+                           checkpointing=not args.no_checkpointing, corpus=args.corpus)
     return options, Path(args.out) if args.out else default_run_dir()
 
 
@@ -84,8 +85,6 @@ def _build_ops(options) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.save_every < 0:
-        raise ValueError(f"--save-every {args.save_every}: give a number of steps >= 1, or 0 for no checkpoints")
     from hetmem.train_job import (CHECKPOINTS, build, make_scheduler, new_state, resume_state, state_bytes,
                                   write_options)
 
@@ -127,7 +126,7 @@ def _train_with_progress(engine, options, scheduler, state, checkpoint_dir: Path
     every = max(1, options.steps // 10)
     bar = None
     try:
-        for m in train(engine, options, scheduler, state, checkpoint_dir=checkpoint_dir, save_every=args.save_every):
+        for m in train(engine, options, scheduler, state, checkpoint_dir=checkpoint_dir):
             if args.no_progress:
                 if m.step % every == 0 or m.step == state.step:
                     print(f"step {m.step}/{options.steps} loss {m.loss:.3f} lr {m.lr:.2e} "
