@@ -45,7 +45,7 @@ class TrainOptions:
     device_budget: str | int = "12MiB"
     host_budget: str | int = "auto"
     nvme_dir: str | None = None
-    lr: float = 2e-3
+    lr: float = 1e-3
     lr_schedule: str = "cosine"   # after the warm-up: "cosine" (to MIN_LR_RATIO * lr) or "constant"
     warmup_steps: int = 20        # steps of linear learning-rate warm-up
     save_every: int = 0           # checkpoint every this many steps and at the end (0: never)
