@@ -131,3 +131,30 @@ def test_profile_json(capsys):
                  "--batch-size", "2", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["min_device_budget"] < result["plain_total_bytes"]
+
+
+def test_the_bar_starts_after_the_warm_up_step(tmp_path, monkeypatch):
+    """The first step warms up (slower): the bar is created after it, at 1 of N, so its first
+    ETA comes from steady steps (benchmarks/train_eta.py measures it against the real time)."""
+    import tqdm
+
+    created = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            created.append((kwargs["initial"], len(steps_done)))
+            super().__init__(*args, **kwargs)
+
+    steps_done = []
+    real_train = train_job.train
+
+    def counting_train(*args, **kwargs):
+        for metrics in real_train(*args, **kwargs):
+            steps_done.append(metrics.step)
+            yield metrics
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    monkeypatch.setattr(train_job, "train", counting_train)
+    argv = [a for a in TINY if a != "--no-progress"]
+    assert main([*argv, "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert created == [(1, 1)]   # one bar, made when step 1 was done, starting at 1
