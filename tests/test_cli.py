@@ -40,7 +40,7 @@ def test_train_writes_a_report_and_stays_in_budget(tmp_path, capsys):
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["losses"] == summary["losses"]
 
 
-def test_resume_after_a_crash_continues_bit_exactly(tmp_path, monkeypatch):
+def test_resume_after_a_crash_continues_bit_exactly(tmp_path, monkeypatch, capsys):
     steps = ["--steps", "6", "--warmup-steps", "2"]
     assert main([*TINY, *steps, "--out", str(tmp_path / "whole")]) == 0
     uninterrupted = _losses(tmp_path / "whole")
@@ -56,8 +56,9 @@ def test_resume_after_a_crash_continues_bit_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_job, "random_batch", crash_at_step_5)
     run = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        main([*TINY, *steps, "--out", str(run), "--save-every", "2"])
+    assert main([*TINY, *steps, "--out", str(run), "--save-every", "2"]) == 130   # Ctrl-C
+    assert f"interrupted after step 4; `hetmem train --resume {run}` continues from its checkpoint " \
+           f"step-00000004" in capsys.readouterr().err
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
     monkeypatch.setattr(train_job, "random_batch", real_batch)
     monkeypatch.chdir(tmp_path)           # --resume without a folder: the newest run in hetmem_runs/

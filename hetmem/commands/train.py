@@ -4,12 +4,14 @@ Checkpoints with --save-every; --resume continues a run bit-exactly."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from hetmem.units import format_bytes
 
 LATEST = ""  # --resume without a folder: the newest run with a checkpoint
+INTERRUPTED = 130  # the exit code of a run stopped with Ctrl-C, as a shell reports SIGINT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,11 +109,24 @@ def run(args: argparse.Namespace) -> int:
               f"({format_bytes(budget)} on {engine.device})")
         print(f"chunks: {len(engine.layout.groups)} groups of {engine.layout.chunk_elements:,} elements, "
               f"{options.dtype}")
-        _train_with_progress(engine, options, scheduler, state, out / CHECKPOINTS, args)
+        try:
+            _train_with_progress(engine, options, scheduler, state, out / CHECKPOINTS, args)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted after step {state.step}; {_how_to_resume(out)}", file=sys.stderr)
+            return INTERRUPTED
         _finish(engine, options, state, cfg, out, args)
     finally:
         engine.close()
     return 0
+
+
+def _how_to_resume(out: Path) -> str:
+    from hetmem.train_job import CHECKPOINTS
+
+    latest = out / CHECKPOINTS / "latest"
+    if not latest.is_file():
+        return "no checkpoint was written (train with --save-every N to be able to resume)"
+    return f"`hetmem train --resume {out}` continues from its checkpoint {latest.read_text().strip()}"
 
 
 def _train_with_progress(engine, options, scheduler, state, checkpoint_dir: Path, args) -> None:
