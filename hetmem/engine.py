@@ -31,6 +31,7 @@ from hetmem.hooks import ModuleHooks, SavedTensorHooks
 from hetmem.layout import Layout, build_layout
 from hetmem.loss_scaler import LossScaler
 from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
+from hetmem.module_state import ModuleStateHooks
 from hetmem.optimizer import ChunkedAdam, StepResult
 from hetmem.optimizer_groups import HetmemOptimizer, config_group, resolve_user_groups
 from hetmem.placement import place_all_if_it_fits, release_residency
@@ -67,6 +68,7 @@ class Engine:
             raise ValueError(f"the model ({type(model).__name__}) has no parameters; nothing to train")
         param_groups = (resolve_user_groups(optimizer, self.layout) if optimizer is not None else
                         [(config_group(config.optimizer), [s for s in self.layout.slots if s.trainable])])
+        self.module_state = ModuleStateHooks(model, self.layout)  # module.state_dict() reads the chunks
         create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True)
         self._check_fits_at_all()
         self.recorder = None
@@ -79,7 +81,9 @@ class Engine:
         if config.nvme_dir is not None:
             self._attach_nvme()
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
-        self.buffer_bytes = move_buffers(model, self.device)
+        self.module_state.install(self.manager)
+        self.buffer_bytes = move_buffers(model, self.device,
+                                         norm_dtype=self.param_dtype if config.mixed_precision else None)
         self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
                                    recorder=self.recorder)
@@ -330,13 +334,23 @@ class Engine:
         if self._closed:
             raise RuntimeError("this engine is closed")
 
-    def close(self) -> None:
+    def close(self, *, keep_weights: bool = True) -> None:
+        """Release hetmem's memory and hooks.  The module keeps its trained weights as ordinary
+        host tensors (raises first, leaving the engine open, when they cannot fit in host memory);
+        ``keep_weights=False`` leaves it with empty placeholders."""
         if self._closed:
             return
+        if keep_weights:
+            self.module_state.check_host_room()
         self._closed = True
         self.hooks.remove()
         self.grads.remove()
-        self.manager.close()
+        try:
+            if keep_weights:
+                self.module_state.give_back_weights()
+        finally:
+            self.module_state.remove()
+            self.manager.close()
 
     def __enter__(self) -> "Engine":
         return self

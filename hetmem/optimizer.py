@@ -2,10 +2,11 @@
 
 For each trainable group, the contiguous runs of parameters that have a gradient, the same
 step count and the same param group (``engine.optimizer.param_groups``, whose hyperparameters
-are read at every step: hetmem/optimizer_groups.py) are updated by one kernel call each.  A group whose chunks are all on a
-CUDA device is updated there with torch ops; every other group by the fused CPU Adam, which
-reads the (low-precision) gradient, divides out loss scale and clipping in the same pass, and
-writes the new low-precision parameters into the PARAM chunk.
+are read at every step: hetmem/optimizer_groups.py) are updated by one kernel call each.  A
+group whose chunks are all on a CUDA device is updated there with torch ops; every other
+group by the fused CPU Adam, which reads the (low-precision) gradient, divides out loss scale
+and clipping in the same pass, and writes the new low-precision parameters into the PARAM
+chunk.
 
 With state on NVMe the step is a pipeline over groups: while group i is updated, group i+1
 is read from NVMe and groups already updated are written back (the host budget makes room by

@@ -41,10 +41,12 @@ from hetmem.chunk_manager.chunk import ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import AdamConfig
+from hetmem.host_memory import available_host_bytes
 from hetmem.layout import Layout
 from hetmem.optim.adam import _scalar_dtype
 from hetmem.optimizer import AdamHyper, ChunkedAdam, StepResult
 from hetmem.state import read_slot, write_slot
+from hetmem.units import format_bytes
 
 logger = logging.getLogger("hetmem.optimizer_groups")
 
@@ -110,7 +112,7 @@ def resolve_user_groups(optimizer, layout: Layout) -> list[tuple[dict[str, Any],
     groups = []
     for index, group in enumerate(optimizer.param_groups):
         hyper = {k: v for k, v in group.items() if k != "params"}
-        read_hyper(hyper, f"optimizer.param_groups[{index}]")  # raises on amsgrad/maximize/differentiable and bad values
+        read_hyper(hyper, f"optimizer.param_groups[{index}]")  # amsgrad, maximize, bad values: ValueError
         slots = []
         for i, param in enumerate(group["params"]):
             slot = layout.by_param.get(id(param))
@@ -144,8 +146,8 @@ class HetmemOptimizer(torch.optim.Optimizer):
             if id(param) not in self.layout.by_param:
                 raise ValueError(f"add_param_group: parameter {i} (shape {tuple(param.shape)}) is not a parameter "
                                  f"of the model hetmem trains")
+        read_hyper({**self.defaults, **param_group}, f"add_param_group: param_groups[{len(self.param_groups)}]")
         super().add_param_group(param_group)
-        read_hyper(self.param_groups[-1], f"engine.optimizer.param_groups[{len(self.param_groups) - 1}]")
 
     # -- the step ------------------------------------------------------------------------
 
@@ -165,7 +167,8 @@ class HetmemOptimizer(torch.optim.Optimizer):
     def run_update(self) -> StepResult:
         """Read every group's parameters and hyperparameters now, then run the chunked update
         (the engine calls this at a boundary)."""
-        hyper = [read_hyper(group, f"engine.optimizer.param_groups[{i}]") for i, group in enumerate(self.param_groups)]
+        hyper = [read_hyper(group, f"engine.optimizer.param_groups[{i}]")
+                 for i, group in enumerate(self.param_groups)]
         self.adam.group_of = self._group_of()
         self.adam.hyper = hyper
         return self.adam.step()
@@ -194,6 +197,11 @@ class HetmemOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's state dict, gathered from the chunks into host memory."""
+        need = sum(2 * 4 * s.numel for s in self.layout.slots if s.trainable and s.step > 0)
+        if need > available_host_bytes():
+            raise RuntimeError(f"engine.optimizer.state_dict() gathers Adam's state ({format_bytes(need)}) into host "
+                               f"memory, but only {format_bytes(available_host_bytes())} is available; use "
+                               f"engine.save_checkpoint(DIR), which streams it chunk by chunk")
         gathered = defaultdict(dict)
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:

@@ -49,17 +49,8 @@ def read_weights(manager: "ChunkManager", slot: ParamSlot) -> torch.Tensor:
 
 
 def full_state_dict(engine: "Engine") -> "OrderedDict[str, torch.Tensor]":
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    cache: dict[int, torch.Tensor] = {}
-    for key, value in engine.module.state_dict(keep_vars=True).items():
-        slot = engine.layout.by_name.get(key)
-        if slot is None:
-            out[key] = value.detach().to("cpu", copy=True)
-            continue
-        if id(slot) not in cache:
-            cache[id(slot)] = read_weights(engine.manager, slot)
-        out[key] = cache[id(slot)]
-    return out
+    """engine.state_dict(): the module's state dict (hetmem/module_state.py), parameters in fp32."""
+    return engine.module_state.full_precision_state_dict()
 
 
 def write_weights(manager: "ChunkManager", slot: ParamSlot, value: torch.Tensor) -> None:

@@ -86,12 +86,13 @@ def test_two_groups_and_warmup_cosine_match_torch_under_eviction():
 def test_bf16_with_groups_and_schedule_follows_fp32():
     data = batches(30, seed=6)
     curves = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype, budget in (("fp32", TIGHT), ("bf16", "1280KiB")):  # both evict in every step
         _, model = pair(seed=7, bias=True)
-        engine = hetmem.initialize(model, config(device_budget=TIGHT, dtype=dtype),
+        engine = hetmem.initialize(model, config(device_budget=budget, dtype=dtype),
                                    optimizer=torch.optim.AdamW(two_groups(model)))
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(5, len(data)))  # noqa: E731
         curves[dtype] = torch.tensor(run_engine(engine, data, sched)[0])
+        assert all(s["evictions"] for s in steady_steps(engine)), dtype
     fp32, bf16 = curves["fp32"], curves["bf16"]
     assert fp32[-5:].mean() < fp32[:5].mean() * 0.85, "the fp32 run did not learn"
     rel = ((bf16 - fp32).abs() / fp32).max().item()
@@ -134,23 +135,27 @@ def test_torch_and_hf_schedulers_work_unchanged(name):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
+class LrByHand:
+    """Sets every group's lr by hand after each step, as a user may."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.steps = optimizer, 0
+
+    def step(self):
+        self.steps += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-3 * (self.steps + 1)
+
+
 def test_lr_set_by_hand_and_adam_l2_groups():
     ref, model = pair(seed=2)
     data = batches(6, seed=9)
     make = lambda m: torch.optim.Adam(two_groups(m), lr=1e-3)  # noqa: E731 - Adam: L2 in the gradient
-    opt_ref = make(ref)
+    expected, expected_lrs = run_torch(ref, data, make, LrByHand)
     engine = hetmem.initialize(model, config(), optimizer=make(model))
-    for i, (x, y) in enumerate(data):
-        for group_ref, group in zip(opt_ref.param_groups, engine.optimizer.param_groups):
-            group_ref["lr"] = group["lr"] = 1e-3 * (i + 1)
-        expected = ref(x, y)
-        expected.backward()
-        opt_ref.step()
-        opt_ref.zero_grad()
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    got, got_lrs = run_engine(engine, data, LrByHand)
+    assert got_lrs == expected_lrs and got_lrs[-1] == [6e-3, 6e-3]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
     assert engine.optimizer.param_groups[0]["decoupled_weight_decay"] is False
 
 
@@ -167,6 +172,13 @@ def test_parameter_in_no_group_is_not_trained_in_any_precision():
         for name, value in before.items():
             changed = not torch.equal(after[name], value.float())
             assert changed == (value.dim() >= 2), f"{dtype} {name}: changed={changed}"
+            slot = engine.layout.by_name[name]
+            compute = engine.manager.payload_in_memory(slot.group.chunks[hetmem.ChunkKind.PARAM])
+            if value.dim() < 2:  # the compute copy too (in bf16 its slot held the gradient)
+                assert torch.equal(compute.narrow(0, slot.offset, slot.numel).view(slot.shape),
+                                   value.to(engine.param_dtype)), f"{dtype} {name}"
+        if dtype == "bf16":
+            assert all(g.grad_in_slot for g in engine.layout.groups if g.trainable)
         state = engine.optimizer.state_dict()["state"]
         assert sorted(state) == list(range(len(matrices)))
 
@@ -270,6 +282,19 @@ def test_state_dict_interchanges_with_torch_adamw_both_ways():
         engine.optimizer.load_state_dict({"state": {}, "param_groups": saved["param_groups"][:1]})
 
 
+def test_optimizer_state_dict_refuses_what_host_memory_cannot_hold(monkeypatch):
+    _, model = pair(seed=10)
+    engine = hetmem.initialize(model, config())
+    x, y = batches(1)[0]
+    engine.backward(engine(x, y))
+    engine.step()
+    monkeypatch.setattr(hetmem.optimizer_groups, "available_host_bytes", lambda: 1000)
+    with pytest.raises(RuntimeError, match="engine.save_checkpoint"):
+        engine.optimizer.state_dict()
+    monkeypatch.undo()
+    assert len(engine.optimizer.state_dict()["state"]) == len(list(model.parameters()))
+
+
 def test_meta_model_with_optimizer_over_meta_parameters():
     with torch.device("meta"):
         model = tiny_gpt(0)
@@ -280,3 +305,33 @@ def test_meta_model_with_optimizer_over_meta_parameters():
     x, y = batches(1)[0]
     engine.backward(engine(x, y))
     assert engine.step()
+
+
+def test_no_gradient_clipping_by_default_as_in_torch():
+    assert hetmem.Config().gradient_clipping is None
+    _, model = pair(seed=8)
+    engine = hetmem.initialize(model, {"device": "cpu", "dtype": "fp32"})
+    x, y = batches(1)[0]
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.last_step.grad_norm is None  # no norm is even computed
+
+
+def test_add_param_group_trains_parameters_left_out_at_initialize():
+    _, model = pair(seed=9, bias=True)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    engine = hetmem.initialize(model, config(), optimizer=torch.optim.AdamW(matrices))
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        engine.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match=r"add_param_group.*\['lr'\]=-0.1"):
+        engine.optimizer.add_param_group({"params": vectors, "lr": -0.1})
+    assert len(engine.optimizer.param_groups) == 1  # the rejected group left nothing behind
+    engine.optimizer.add_param_group({"params": vectors, "weight_decay": 0.0})
+    before = engine.state_dict()
+    x, y = batches(1, seed=14)[0]
+    engine.backward(engine(x, y))
+    engine.step()
+    after = engine.state_dict()
+    assert not torch.equal(after["ln_f.bias"], before["ln_f.bias"])
+    assert engine.optimizer.param_groups[1]["lr"] == 1e-3  # the defaults of the user's optimizer
