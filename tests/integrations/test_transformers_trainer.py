@@ -176,3 +176,15 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     assert trainer.state.global_step == 20
     assert (tmp_path / "hf_run" / "checkpoint-20" / "hetmem" / "latest").is_file()
     assert (tmp_path / "hf_run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bf16_and_fp16_follow_the_fp32_curve(runs, tmp_path, precision):
+    _, _, fp32 = runs
+    trainer = HetmemTrainer(hetmem_config=HETMEM, model=tiny_llama(), train_dataset=Tokens(),
+                            args=training_args(tmp_path, save_strategy="no", **{precision: True}))
+    trainer.train()
+    assert trainer.engine.config.dtype == precision
+    for want, have in zip(logged(fp32), logged(trainer), strict=True):
+        assert relative(have["loss"], want["loss"]) <= 0.02, (want, have)
+    trainer.engine.close()
