@@ -1,8 +1,11 @@
 """The main job behind `hetmem train`: a byte-level GPT on the shipped corpus, trained under
 a device budget several times smaller than its parameters and Adam state.
 
-Library code: it builds the engine and yields one ``StepMetrics`` per optimizer step; the
-CLI (hetmem/commands/train.py) draws the progress bar and prints.
+Library code: it builds the engine (AdamW over the model's groups, a warm-up + cosine or
+constant LambdaLR on ``engine.optimizer``), yields one ``StepMetrics`` per optimizer step,
+checkpoints every ``save_every`` steps with the data generator, the schedule and the losses in
+the client state, and resumes from such a checkpoint bit-exactly.  The CLI
+(hetmem/commands/train.py) draws the progress bar and prints.
 """
 from __future__ import annotations
 
@@ -182,7 +185,7 @@ def resume_state(engine: Engine, scheduler, run_dir: Path) -> TrainState:
     generator.set_state(client["generator"])
     scheduler.load_state_dict(client["lr_scheduler"])
     for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # the scheduler sets the next step's lr only after that step
+        group["lr"] = lr  # load_state_dict restores the schedule's position, not the groups' lr
     return TrainState(generator=generator, step=int(client["step"]), losses=list(client["losses"]))
 
 

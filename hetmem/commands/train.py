@@ -139,11 +139,12 @@ def _train_with_progress(engine, options, scheduler, state, checkpoint_dir: Path
     if state.step < options.steps:
         print(f"step {state.step + 1}: warm-up (hetmem measures the memory of one step)...", flush=True)
     every = max(1, options.steps // 10)
+    first = state.step + 1
     bar = None
     try:
         for m in train(engine, options, scheduler, state, checkpoint_dir=checkpoint_dir):
             if args.no_progress:
-                if m.step % every == 0 or m.step == state.step:
+                if m.step % every == 0 or m.step == first:
                     print(f"step {m.step}/{options.steps} loss {m.loss:.3f} lr {m.lr:.2e} "
                           f"{m.tokens_per_s:,.0f} tok/s peak device {format_bytes(m.peak_device_bytes)}")
                 continue
