@@ -117,9 +117,8 @@ class TrainState:
     step: int = 0                                       # optimizer steps done
     losses: list[dict] = field(default_factory=list)   # {"step", "loss", "lr"} per step
 
-    def client_state(self, scheduler) -> dict:
-        return {"step": self.step, "generator": self.generator.get_state(), "losses": list(self.losses),
-                "lr_scheduler": scheduler.state_dict()}
+    def client_state(self) -> dict:
+        return {"step": self.step, "generator": self.generator.get_state(), "losses": list(self.losses)}
 
 
 def state_bytes(parameters: int, dtype: str) -> int:
@@ -175,7 +174,7 @@ def new_state(options: TrainOptions) -> TrainState:
 def resume_state(engine: Engine, scheduler, run_dir: Path) -> TrainState:
     """Load the run's latest checkpoint into ``engine`` and ``scheduler``; the data stream
     continues where it was, so the losses equal those of an uninterrupted run."""
-    client = engine.load_checkpoint(run_dir / CHECKPOINTS)
+    client = engine.load_checkpoint(run_dir / CHECKPOINTS, lr_scheduler=scheduler)  # groups' lr included
     if not isinstance(client, dict) or "generator" not in client:
         from hetmem.checkpoint import CheckpointError
 
@@ -183,9 +182,6 @@ def resume_state(engine: Engine, scheduler, run_dir: Path) -> TrainState:
                               f"in its client state); resume it with engine.load_checkpoint in your own code")
     generator = torch.Generator()
     generator.set_state(client["generator"])
-    scheduler.load_state_dict(client["lr_scheduler"])
-    for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # load_state_dict restores the schedule's position, not the groups' lr
     return TrainState(generator=generator, step=int(client["step"]), losses=list(client["losses"]))
 
 
@@ -209,7 +205,7 @@ def train(engine: Engine, options: TrainOptions, scheduler, state: TrainState, *
         state.losses.append({"step": step, "loss": loss.item(), "lr": lr})
         every = options.save_every
         if every and checkpoint_dir is not None and (step % every == 0 or step == options.steps):
-            engine.save_checkpoint(checkpoint_dir, client_state=state.client_state(scheduler),
+            engine.save_checkpoint(checkpoint_dir, client_state=state.client_state(), lr_scheduler=scheduler,
                                    keep=KEEP_CHECKPOINTS)
         yield StepMetrics(step=step, loss=state.losses[-1]["loss"], lr=lr, tokens_per_s=tokens / seconds,
                           seconds=seconds, peak_device_bytes=engine.scheduler.peak_total,

@@ -186,11 +186,9 @@ class HetmemTrainer(transformers.Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The engine's checkpoint (with the scheduler's state) in ``output_dir/hetmem``, and
         the scheduler as the Trainer saves it."""
-        scheduler_state = self.lr_scheduler.state_dict()
-        self.engine.save_checkpoint(Path(output_dir) / CHECKPOINT_DIR,
-                                    client_state={"lr_scheduler": scheduler_state})
+        self.engine.save_checkpoint(Path(output_dir) / CHECKPOINT_DIR, lr_scheduler=self.lr_scheduler)
         if self.args.should_save:
-            torch.save(scheduler_state, os.path.join(output_dir, SCHEDULER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
@@ -201,7 +199,4 @@ class HetmemTrainer(transformers.Trainer):
                         checkpoint)
             super()._load_optimizer_and_scheduler(checkpoint)
             return
-        client = self.engine.load_checkpoint(folder)
-        self.lr_scheduler.load_state_dict(client["lr_scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-            group["lr"] = lr   # a scheduler sets the next lr only at its next step
+        self.engine.load_checkpoint(folder, lr_scheduler=self.lr_scheduler)  # and the groups' hyperparameters
