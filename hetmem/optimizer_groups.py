@@ -5,7 +5,9 @@ face torch code sees.  Its ``param_groups`` hold the model's own ``nn.Parameter`
 each group's hyperparameters as plain keys (``lr``, ``betas``, ``eps``, ``weight_decay``,
 ``decoupled_weight_decay``, torch's other Adam keys, and whatever a scheduler adds such as
 ``initial_lr``).  They are read at every step, so every ``torch.optim.lr_scheduler``,
-``transformers.get_scheduler`` and a ``group["lr"] = ...`` by hand work unchanged.
+``transformers.get_scheduler`` and a ``group["lr"] = ...`` by hand work unchanged; a key that
+a group set by hand lacks takes ``engine.optimizer.defaults`` (as ``add_param_group`` fills it),
+and ``None`` for ``amsgrad``/``maximize``/``differentiable`` means not set.
 
 - ``step()`` *is* the engine's step: ``engine.step()`` calls it, and calling it directly (as
   schedulers' bookkeeping, the HF Trainer or accelerate do) runs ``engine.step()``'s logic:
@@ -75,7 +77,7 @@ def config_group(adam: AdamConfig) -> dict[str, Any]:
 def read_hyper(group: dict, where: str) -> AdamHyper:
     """A group's hyperparameters as numbers, validated; names the bad key (``where[key]``) and value."""
     for key, value in UNSUPPORTED.items():
-        if group.get(key, value) != value:
+        if group.get(key) not in (None, value):  # None: not set
             raise ValueError(f"{where}[{key!r}]={group[key]!r}: hetmem's Adam does not implement {key}; "
                              f"set it to {value}")
 
@@ -167,7 +169,8 @@ class HetmemOptimizer(torch.optim.Optimizer):
     def run_update(self) -> StepResult:
         """Read every group's parameters and hyperparameters now, then run the chunked update
         (the engine calls this at a boundary)."""
-        hyper = [read_hyper(group, f"engine.optimizer.param_groups[{i}]")
+        # a key a group lacks (groups replaced by hand) takes the default, as add_param_group fills it
+        hyper = [read_hyper({**self.defaults, **group}, f"engine.optimizer.param_groups[{i}]")
                  for i, group in enumerate(self.param_groups)]
         self.adam.group_of = self._group_of()
         self.adam.hyper = hyper

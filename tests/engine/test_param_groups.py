@@ -198,15 +198,17 @@ def test_engine_optimizer_is_a_torch_optimizer_whose_step_is_the_engine_step():
     opt.zero_grad()  # a no-op: the gradient stays in its chunk
     assert all(p.grad is None for p in model.parameters())
     assert not engine.step() and engine.global_step == 0  # not an accumulation boundary
+    hooked = []
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: hooked.append(optimizer.last_step_ran))
     out = opt.step(closure=lambda: engine.backward(engine(x2, y2)))
-    assert out is None and opt.last_step_ran and engine.global_step == 1
+    assert out is None and opt.last_step_ran and engine.global_step == 1 and hooked == [True]
 
 
 def test_invalid_optimizers_and_hyperparameters_raise_naming_them():
     _, model = pair(seed=5)
     with pytest.raises(ValueError, match="SGD"):
         hetmem.initialize(model, config(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    for option in ("amsgrad", "maximize"):
+    for option in ("amsgrad", "maximize", "differentiable"):
         with pytest.raises(ValueError, match=option):
             hetmem.initialize(model, config(), optimizer=torch.optim.AdamW(model.parameters(), **{option: True}))
     stranger = torch.nn.Parameter(torch.zeros(3, 5))
