@@ -24,6 +24,7 @@ from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import Config
 from hetmem.device import Budgets, resolve_budgets, resolve_device
+from hetmem.fit_hints import fit_advice
 from hetmem.grads import GradRouter
 from hetmem.host_memory import return_freed_buffers_to_os
 from hetmem.hooks import ModuleHooks, SavedTensorHooks
@@ -58,7 +59,7 @@ class Engine:
         self.device = resolve_device(config)
         self.budgets: Budgets = resolve_budgets(config, self.device)
         self.param_dtype = DTYPES[config.dtype]
-        max_chunk = max(4096, self.budgets.usable // (CHUNKS_PER_BUDGET * config.param_bytes))
+        max_chunk = self._auto_chunk_elements(self.budgets.usable)
         chunk_elements = None if config.chunk_size == "auto" else config.chunk_size
         if chunk_elements is not None and chunk_elements % 4096:
             chunk_elements = -(-chunk_elements // 4096) * 4096
@@ -115,6 +116,10 @@ class Engine:
 
     # -- construction checks -------------------------------------------------------------
 
+    def _auto_chunk_elements(self, usable: int) -> int:
+        """The largest chunk "auto" sizing may pick under ``usable`` device bytes."""
+        return max(4096, usable // (CHUNKS_PER_BUDGET * self.config.param_bytes))
+
     def _check_fits_at_all(self) -> None:
         usable = self.budgets.usable
         for module, slots in self.layout.module_slots.items():
@@ -127,8 +132,8 @@ class Engine:
                     f"device_budget={format_bytes(self.budgets.device)} (margin {format_bytes(self.budgets.margin)}) "
                     f"cannot hold module {name!r}: its parameters need {len(chunks)} chunk(s) of "
                     f"{format_bytes(need)} at once (largest {biggest.name}, {format_bytes(biggest.nbytes)}); "
-                    f"raise device_budget to at least {format_bytes(need + self.budgets.margin)} plus the "
-                    f"activations, or set chunk_size <= {biggest.capacity // 2} elements")
+                    + fit_advice(self.layout, usable, self.budgets.margin, self.config.param_bytes,
+                                 None if self.config.chunk_size != "auto" else self._auto_chunk_elements))
         host_need = sum(c.nbytes for g in self.layout.groups for c in g.chunks.values()
                         if c.kind is not ChunkKind.GRAD or not self.config.mixed_precision)
         if self.config.mixed_precision:  # warm-up gradients live in GRAD chunks for one step

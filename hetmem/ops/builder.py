@@ -150,6 +150,12 @@ class OpBuilder:
             return f"cannot build: {problem}"
         return f"not built yet; builds on first use with {compiler_version()}"
 
+    def needs_build(self) -> bool:
+        """Whether load() would compile now: usable here, but neither loaded, prebuilt nor cached."""
+        if self.name in _LOADED or self.disabled_reason() or self.missing_sources():
+            return False
+        return self._prebuilt_module() is None and self._cached_library() is None
+
     # -- loading -------------------------------------------------------------------------
 
     def _prebuilt_module(self):
