@@ -52,8 +52,9 @@ class Engine:
         started = time.perf_counter()
         self.config = config
         self.module = model                                   # the user's model, hooks installed
-        self.device = resolve_device(config)
-        self.budgets: Budgets = resolve_budgets(config, self.device)
+        self.accelerator = resolve_device(config)                # the seam: hetmem/accelerator/
+        self.device = self.accelerator.device
+        self.budgets: Budgets = resolve_budgets(config, self.accelerator)
         self.param_dtype = DTYPES[config.dtype]
         max_chunk = max(4096, self.budgets.usable // (CHUNKS_PER_BUDGET * config.param_bytes))
         chunk_elements = None if config.chunk_size == "auto" else config.chunk_size
@@ -69,13 +70,12 @@ class Engine:
             from hetmem.recorder import Recorder
 
             self.recorder = Recorder(self)
-        self.manager = ChunkManager(self.layout.groups, self.device, pin_host=self.device.type == "cuda",
-                                    events=self.recorder)
+        self.manager = ChunkManager(self.layout.groups, self.accelerator, events=self.recorder)
         if config.nvme_dir is not None:
             self._attach_nvme()
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
         self.buffer_bytes = move_buffers(model, self.device)
-        self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
+        self.tracer = MemoryTracer(make_probe(self.accelerator), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
                                    recorder=self.recorder)
         self.hooks = ModuleHooks(self.scheduler, self.tracer.probe)

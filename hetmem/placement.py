@@ -3,7 +3,7 @@
 After a warm-up has measured the activations, if every chunk (parameters, master weights,
 Adam states, gradients) plus the traced non-model peak plus the optimizer's temporaries fits
 the device budget, all chunks move to the device once and stay there: no transfers in later
-steps, and (on CUDA) the optimizer runs on the device.  A later warm-up (new shapes, another
+steps, and (on an accelerator) the optimizer runs on the device.  A later warm-up (new shapes, another
 code path) releases them to the normal eviction policy first.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ logger = logging.getLogger("hetmem.placement")
 
 def optimizer_temporaries(engine: "Engine") -> int:
     """Device bytes the on-device Adam allocates per chunk (an fp32 gradient and a denominator)."""
-    if engine.device.type != "cuda":
+    if not engine.accelerator.separate_memory:
         return 0  # the CPU kernel works in place
     return 2 * max(c.capacity for c in engine.manager.chunks) * 4
 

@@ -123,8 +123,7 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
                     "chunk_bytes": sum(chunk_bytes[i] for i in r.working_set),
                     "non_model_peak": r.non_model_peak} for r in schedule]
         need = max((m["chunk_bytes"] + m["non_model_peak"] for m in moments), default=0)
-        margin_share = 0.05 if engine.device.type == "cuda" else 0.0
-        min_budget = int(need / (1 - margin_share)) + 1
+        min_budget = engine.accelerator.budget_for(need) + 1  # the engine's own margin rule
         params = engine.layout.numel
         trainable = engine.layout.trainable_numel
         element = 4 if dtype == "fp32" else 2

@@ -340,7 +340,7 @@ class Scheduler:
                 return False
             victim, reason = self.policy.choose(candidates)
             transfer = self.manager.evict(victim, reason + f"; room to prefetch {chunk.name}")
-            if self.manager.device.type != "cuda":
+            if not self.manager.accelerator.separate_memory:
                 transfer.wait()
         return True
 
