@@ -225,6 +225,28 @@ class ChunkManager:
             chunk.payload.copy_(data)
             chunk.nvme_valid = False
 
+    def copy_into(self, chunk: Chunk, target: torch.Tensor, source: torch.Tensor, label: str) -> Transfer:
+        """Start copying device tensor ``source`` into ``target``, a slice of ``chunk``'s host payload,
+        on the copy stream: no host sync.  The chunk is in flight until the copy lands (readers
+        wait, as for a move).  Copies into one chunk land in issue order (one stream), so waiting
+        for the last waits for all; earlier ones are polled with the rest."""
+        previous = chunk.transfer
+        if previous is not None and previous.route:
+            raise IllegalTransition(f"{chunk.name} is moving ({previous.label}); wait for it before copying into it")
+        if previous is not None:
+            self._unfinished.append(previous)
+        chunk.transfer = self.mover.copy(target, source, label)
+        chunk.nvme_valid = False
+        return chunk.transfer
+
+    def payload_for_slot_copy(self, chunk: Chunk) -> torch.Tensor | None:
+        """The host payload a device gradient may be copied into without waiting: the chunk is in
+        host memory and has nothing in flight but earlier such copies; else None."""
+        if (not self.accelerator.separate_memory or chunk.tier is not Tier.HOST or chunk.payload is None
+                or (chunk.transfer is not None and chunk.transfer.route)):
+            return None
+        return chunk.payload
+
     def mark_dirty(self, chunk: Chunk) -> None:
         """The payload changed: its NVMe blob is stale."""
         chunk.nvme_valid = False

@@ -124,14 +124,21 @@ class CpuProbe:
 class AllocatorProbe:
     """Non-model bytes on an accelerator: allocator statistics less hetmem's chunk bytes.
 
-    The peak uses the smallest chunk residency seen in the interval, so the chunk bytes it
-    subtracts are never too many.  Reserved-but-free bytes (fragmentation) are reported
-    separately by ``reserved()``.  Saved tensors and outputs are shown to the accelerator,
-    which counts them where its allocator cannot be read (the simulated device).
+    The allocator's peak is never reset (it is the user's statistic).  Instead the probe asks,
+    at every instant the scheduler measures (``current``) and at the end of each interval,
+    whether the allocator's all-time peak rose since it last asked: if so, that peak happened
+    since the previous sample, while hetmem's chunk bytes were what that sample saw, so the
+    non-model peak is known exactly.  Otherwise the interval's peak is the largest sample, a
+    temporary between two samples being what the budget's margin is for.  Reserved-but-free
+    bytes (fragmentation) are reported separately by ``reserved()``.  Saved tensors and outputs
+    are shown to the accelerator, which counts them where no allocator can be read (the
+    simulated device).
     """
 
     def __init__(self, accelerator):
         self.accelerator = accelerator      # hetmem.accelerator.Accelerator with separate memory
+        self._peak = 0                      # largest non-model bytes seen in this interval
+        self._chunk_bytes = 0               # chunk bytes at the last sample
 
     def hold_saved(self, tensor: torch.Tensor) -> object:
         return self.accelerator.hold_saved(tensor)
@@ -142,11 +149,22 @@ class AllocatorProbe:
     def hold_output(self, tensor: torch.Tensor) -> None:
         self.accelerator.hold_output(tensor)
 
+    def _note_rise(self, chunk_bytes: int) -> None:
+        risen = self.accelerator.new_peak()
+        if risen is not None:  # since the last sample, when min(then, now) chunk bytes were placed
+            self._peak = max(self._peak, risen - min(self._chunk_bytes, chunk_bytes))
+
     def current(self, chunk_bytes: int) -> int:
-        return max(0, self.accelerator.sample_allocated() - chunk_bytes)
+        self._note_rise(chunk_bytes)
+        now = max(0, self.accelerator.memory_allocated() - chunk_bytes)
+        self._peak = max(self._peak, now)
+        self._chunk_bytes = chunk_bytes
+        return now
 
     def interval_peak(self, chunk_bytes_min: int) -> int:
-        return max(0, self.accelerator.interval_peak_allocated() - chunk_bytes_min)
+        self._note_rise(self._chunk_bytes)
+        peak, self._peak = self._peak, 0
+        return peak
 
     def reserved(self) -> int:
         return self.accelerator.memory_reserved()

@@ -36,10 +36,9 @@ class Accelerator:
     pin_host = False
 
     def __init__(self) -> None:
-        # hetmem's own view of the allocator peak (``interval_peak_allocated``); the allocator's
-        # peak statistics belong to the user and are never reset here
-        self._seen_peak = 0        # the allocator's all-time peak at the end of the last interval
-        self._sampled_peak = 0     # highest allocated bytes sampled in the current interval
+        # the allocator's all-time peak when ``new_peak`` last looked; the allocator's peak
+        # statistics belong to the user and are never reset here
+        self._seen_peak = 0
 
     # -- buffers ---------------------------------------------------------------------------
 
@@ -96,27 +95,16 @@ class Accelerator:
         """Bytes the allocator holds from the device, handed out or cached."""
         return 0
 
-    def sample_allocated(self) -> int:
-        """Read ``memory_allocated`` and remember it for the current interval's peak."""
-        now = self.memory_allocated()
-        if now > self._sampled_peak:
-            self._sampled_peak = now
-        return now
+    def new_peak(self) -> int | None:
+        """The allocator's all-time peak if it rose since the previous call, else None.
 
-    def interval_peak_allocated(self) -> int:
-        """Highest allocated bytes in the interval since the previous call, without resetting the
-        allocator's peak.  Exact when the interval set a new all-time peak (the allocator's peak
-        rose); otherwise the highest of the samples taken in the interval (``sample_allocated``),
-        a temporary between two samples being what the budget's margin is for."""
-        peak_now = self.max_memory_allocated()
-        now = self.memory_allocated()
-        if peak_now > self._seen_peak:
-            peak = peak_now
-        else:
-            peak = max(self._sampled_peak, now)
-        self._seen_peak = peak_now
-        self._sampled_peak = now
-        return peak
+        hetmem keeps its interval peaks from this and its own samples (tracer/probes.py), so the
+        allocator's peak statistics, which belong to the user, are never reset."""
+        peak = self.max_memory_allocated()
+        if peak > self._seen_peak:
+            self._seen_peak = peak
+            return peak
+        return None
 
     def margin(self, device_budget: int) -> int:
         """Bytes of ``device_budget`` kept free for allocator slack (none without an allocator)."""
