@@ -95,6 +95,9 @@ class Accelerator:
         """Bytes the allocator holds from the device, handed out or cached."""
         return 0
 
+    def reset_peak_memory_stats(self) -> None:
+        """The user's reset of the allocator's peak (benchmarks and tests call it; hetmem never)."""
+
     def new_peak(self) -> int | None:
         """The allocator's all-time peak if it rose since the previous call, else None.
 

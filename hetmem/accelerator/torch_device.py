@@ -119,6 +119,9 @@ class TorchAccelerator(Accelerator):
     def memory_reserved(self) -> int:
         return self._module.memory_reserved(self.device)
 
+    def reset_peak_memory_stats(self) -> None:
+        self._module.reset_peak_memory_stats(self.device)
+
     def margin(self, device_budget: int) -> int:
         return max(MIN_MARGIN, int(device_budget * MARGIN_FRACTION))
 
