@@ -59,11 +59,13 @@ class Transfer:
     def poll(self) -> bool:
         """Process the completion if the copy has landed; True once finished."""
         if not self._finished and self.done():
-            if self._event is not None:
-                try:
-                    self._event.synchronize()   # landed: returns at once, or raises the copy's error
-                except BaseException as exc:  # noqa: BLE001 - recorded and handed to on_error
-                    self.error = exc
+            try:  # landed: each returns at once, or raises the copy's error (and so reports it)
+                if self._event is not None:
+                    self._event.synchronize()
+                elif self._request is not None:
+                    self._request.wait()
+            except BaseException as exc:  # noqa: BLE001 - recorded and handed to on_error
+                self.error = exc
             self._finish()
         return self._finished
 
