@@ -94,11 +94,12 @@ def run_hetmem(accelerator, cfg: GPTConfig, budget: int, data) -> dict:
             model = GPT(cfg)
         engine = hetmem.initialize(model, hetmem.Config(device="auto", device_budget=budget, dtype="bf16",
                                                         memory_trace=False), init_fn=model.init_weights)
+        device = engine.accelerator  # the same device (on the simulated one: the engine's own)
         steps, losses = [], []
         for i, (x, y) in enumerate(data):
             if i == 2:  # after the warm-up: the budget check covers every later step
-                accelerator.synchronize()
-                accelerator.reset_peak_memory_stats()
+                device.synchronize()
+                device.reset_peak_memory_stats()
             waited, blocked = engine.scheduler.wait_s, engine.manager.blocked_s
             started = time.perf_counter()
             loss = engine(x, y)
@@ -111,8 +112,8 @@ def run_hetmem(accelerator, cfg: GPTConfig, budget: int, data) -> dict:
             adam = result.compute_s
             steps.append({"seconds": seconds, "transfer_wait_s": transfer, "cpu_adam_s": adam,
                           "compute_s": max(0.0, seconds - transfer - adam)})
-        accelerator.synchronize()
-        peak = accelerator.max_memory_allocated()
+        device.synchronize()
+        peak = device.max_memory_allocated()
         measured = steps[2:]
         tokens = data[0][0].numel()
         engine.close()

@@ -13,11 +13,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
 
-
-@pytest.fixture(autouse=True)
-def _fresh_simulated_device(monkeypatch):
-    """Each test gets its own simulated device (HETMEM_DEVICE=sim), as if on a fresh GPU: its
-    allocator statistics do not count what earlier tests' engines still hold."""
-    from hetmem.accelerator import sim
-
-    monkeypatch.setattr(sim, "_SHARED", {})

@@ -51,9 +51,9 @@ def validate_device_name(name: object) -> str | None:
 def resolve(wanted: str) -> Accelerator:
     """The accelerator for the config's ``device`` ("auto", "cpu", or a torch device string)."""
     if wanted in ("auto", "cpu") and os.environ.get(SIM_ENV, "") == "sim":
-        from .sim import shared_sim
+        from .sim import SimAccelerator
 
-        return shared_sim()
+        return SimAccelerator()  # one per engine, as if each had a GPU of its own
     if wanted == "cpu":
         return _HOST
     from .torch_device import TorchAccelerator, available_device

@@ -289,15 +289,3 @@ class SimAccelerator(Accelerator):
     def describe(self) -> dict:
         return {"name": self.name, "device": "sim (host memory)", "max_delay_ms": self.max_delay_s * 1000}
 
-
-_SHARED: dict[float, SimAccelerator] = {}
-
-
-def shared_sim() -> SimAccelerator:
-    """The process's simulated device (one per copy delay setting), as a GPU is one per process:
-    its statistics cover every engine, benchmark and test that runs on it."""
-    delay = float(os.environ.get(DELAY_ENV, "0.5")) / 1000
-    sim = _SHARED.get(delay)
-    if sim is None:
-        sim = _SHARED[delay] = SimAccelerator(max_delay_s=delay)
-    return sim
