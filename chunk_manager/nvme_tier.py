@@ -69,7 +69,7 @@ class NvmeTier:
 
     @staticmethod
     def host_buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A host payload buffer O_DIRECT can use as is (4 KiB aligned; pinned with CUDA)."""
+        """A host payload buffer O_DIRECT can use as is (4 KiB aligned; pinned on accelerator machines)."""
         return aligned_tensor(numel, dtype)
 
     def store(self, chunk: Chunk, payload: torch.Tensor):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from hetmem.accelerator import validate_device_name
 from hetmem.units import parse_size
 
 AUTO = "auto"
@@ -100,9 +101,9 @@ class Config:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
 
         device = self.device
-        if not isinstance(device, str) or not (device in (AUTO, "cpu", "cuda") or
-                                                (device.startswith("cuda:") and device[5:].isdigit())):
-            _fail("device", device, "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        device_fix = validate_device_name(device)
+        if device_fix is not None:
+            _fail("device", device, device_fix)
         for key in ("device_budget", "host_budget", "device_margin"):
             value = getattr(self, key)
             if value != AUTO:

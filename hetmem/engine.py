@@ -29,6 +29,7 @@ from hetmem.grads import GradRouter
 from hetmem.host_memory import return_freed_buffers_to_os
 from hetmem.hooks import ModuleHooks, SavedTensorHooks
 from hetmem.layout import Layout, build_layout
+from hetmem.lifecycle import Lifecycle, Phase
 from hetmem.loss_scaler import LossScaler
 from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
 from hetmem.module_state import ModuleStateHooks
@@ -56,8 +57,9 @@ class Engine:
         started = time.perf_counter()
         self.config = config
         self.module = model                                   # the user's model, hooks installed
-        self.device = resolve_device(config)
-        self.budgets: Budgets = resolve_budgets(config, self.device)
+        self.accelerator = resolve_device(config)                # the seam: hetmem/accelerator/
+        self.device = self.accelerator.device
+        self.budgets: Budgets = resolve_budgets(config, self.accelerator)
         self.param_dtype = DTYPES[config.dtype]
         max_chunk = self._auto_chunk_elements(self.budgets.usable)
         chunk_elements = None if config.chunk_size == "auto" else config.chunk_size
@@ -75,17 +77,21 @@ class Engine:
         if config.memory_trace:
             from hetmem.recorder import Recorder
 
-            self.recorder = Recorder(self)
-        self.manager = ChunkManager(self.layout.groups, self.device, pin_host=self.device.type == "cuda",
-                                    events=self.recorder)
+            self.recorder = Recorder(self.layout, self.budgets, device=str(self.device), dtype=config.dtype,
+                                     model_name=type(model).__name__)
+        self.manager = ChunkManager(self.layout.groups, self.accelerator, events=self.recorder)
         if config.nvme_dir is not None:
             self._attach_nvme()
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
         self.module_state.install(self.manager)
         self.buffer_bytes = move_buffers(model, self.device,
                                          norm_dtype=self.param_dtype if config.mixed_precision else None)
-        self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
+        self.tracer = MemoryTracer(make_probe(self.accelerator), BudgetPolicy(self.budgets.device, self.budgets.margin))
+        if self.recorder is not None:
+            self.recorder.attach(self.manager, self.tracer)
+        self.lifecycle = Lifecycle()                           # where a step is: hetmem/lifecycle.py
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
+                                   lifecycle=self.lifecycle,
                                    recorder=self.recorder)
         self.hooks = ModuleHooks(self.scheduler, self.tracer.probe)
         self.hooks.install(model, self.layout.module_slots)
@@ -104,10 +110,8 @@ class Engine:
         self.micro_step = 0           # backward passes since initialize
         self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
         self.last_step: StepResult | None = None
-        self._awaiting_backward = False
         self._in_slot_pending = False  # a warm-up finished; decide in-slot gradients after the step
         self.all_resident = False      # every chunk stays on the device (hetmem/placement.py)
-        self._closed = False
         logger.info("hetmem engine: %d parameters in %d chunk groups of %d elements on %s; device budget %s",
                     self.layout.numel, len(self.layout.groups), self.layout.chunk_elements, self.device,
                     format_bytes(self.budgets.device))
@@ -179,16 +183,16 @@ class Engine:
         args, kwargs = self._to_device(args), self._to_device(kwargs)
         if not torch.is_grad_enabled():
             return self._untraced_forward(args, kwargs)
-        if not self._awaiting_backward:
+        if self.lifecycle.state is not Phase.FORWARD:
             if self.tracer.needs_warmup:
                 if self.all_resident:
-                    release_residency(self)
+                    release_residency(self.manager)
                     self.all_resident = False
                 self.grads.use_grad_chunks()
+            self.lifecycle.go(Phase.FORWARD)
             self.scheduler.begin_microstep()
             if self.recorder is not None:
                 self.recorder.begin_microstep()
-            self._awaiting_backward = True
         try:
             with self.saved_tensors.context(), torch.profiler.record_function("hetmem::forward"):
                 if self.recorder is not None:
@@ -200,15 +204,13 @@ class Engine:
             raise
 
     def _untraced_forward(self, args, kwargs) -> Any:
-        traced, self.scheduler.traced = self.scheduler.traced, False
-        try:
-            with torch.profiler.record_function("hetmem::forward_no_grad"):
-                return self.module(*args, **kwargs)
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            self.scheduler.traced = traced
+        with self.lifecycle.untraced():
+            try:
+                with torch.profiler.record_function("hetmem::forward_no_grad"):
+                    return self.module(*args, **kwargs)
+            except BaseException:
+                self._abort()
+                raise
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` (scaled for fp16; divided by the accumulation steps).
@@ -216,11 +218,11 @@ class Engine:
         If it raises, every pending gradient is dropped (as by ``zero_grad()``) before the error
         propagates, so the next forward/backward/step runs normally (README "Reliability")."""
         self._check_open()
-        if not self._awaiting_backward:
+        if self.lifecycle.state is not Phase.FORWARD:
             raise RuntimeError("engine.backward(loss) needs a loss computed by engine(...) since the last "
                                "backward; call engine(batch) first")
         scale = self.scaler.scale / self.config.gradient_accumulation_steps
-        self.scheduler.begin_backward()
+        self.lifecycle.go(Phase.BACKWARD)
         try:
             with torch.profiler.record_function("hetmem::backward"):
                 target = loss * scale if scale != 1.0 else loss
@@ -235,7 +237,7 @@ class Engine:
             raise
         warmup = self.tracer.recording
         self.scheduler.end_microstep()
-        self._awaiting_backward = False
+        self.lifecycle.go(Phase.IDLE)
         self.micro_step += 1
         if warmup:
             self.grads.record_fire_counts()
@@ -257,12 +259,11 @@ class Engine:
 
     def _step(self) -> bool:
         self._check_open()
-        if self._awaiting_backward:
-            raise RuntimeError("engine.step() after a forward without engine.backward(); call "
-                               "engine.backward(loss) first")
+        self.lifecycle.assert_in(Phase.IDLE, doing="engine.step() after a forward without engine.backward()",
+                                 fix="call engine.backward(loss) first")
         if self.micro_step == self._stepped_at or self.micro_step % self.config.gradient_accumulation_steps:
             return False
-        self.scheduler.phase = "optimizer"
+        self.lifecycle.go(Phase.OPTIMIZER)
         try:
             with torch.profiler.record_function("hetmem::step"):
                 if self.recorder is not None:
@@ -271,7 +272,7 @@ class Engine:
                 else:
                     self.last_step = self.optimizer.run_update()
         finally:
-            self.scheduler.phase = "idle"
+            self.lifecycle.go(Phase.IDLE)
         self.global_step += 1
         self._stepped_at = self.micro_step
         if self._in_slot_pending and not self.tracer.needs_warmup:
@@ -279,7 +280,9 @@ class Engine:
             if moved:
                 logger.info("%d chunk groups now keep gradients in their PARAM slots", moved)
             self._in_slot_pending = False
-            self.all_resident = place_all_if_it_fits(self)
+            self.all_resident = place_all_if_it_fits(
+                self.manager, self.accelerator, peak_non_model=self.tracer.store.peak_non_model,
+                usable=self.budgets.usable, bring_to_host=self.scheduler.bring_to_host)
         if self.recorder is not None:
             self.recorder.end_step(self.last_step)
         return True
@@ -305,7 +308,7 @@ class Engine:
 
     def _abort(self) -> None:
         self.scheduler.abort()
-        self._awaiting_backward = False
+        self.lifecycle.go(Phase.IDLE)
         if self.recorder is not None:
             self.recorder.abort()
 
@@ -381,6 +384,15 @@ class Engine:
         self._check_open()
         return None if self.manager.nvme is None else self.manager.nvme.nbytes
 
+    @property
+    def _awaiting_backward(self) -> bool:
+        """A forward ran and its backward has not (read by hetmem/checkpoint.py)."""
+        return self.lifecycle.state is Phase.FORWARD
+
+    @property
+    def _closed(self) -> bool:
+        return self.lifecycle.state is Phase.CLOSED
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this engine is closed (engine.close() was called); engine.module keeps the "
@@ -394,7 +406,7 @@ class Engine:
             return
         if keep_weights:
             self.module_state.check_host_room()
-        self._closed = True
+        self.lifecycle.go(Phase.CLOSED)
         self.hooks.remove()
         self.grads.remove()
         try:

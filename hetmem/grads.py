@@ -12,6 +12,10 @@ clears ``param.grad``, so no gradient outlives its hook on the device.
 - GRAD chunk (fp32 training, gradient accumulation, a gradient produced more than once, and
   during warm-up while the counts are unknown): accumulated in fp32 in the group's GRAD chunk.
 
+A gradient on an accelerator bound for a chunk in host memory is copied on the copy stream
+(``_offload``): no host sync per parameter; the optimizer waits for the chunk.  Adding a second
+gradient to a slot waits for the bytes first.
+
 Each parameter's squared gradient norm is taken as its gradient arrives, the same way on
 both paths, in every dtype: the step sums them with one host sync to skip a non-finite step
 (hetmem/optimizer.py) and, without gradient accumulation, to clip, so a run resumed from a
@@ -134,8 +138,26 @@ class GradRouter:
             source = grad if slot.grad_fires == 1 and not had_grad else target
             self.norm_parts[id(slot)] = torch.linalg.vector_norm(source, dtype=torch.float32).square()
 
+    def _offload(self, chunk, slot: ParamSlot, grad: torch.Tensor) -> torch.Tensor | None:
+        """A device gradient bound for a host chunk: copied on the copy stream, no host sync per
+        parameter (the optimizer waits for the chunk).  None when it cannot go that way."""
+        payload = self.manager.payload_for_slot_copy(chunk)
+        if payload is None or grad.device != self.manager.device:
+            return None
+        target = payload.narrow(0, slot.offset, slot.numel)
+        self.manager.copy_into(chunk, target, grad.reshape(-1).to(target.dtype),
+                               f"gradient of {slot.name} -> {chunk.name} (host)")
+        return target
+
     def _into_slot(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
         chunk = group.chunks[ChunkKind.PARAM]
+        if slot.state is not TensorState.GRAD_IN_SLOT:
+            target = self._offload(chunk, slot, grad)
+            if target is not None:
+                slot.set_state(TensorState.GRAD_IN_SLOT)
+                self.manager.unbind_slot(chunk, slot)
+                slot.has_grad = True
+                return target
         payload = self.manager.payload_in_memory(chunk)
         self.manager.mark_dirty(chunk)
         target = payload.narrow(0, slot.offset, slot.numel)
@@ -154,7 +176,13 @@ class GradRouter:
 
     def _into_grad_chunk(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
         chunk = group.chunks[ChunkKind.GRAD]
-        payload = self.manager.payload_in_memory(chunk)
+        if not slot.has_grad:
+            target = self._offload(chunk, slot, grad)
+            if target is not None:
+                slot.has_grad = True
+                slot.set_state(TensorState.HOLD_AFTER_BWD)
+                return target
+        payload = self.manager.payload_in_memory(chunk)  # accumulating: the bytes must be there
         self.manager.mark_dirty(chunk)
         target = payload.narrow(0, slot.offset, slot.numel)
         source = grad.reshape(-1)

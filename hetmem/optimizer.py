@@ -3,7 +3,7 @@
 For each trainable group, the contiguous runs of parameters that have a gradient, the same
 step count and the same param group (``engine.optimizer.param_groups``, whose hyperparameters
 are read at every step: hetmem/optimizer_groups.py) are updated by one kernel call each.  A
-group whose chunks are all on a CUDA device is updated there with torch ops; every other
+group whose chunks are all on an accelerator is updated there with torch ops; every other
 group by the fused CPU Adam, which reads the (low-precision) gradient, divides out loss scale
 and clipping in the same pass, and writes the new low-precision parameters into the PARAM
 chunk.
@@ -279,8 +279,8 @@ class ChunkedAdam:
         return touched
 
     def _on_device(self, group: ChunkGroup) -> bool:
-        return self.device.type == "cuda" and all(c.tier is Tier.DEVICE for c in group.chunks.values()
-                                                  if c.tier is not None)
+        return self.manager.accelerator.separate_memory and all(
+            c.tier is Tier.DEVICE for c in group.chunks.values() if c.tier is not None)
 
     def _step_group(self, group: ChunkGroup, grad_scale: float) -> None:
         runs = grad_runs(group, self.group_of)
@@ -325,12 +325,13 @@ class ChunkedAdam:
         """The chunks the update reads and writes, in memory where it will run, pinned there
         (bringing one in must not spill another); the caller unpins them."""
         names = self._operand_chunks(group)
-        param = names["param"]
-        if not self._on_device(group) and param.tier is Tier.DEVICE and self.device.type == "cuda":
-            # CPU Adam writes the new parameters: bring the PARAM chunk (and its in-slot
-            # gradients) to the host.
-            self.manager.move(param, Tier.HOST, cause="optimizer")
         chunks = set(names.values())
+        if self.manager.accelerator.separate_memory and not self._on_device(group):
+            # the CPU Adam runs on the host: every operand still on the device comes over (the
+            # PARAM chunk with its in-slot gradients; after "everything fits" and a new warm-up,
+            # the master and Adam states too, while the gradients went to the host)
+            for chunk in sorted((c for c in chunks if c.tier is Tier.DEVICE), key=lambda c: c.id):
+                self.manager.move(chunk, Tier.HOST, cause="optimizer")
         for chunk in chunks:  # start every read before waiting for any
             if chunk.tier is Tier.NVME and chunk.transfer is None:
                 self.manager.move(chunk, Tier.HOST, cause="optimizer")
@@ -354,7 +355,8 @@ class ChunkedAdam:
         kwargs = dict(step=step, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
                       weight_decay=hyper.weight_decay, decoupled=hyper.decoupled, grad_scale=grad_scale,
                       out=out, bias_correction=hyper.bias_correction)
-        if weights.device.type == "cpu":
+        self.manager.accelerator.check_colocated(*flat.values())
+        if not (self.manager.accelerator.separate_memory and all(c.tier is Tier.DEVICE for c in chunks.values())):
             from hetmem.ops.adam import adam_step
         else:
             from hetmem.ops.adam import torch_adam_step as adam_step

@@ -112,7 +112,7 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
     chunk = _smallest_chunk(work)
     engine = initialize(work, Config(device=device, dtype=dtype, chunk_size=chunk, prefetch=False,
                                      memory_trace=False, gradient_clipping=None), init_fn=init_fn)
-    attribution = _Attribution(engine)
+    attribution = _Attribution(engine.module, engine.saved_tensors)
     try:
         output = _call(engine, batch)
         loss = loss_fn(output) if loss_fn is not None else _loss_of(output)
@@ -123,8 +123,7 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
                     "chunk_bytes": sum(chunk_bytes[i] for i in r.working_set),
                     "non_model_peak": r.non_model_peak} for r in schedule]
         need = max((m["chunk_bytes"] + m["non_model_peak"] for m in moments), default=0)
-        margin_share = 0.05 if engine.device.type == "cuda" else 0.0
-        min_budget = int(need / (1 - margin_share)) + 1
+        min_budget = engine.accelerator.budget_for(need) + 1  # the engine's own margin rule
         params = engine.layout.numel
         trainable = engine.layout.trainable_numel
         element = 4 if dtype == "fp32" else 2
@@ -146,17 +145,17 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
 class _Attribution:
     """Saved-activation bytes per module: the innermost module whose forward is running."""
 
-    def __init__(self, engine):
+    def __init__(self, module: nn.Module, saved_tensors):
         self.by_module: dict[str, int] = {}
         self._stack: list[str] = []
         self._seen: set[int] = set()
-        names = {m: n for n, m in engine.module.named_modules()}
+        names = {m: n for n, m in module.named_modules()}
         self._handles = []
         for module, name in names.items():
             self._handles.append(module.register_forward_pre_hook(self._enter(name)))
             self._handles.append(module.register_forward_hook(self._leave))
-        engine.saved_tensors.listeners.append(self._on_saved)
-        self._engine = engine
+        saved_tensors.listeners.append(self._on_saved)
+        self._saved_tensors = saved_tensors      # hetmem.hooks.SavedTensorHooks
 
     def _enter(self, name: str):
         def hook(module, args) -> None:
@@ -178,5 +177,5 @@ class _Attribution:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        if self._on_saved in self._engine.saved_tensors.listeners:
-            self._engine.saved_tensors.listeners.remove(self._on_saved)
+        if self._on_saved in self._saved_tensors.listeners:
+            self._saved_tensors.listeners.remove(self._on_saved)

@@ -44,7 +44,7 @@ from hetmem.nvme.aio import AsyncFile, Request, _check_tensor
 from hetmem.nvme.buffers import padded_nbytes
 from hetmem.nvme.checksum import blob_checksum
 from hetmem.nvme.config import DEFAULT_BACKEND, DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, DEFAULT_THREADS
-from hetmem.units import format_bytes
+from hetmem._core.units import format_bytes
 
 logger = logging.getLogger("hetmem.nvme.swap")
 

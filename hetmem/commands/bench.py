@@ -16,6 +16,7 @@ BENCHMARKS = {
     "throughput": "train_throughput",
     "trace": "trace_overhead",
     "nvme-train": "nvme_train",
+    "gpu": "gpu_acceptance",
 }
 
 
