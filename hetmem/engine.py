@@ -103,7 +103,7 @@ class Engine:
         self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
         # a torch.optim.Optimizer over the user's groups; its step() is this engine's step
         self.optimizer = HetmemOptimizer(param_groups, layout=self.layout, manager=self.manager, adam=self.adam,
-                                         run_step=self._step)
+                                         run_step=self._step, drop_gradients=self.zero_grad)
         if optimizer is not None and optimizer.state:
             self.optimizer.load_state_dict(optimizer.state_dict())  # the user's optimizer had stepped
         self.global_step = 0          # optimizer steps taken, skipped (non-finite) steps included

@@ -131,11 +131,13 @@ class HetmemOptimizer(torch.optim.Optimizer):
     """``engine.optimizer``; see the module docstring.  Built by the engine, not by users."""
 
     def __init__(self, groups: list[tuple[dict[str, Any], list[ParamSlot]]], *, layout: Layout,
-                 manager: ChunkManager, adam: ChunkedAdam, run_step: Callable[[], bool]):
+                 manager: ChunkManager, adam: ChunkedAdam, run_step: Callable[[], bool],
+                 drop_gradients: Callable[[], None]):
         self.layout = layout          # parameter -> slot
         self.manager = manager        # reads and writes Adam's state in chunks (state dicts)
         self.adam = adam              # the chunked update; given each group's numbers before a step
         self._run_step = run_step     # the engine's step (checks, accumulation boundary, the update)
+        self._drop_gradients = drop_gradients  # the engine's zero_grad: pending gradients dropped
         self.last_step_ran = False    # whether the last step() updated (False between boundaries)
         defaults = dict(groups[0][0]) if groups else {}
         super().__init__([{**hyper, "params": [s.param for s in slots]} for hyper, slots in groups], defaults)
@@ -164,7 +166,9 @@ class HetmemOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing to do: gradients never stay in ``param.grad`` (the step consumes them)."""
+        """``engine.zero_grad()``: drop the gradients pending since the last step, as torch's
+        drops ``param.grad`` (after a step there are none, so the usual call there is free)."""
+        self._drop_gradients()
 
     def run_update(self) -> StepResult:
         """Read every group's parameters and hyperparameters now, then run the chunked update

@@ -15,7 +15,7 @@ Everything the Trainer does stays the Trainer's: data loading, the optimizer's p
 - The optimizer the Trainer builds (a ``torch.optim.AdamW``) is handed to
   ``hetmem.initialize(model, config, optimizer=...)``; the Trainer then holds
   ``engine.optimizer``, whose ``step()`` is the engine's step, so the Trainer's own
-  ``optimizer.step()`` is the one step (``zero_grad`` does nothing: gradients live in chunks).
+  ``optimizer.step()`` is the one step (``zero_grad`` drops pending gradients, none after a step).
 - Forward and backward go through the engine (``engine(**inputs)``, ``engine.backward``): the
   model the Trainer calls is ``EngineModel``, a thin module whose forward is the engine's.
 - hetmem's device is the Trainer's (``TrainingArguments.device``; ``use_cpu=True`` for the CPU).

@@ -195,7 +195,7 @@ def test_engine_optimizer_is_a_torch_optimizer_whose_step_is_the_engine_step():
     with pytest.raises(RuntimeError, match="engine.backward"):
         opt.step()
     engine.backward(loss)
-    opt.zero_grad()  # a no-op: the gradient stays in its chunk
+    opt.zero_grad()  # engine.zero_grad(): this micro-step's gradient is dropped, nothing lands in .grad
     assert all(p.grad is None for p in model.parameters())
     assert not engine.step() and engine.global_step == 0  # not an accumulation boundary
     hooked = []
@@ -346,3 +346,20 @@ def test_add_param_group_trains_parameters_left_out_at_initialize():
     after = engine.state_dict()
     assert not torch.equal(after["ln_f.bias"], before["ln_f.bias"])
     assert engine.optimizer.param_groups[1]["lr"] == 1e-3  # the defaults of the user's optimizer
+
+
+def test_optimizer_zero_grad_drops_the_pending_gradient_as_torch_does():
+    ref, model = pair(seed=6)
+    (x1, y1), (x2, y2) = batches(2, seed=12)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)
+    engine = hetmem.initialize(model, config(device_budget=TIGHT))
+    for m, backward, opt in ((ref, lambda loss: loss.backward(), opt_ref), (engine, engine.backward, engine.optimizer)):
+        backward(m(x1, y1))
+        opt.zero_grad()          # the first batch's gradient is dropped
+        backward(m(x2, y2))
+        opt.step()
+    moved = engine.recorder.steps[-1]["moves"]
+    assert moved, "the budget did not move chunks"
+    state = engine.state_dict()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7, msg=key)
