@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hetmem.activations import attach as attach_activation_offload
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import Config
@@ -76,8 +77,10 @@ class Engine:
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
         self.buffer_bytes = move_buffers(model, self.device)
         self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
+        self.activations = attach_activation_offload(config.activation_offload, self.manager, self.tracer,
+                                                     self.budgets.host)  # None when "off"
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
-                                   recorder=self.recorder)
+                                   recorder=self.recorder, activations=self.activations)
         self.hooks = ModuleHooks(self.scheduler, self.tracer.probe)
         self.hooks.install(model, self.layout.module_slots)
         self.saved_tensors = SavedTensorHooks(self.scheduler, self.tracer.probe)

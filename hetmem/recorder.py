@@ -119,6 +119,8 @@ class Recorder(ChunkEvents):
             move["wait_s"] = transfer.waited_s
         self._pending_moves.clear()
         step["t_end"] = now
+        if self.engine.activations is not None:
+            step["activations"] = self.engine.activations.take_stats()
         span = {name: sum(p["t_end"] - p["t_start"] for p in step["phases"] if p["name"] == name)
                 for name in ("forward", "backward", "optimizer")}
         step["time"] = {"forward_s": span["forward"], "backward_s": span["backward"],
@@ -179,8 +181,20 @@ class Recorder(ChunkEvents):
                      "model": {"name": type(model).__name__, "parameters": engine.layout.numel,
                                "trainable_parameters": engine.layout.trainable_numel}},
             "chunks": chunks,
+            **self._activation_floors(),
             "steps": [{**s, "moments": [_moment_dict(m) for m in s["moments"]]} for s in self.steps],
         }
+
+    def _activation_floors(self) -> dict:
+        """The smallest device budgets of the last warm-up, with and without activation offload."""
+        engine = self.engine
+        schedule = engine.tracer.store.schedule
+        if engine.activations is None or not schedule:
+            return {}
+        floors = engine.activations.floors(schedule, {c.id: c.nbytes for c in engine.manager.chunks})
+        margin = engine.budgets.margin
+        return {"activation_offload": {"min_device_budget": floors[0] + margin,
+                                       "min_device_budget_offload": floors[1] + margin}}
 
     def report(self):
         from hetmem.report import MemoryReport

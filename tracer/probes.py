@@ -34,6 +34,11 @@ class LiveBytes:
         self._held: dict[int, list[int]] = {}  # storage data_ptr -> [nbytes, holders]
         self.current = 0                       # bytes held now
         self.peak = 0                          # max of current since reset_peak()
+        # saved activations moved to host memory (hetmem/activations): their bytes, and the
+        # peak of current + those bytes, i.e. the peak had nothing been moved (the trace's)
+        self.moved_off = 0
+        self.natural_peak = 0                  # since reset_peak()
+        self.last_natural_peak = 0             # of the interval the last reset_peak() closed
 
     def hold(self, key: tuple[int, int]) -> None:
         ptr, nbytes = key
@@ -44,6 +49,8 @@ class LiveBytes:
                 self.current += nbytes
                 if self.current > self.peak:
                     self.peak = self.current
+                if self.current + self.moved_off > self.natural_peak:
+                    self.natural_peak = self.current + self.moved_off
             else:
                 entry[1] += 1
 
@@ -58,16 +65,24 @@ class LiveBytes:
                 del self._held[ptr]
                 self.current -= entry[0]
 
+    def shift(self, delta: int) -> None:
+        """``delta`` bytes moved off the device (> 0, after their release) or back (< 0, before
+        their new hold), so that ``current + moved_off`` only ever dips, never spikes."""
+        with self._lock:
+            self.moved_off = max(0, self.moved_off + delta)
+
     def reset_peak(self) -> int:
         """The peak since the last reset; the new interval starts at the current level."""
         with self._lock:
             peak, self.peak = self.peak, self.current
+            self.last_natural_peak = self.natural_peak
+            self.natural_peak = self.current + self.moved_off
             return peak
 
     def reset(self) -> None:
         with self._lock:
             self._held.clear()
-            self.current = self.peak = 0
+            self.current = self.peak = self.moved_off = self.natural_peak = self.last_natural_peak = 0
 
 
 class _Holder:

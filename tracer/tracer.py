@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from typing import Callable
 
 from .budget import BudgetPolicy
 from .clock import Moment, MomentClock, MomentKind
@@ -39,6 +40,10 @@ class MemoryTracer:
         self.stale_reason: str | None = None  # why the last schedule went stale
         self.last_interval: tuple[int, int] | None = None  # (moment index, non-model peak) last closed
         self._needs_warmup = True
+        # the interval's non-model peak had no saved activation been moved to host memory (from
+        # the measured peak); hetmem/activations sets it.  The store keeps that peak, so the
+        # schedule describes the model, not what the last step chose to offload.
+        self.natural_peak: Callable[[int], int] = lambda peak: peak
 
     # -- micro-step boundaries ---------------------------------------------------------
 
@@ -99,16 +104,17 @@ class MemoryTracer:
 
     def _close_interval(self, chunk_bytes_min: int) -> None:
         peak = self.probe.interval_peak(chunk_bytes_min)
+        natural = self.natural_peak(peak)
         current = self.clock.current
         if current is None:
             return
         self.last_interval = (current.index, peak)
         if self.mode is TracerMode.WARMUP:
-            self.store.note_peak(current.index, peak)
+            self.store.note_peak(current.index, natural)
         elif self.mode is TracerMode.STEADY:
             expected = self.store.expected(current.index)
-            if expected is not None and peak > expected.non_model_peak * GROWTH_FACTOR + GROWTH_SLACK:
-                self._mark_stale(f"non-model peak {peak} B after moment {current.index} exceeds the "
+            if expected is not None and natural > expected.non_model_peak * GROWTH_FACTOR + GROWTH_SLACK:
+                self._mark_stale(f"non-model peak {natural} B after moment {current.index} exceeds the "
                                  f"recorded {expected.non_model_peak} B (input shapes changed?)")
 
     def _mark_stale(self, reason: str) -> None:

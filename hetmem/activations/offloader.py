@@ -1,0 +1,437 @@
+"""Saved activations moved to host memory in forward and back ahead of their use in backward.
+
+The saved-tensor hooks (hetmem/hooks.py) hand every saved tensor that is not a view of a
+parameter chunk to ``ActivationOffloader.pack``.  One ``SavedEntry`` stands for one device
+storage (the saved views of it share the entry, so a storage is copied once); autograd keeps a
+small ``SavedActivation`` (entry + view geometry) instead of the tensor.
+
+When entries leave the device:
+- following a plan (steady state, hetmem/activations/policy.py): the entries the plan chose
+  start their device->host copy when they are saved; at the next moments the copy is found
+  finished and, once nothing but autograd holds the storage, the device bytes are released;
+  each comes back at its planned moment (one moment before backward first uses it), after
+  that moment's chunks are placed, so the copy runs while the moment computes;
+- with no plan yet (the warm-up) or off the plan: only when the scheduler would otherwise
+  fail to make room (every unpinned chunk already evicted), the oldest saved activations —
+  needed last by backward — go to host memory synchronously until the bytes fit, and come
+  back when backward unpacks them.
+
+Accounting: an entry's device bytes are held through the probe (``probe.hold_saved``) while it
+has a device copy; released bytes are reported to the probe's ``LiveBytes.shift`` so the trace
+keeps the non-model peak the model would have with nothing moved (the plan's input).  Host
+buffers count against ``host_budget`` through ``host_room``.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from hetmem.chunk_manager.buffers import sole_owner
+from hetmem.chunk_manager.manager import DeviceBudgetError
+from hetmem.chunk_manager.states import IllegalTransition
+from hetmem.units import format_bytes
+
+from .policy import (MIN_OFFLOAD_BYTES, OffloadPlan, SavedRecord, floor_with_offload, floor_without_offload,
+                     plan_offload)
+from .transfer import ActivationLink
+
+logger = logging.getLogger("hetmem.activations")
+
+
+class EntryState(enum.Enum):
+    RESIDENT = "resident"      # the device copy is held; no host copy
+    OFFLOADING = "offloading"  # device->host copy in flight; the device copy is still held
+    RELEASING = "releasing"    # host copy complete; the device storage is still shared, so held
+    HOST = "host"              # only the host copy exists
+    RESTORING = "restoring"    # host->device copy in flight into a new device buffer
+
+
+LEGAL = {
+    EntryState.RESIDENT: {EntryState.OFFLOADING},
+    EntryState.OFFLOADING: {EntryState.RELEASING, EntryState.RESIDENT},  # RESIDENT: used or aborted first
+    EntryState.RELEASING: {EntryState.HOST, EntryState.RESIDENT},
+    EntryState.HOST: {EntryState.RESTORING},
+    EntryState.RESTORING: {EntryState.RESIDENT},
+}
+
+
+class SavedEntry:
+    """One saved device storage; dies when autograd frees the last saved view of it."""
+
+    __slots__ = ("seq", "nbytes", "ptr", "state", "device", "host", "transfer", "unpacked", "_owner",
+                 "__weakref__")
+
+    def __init__(self, seq: int, nbytes: int, ptr: int, device: object, owner: "ActivationOffloader"):
+        self.seq = seq              # creation order in the micro-step: its record in the plan
+        self.nbytes = nbytes
+        self.ptr = ptr              # data_ptr of the saved device storage
+        self.state = EntryState.RESIDENT
+        self.device = device        # what the probe holds for the device copy (uint8, nbytes); None on HOST
+        self.host: torch.Tensor | None = None  # host copy (uint8, nbytes) while one exists
+        self.transfer = None        # the copy in flight (chunk_manager.mover.Transfer)
+        self.unpacked = False       # backward used it: it stays on the device from then on
+        self._owner = owner
+
+    def set_state(self, new: EntryState) -> None:
+        if new not in LEGAL[self.state]:
+            raise IllegalTransition(f"saved activation {self.seq} ({format_bytes(self.nbytes)}): "
+                                    f"{self.state.value} -> {new.value} is not a legal transition")
+        self.state = new
+
+    def __del__(self) -> None:
+        self._owner._entry_died(self)
+
+
+class SavedActivation:
+    """What autograd keeps for a saved tensor: its entry and the view's geometry."""
+
+    __slots__ = ("entry", "dtype", "offset", "size", "stride")
+
+    def __init__(self, entry: SavedEntry, tensor: torch.Tensor):
+        self.entry = entry
+        self.dtype = tensor.dtype
+        self.offset = tensor.storage_offset()
+        self.size = tuple(tensor.size())
+        self.stride = tuple(tensor.stride())
+
+
+@dataclass
+class ActivationStats:
+    """Per step, for the report."""
+
+    offloads: int = 0
+    offloaded_bytes: int = 0
+    restores: int = 0
+    restored_bytes: int = 0
+    late_restores: int = 0      # restored only when backward asked for them
+    wait_s: float = 0.0         # compute blocked on activation copies
+
+
+class ActivationOffloader:
+    def __init__(self, link: ActivationLink, probe, *, moment_index: Callable[[], int],
+                 host_room: Callable[[int], bool]):
+        self.link = link
+        self.probe = probe                      # holds the device copies' bytes (tracer/probes.py)
+        self.moment_index = moment_index        # the current moment's index
+        self.host_room = host_room              # may nbytes more host memory hold activations?
+        self.make_room: Callable[[int], None] = lambda nbytes: None  # the scheduler: room for a restore
+        self.on_mismatch: Callable[[str], None] = lambda reason: None  # the tracer: schedule is stale
+        self.observe: Callable[[], object] = lambda: None  # the scheduler: measure the device total now
+        self._live = getattr(probe, "live", None)  # CPU: LiveBytes, for exact non-model peaks
+        self._lock = threading.Lock()           # entries die on autograd's threads too
+        # this micro-step
+        self._by_storage: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # ptr -> entry
+        self._order: list[weakref.ref] = []     # entries in pack order (the oldest go first)
+        self._in_flight: list[SavedEntry] = []  # entries with a copy in flight
+        self._releasing: list[SavedEntry] = []  # copied, waiting for the device storage to be theirs
+        self._restore_due: dict[int, list[weakref.ref]] = {}  # moment -> entries it brings back
+        self._seq = 0
+        # the warm-up's view of the step, and the plan made from it
+        self.records: list[SavedRecord] = []
+        self.moment_chunks: dict[int, int] = {}  # moment -> chunk bytes pinned there (warm-up)
+        self._recording = False
+        self._unmarked: list[weakref.ref] = []  # warm-up entries whose free_from is not known yet
+        self.plan: OffloadPlan | None = None
+        self._following = False
+        # bytes now
+        self.host_bytes = 0                     # host buffers holding activations
+        self.away = 0                           # activation bytes released on the device now
+        self._away_peak = 0                     # max of away since natural_peak() last ran
+        self.stats = ActivationStats()
+
+    # -- micro-step boundaries -------------------------------------------------------------
+
+    def begin_microstep(self, recording: bool) -> None:
+        self._by_storage.clear()
+        self._order = []
+        self._restore_due = {}
+        self._seq = 0
+        self._recording = recording
+        if recording:
+            self.records, self.moment_chunks, self._unmarked = [], {}, []
+        self._following = not recording and self.plan is not None and bool(self.plan.restore_at)
+
+    def end_microstep(self, schedule, chunk_bytes: dict[int, int], usable: int) -> None:
+        """After a recorded micro-step: plan the next ones (``schedule``: the store's records)."""
+        if not self._recording:
+            return
+        self._recording = False
+        chunks, non_model = self.moment_needs(schedule, chunk_bytes)
+        self.plan = plan_offload(self.records, chunks, non_model, usable)
+        for record, saving in zip(schedule, self.plan.saving):
+            record.offloaded = saving
+        if self.plan.restore_at:
+            logger.info("activation plan: %d of %d saved activations to host memory (%s at the fullest "
+                        "moment)%s", len(self.plan.restore_at), len(self.records),
+                        format_bytes(max(self.plan.saving)),
+                        "" if self.plan.feasible else
+                        f"; still {format_bytes(self.plan.deficit)} over the budget at some moment")
+
+    def moment_needs(self, schedule, chunk_bytes: dict[int, int]) -> tuple[list[int], list[int]]:
+        """Per moment: chunk bytes that must be on the device, non-model peak with nothing moved."""
+        chunks = [max(sum(chunk_bytes[i] for i in r.working_set), self.moment_chunks.get(t, 0))
+                  for t, r in enumerate(schedule)]
+        return chunks, [r.non_model_peak for r in schedule]
+
+    def floors(self, schedule, chunk_bytes: dict[int, int]) -> tuple[int, int]:
+        """Smallest usable budgets for the recorded step: without offload, with it."""
+        chunks, non_model = self.moment_needs(schedule, chunk_bytes)
+        return floor_without_offload(chunks, non_model), floor_with_offload(self.records, chunks, non_model)
+
+    def abort(self) -> None:
+        """After a failed step: land every copy, keep what is on the device, drop the plan's step."""
+        for entry in self._in_flight + self._releasing:
+            try:
+                self.link.wait(entry.transfer) if entry.transfer is not None else None
+            except BaseException:  # noqa: BLE001 - the step failed already; the bytes are dropped
+                logger.debug("activation copy failed during an abort", exc_info=True)
+            entry.transfer = None
+            if entry.state is EntryState.RESTORING:
+                entry.set_state(EntryState.RESIDENT)
+            elif entry.state is EntryState.OFFLOADING:
+                entry.set_state(EntryState.RESIDENT)
+            elif entry.state is EntryState.RELEASING:
+                entry.set_state(EntryState.RESIDENT)
+            self._drop_host(entry)
+        self._in_flight, self._releasing = [], []
+        self._recording = self._following = False
+        self._restore_due = {}
+
+    # -- saved tensors -----------------------------------------------------------------------
+
+    def pack(self, tensor: torch.Tensor) -> SavedActivation | None:
+        """For the pack hook; None: not an activation this offloader handles (keep it as before)."""
+        if (tensor.device != self.link.device or tensor.layout is not torch.strided
+                or type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.is_conj() or tensor.is_neg()):
+            return None
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return None
+        nbytes = storage.nbytes()
+        if nbytes < MIN_OFFLOAD_BYTES:
+            return None
+        entry = self._by_storage.get(storage.data_ptr())
+        if entry is None or entry.nbytes != nbytes or entry.device is None:
+            entry = self._new_entry(storage, nbytes)
+        return SavedActivation(entry, tensor)
+
+    def _new_entry(self, storage, nbytes: int) -> SavedEntry:
+        base = torch.empty(0, dtype=torch.uint8, device=self.link.device).set_(storage)
+        entry = SavedEntry(self._seq, nbytes, storage.data_ptr(), self.probe.hold_saved(base), self)
+        self._seq += 1
+        self._by_storage[entry.ptr] = entry
+        self._order.append(weakref.ref(entry))
+        now = self.moment_index()
+        if self._recording:
+            self.records.append(SavedRecord(nbytes, now))
+            self._unmarked.append(weakref.ref(entry))
+        elif self._following:
+            seq = entry.seq
+            if seq >= len(self.records) or self.records[seq].nbytes != nbytes:
+                self._following = False
+                self.on_mismatch(f"saved activation {seq} is {nbytes} B; the trace recorded "
+                                 f"{self.records[seq].nbytes if seq < len(self.records) else 'none'}")
+            elif seq in self.plan.restore_at and self._offload(entry):
+                due = self.plan.restore_at[seq]
+                if due is not None:
+                    self._restore_due.setdefault(due, []).append(weakref.ref(entry))
+        return entry
+
+    def unpack(self, packed: SavedActivation) -> torch.Tensor:
+        entry = packed.entry
+        if self._recording and entry.seq < len(self.records) and self.records[entry.seq].used_at is None:
+            self.records[entry.seq].used_at = self.moment_index()
+        state = entry.state
+        if state is EntryState.HOST:
+            self.stats.late_restores += 1
+            self._restore(entry)
+            state = entry.state
+        if state is EntryState.RESTORING:
+            self._finish_restore(entry)
+        elif state in (EntryState.OFFLOADING, EntryState.RELEASING):  # still on the device: keep it there
+            self._keep_on_device(entry)
+        entry.unpacked = True
+        device = self.probe.unwrap(entry.device)
+        return torch.empty(0, dtype=packed.dtype, device=device.device).set_(
+            device.untyped_storage(), packed.offset, packed.size, packed.stride)
+
+    # -- moments -----------------------------------------------------------------------------
+
+    def on_moment(self, index: int) -> None:
+        """A moment starts: finish landed copies, release what became ours."""
+        for entry in list(self._in_flight):
+            if entry.transfer is not None and entry.transfer.done():
+                self._finish(entry)
+        self._release_ready()
+        if self._recording:
+            self._mark_free(index)
+
+    def on_moment_ready(self, index: int, pinned_chunk_bytes: Callable[[], int]) -> None:
+        """The moment's chunks are placed: bring back what the plan wants here (warm-up: note the
+        chunk bytes pinned, asked only then)."""
+        if self._recording:
+            self.moment_chunks[index] = max(self.moment_chunks.get(index, 0), pinned_chunk_bytes())
+        for ref in self._restore_due.pop(index, ()):
+            entry = ref()
+            if entry is None or entry.state is not EntryState.HOST:
+                continue
+            try:
+                self._restore(entry)
+            except DeviceBudgetError as exc:  # it comes back when backward asks for it
+                logger.debug("restore of saved activation %d deferred: %s", entry.seq, exc)
+
+    def settle(self) -> float:
+        """Land every offload in flight and release what it frees; seconds blocked."""
+        blocked = 0.0
+        for entry in [e for e in self._in_flight if e.state is EntryState.OFFLOADING]:
+            blocked += self._finish(entry)
+        self._release_ready()
+        return blocked
+
+    def relieve(self, nbytes: int) -> float:
+        """Move the oldest saved activations to host memory until ``nbytes`` left the device."""
+        freed, blocked = 0, 0.0
+        for ref in self._order:
+            if freed >= nbytes:
+                break
+            entry = ref()
+            if (entry is None or entry.state is not EntryState.RESIDENT or entry.unpacked
+                    or not sole_owner(self.probe.unwrap(entry.device))):
+                continue
+            if not self._offload(entry):
+                break  # host_budget is full
+            blocked += self._finish(entry)
+            if entry.state is EntryState.HOST:
+                freed += entry.nbytes
+        if freed:
+            logger.debug("moved %s of saved activations to host memory to make room", format_bytes(freed))
+        return blocked
+
+    def natural_peak(self, peak: int) -> int:
+        """The tracer's: this interval's non-model peak had nothing been moved."""
+        if self._live is not None:
+            return max(peak, self._live.last_natural_peak)
+        with self._lock:
+            extra, self._away_peak = self._away_peak, self.away
+        return peak + extra  # allocator probes: an upper bound
+
+    def take_stats(self) -> dict:
+        stats, self.stats = self.stats, ActivationStats()
+        return asdict(stats)
+
+    # -- transitions -------------------------------------------------------------------------
+
+    def _offload(self, entry: SavedEntry) -> bool:
+        if not self.host_room(entry.nbytes):
+            logger.debug("host_budget is full: saved activation %d stays on the device", entry.seq)
+            return False
+        entry.host = self.link.host_buffer(entry.nbytes)
+        with self._lock:
+            self.host_bytes += entry.nbytes
+        entry.transfer = self.link.copy(entry.host, self.probe.unwrap(entry.device),
+                                        f"activation {entry.seq} device->host")
+        entry.set_state(EntryState.OFFLOADING)
+        self._in_flight.append(entry)
+        self.stats.offloads += 1
+        self.stats.offloaded_bytes += entry.nbytes
+        return True
+
+    def _restore(self, entry: SavedEntry) -> None:
+        self.make_room(entry.nbytes)
+        buffer = self.link.device_buffer(entry.nbytes)
+        self._moved(-entry.nbytes)  # before the new hold: the natural count never spikes
+        entry.device = self.probe.hold_saved(buffer)
+        entry.transfer = self.link.copy(buffer, entry.host, f"activation {entry.seq} host->device")
+        entry.set_state(EntryState.RESTORING)
+        self._in_flight.append(entry)
+        self.stats.restores += 1
+        self.stats.restored_bytes += entry.nbytes
+        self.observe()
+
+    def _finish(self, entry: SavedEntry) -> float:
+        """Wait for the entry's copy and move it on; seconds blocked."""
+        if entry.state is EntryState.RESTORING:
+            return self._finish_restore(entry)
+        blocked = self.link.wait(entry.transfer)
+        self.stats.wait_s += blocked
+        entry.transfer = None
+        self._in_flight.remove(entry)
+        entry.set_state(EntryState.RELEASING)
+        if not self._try_release(entry):
+            self._releasing.append(entry)
+        return blocked
+
+    def _finish_restore(self, entry: SavedEntry) -> float:
+        blocked = self.link.wait(entry.transfer)
+        self.stats.wait_s += blocked
+        entry.transfer = None
+        self._in_flight.remove(entry)
+        entry.set_state(EntryState.RESIDENT)
+        self._drop_host(entry)
+        return blocked
+
+    def _keep_on_device(self, entry: SavedEntry) -> None:
+        """Used before its device copy was released: cancel the offload."""
+        if entry.state is EntryState.OFFLOADING:
+            self.stats.wait_s += self.link.wait(entry.transfer)
+            entry.transfer = None
+            self._in_flight.remove(entry)
+        else:
+            self._releasing.remove(entry)
+        entry.set_state(EntryState.RESIDENT)
+        self._drop_host(entry)
+
+    def _try_release(self, entry: SavedEntry) -> bool:
+        """Drop the device copy if nothing else holds its storage (else no byte would be freed)."""
+        if not sole_owner(self.probe.unwrap(entry.device)):
+            return False
+        entry.device = None  # the probe's holder dies: the bytes leave the device count
+        self._by_storage.pop(entry.ptr, None)
+        self._moved(entry.nbytes)
+        entry.set_state(EntryState.HOST)
+        return True
+
+    def _release_ready(self) -> None:
+        if self._releasing:
+            self._releasing = [e for e in self._releasing if not self._try_release(e)]
+
+    def _mark_free(self, index: int) -> None:
+        """Warm-up: note the moment from which each saved storage is autograd's alone."""
+        still = []
+        for ref in self._unmarked:
+            entry = ref()
+            if entry is None or entry.unpacked:
+                continue
+            if entry.state is EntryState.HOST or (entry.device is not None
+                                                  and sole_owner(self.probe.unwrap(entry.device))):
+                self.records[entry.seq].free_from = index
+            else:
+                still.append(ref)
+        self._unmarked = still
+
+    def _moved(self, delta: int) -> None:
+        with self._lock:
+            self.away += delta
+            self._away_peak = max(self._away_peak, self.away)
+        if self._live is not None:
+            self._live.shift(delta)
+
+    def _drop_host(self, entry: SavedEntry) -> None:
+        host, entry.host = entry.host, None
+        if host is not None:
+            self.link.give_back(host)
+            with self._lock:
+                self.host_bytes -= entry.nbytes
+
+    def _entry_died(self, entry: SavedEntry) -> None:
+        """Autograd freed the last view (also of an entry still in host memory)."""
+        if entry.state is EntryState.HOST:
+            self._moved(-entry.nbytes)
+        self._drop_host(entry)

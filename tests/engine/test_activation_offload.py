@@ -1,0 +1,199 @@
+"""activation_offload="auto": saved activations go to host memory so the device budget can go
+below the activation peak; losses stay those of plain PyTorch and the budget holds at every
+saved tensor."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hetmem
+from hetmem.chunk_manager.states import Tier
+from tests.engine.helpers import batches, config, pair, steady_steps, tiny_gpt, train_plain
+from tests.engine.test_models import Checkpointed
+
+
+def _checked(engine) -> list[int]:
+    """Check the budget at every instant the scheduler measures (moments, saved tensors, restores)."""
+    checks = []
+    original = engine.scheduler.observe
+
+    def checked_observe():
+        total = original()
+        checks.append(total)
+        assert total <= engine.budgets.device, f"{total} B on the device > budget {engine.budgets.device}"
+        return total
+
+    engine.scheduler.observe = checked_observe
+    engine.activations.observe = checked_observe
+    return checks
+
+
+def _train(engine, data, *, accumulation=1, loss_of=lambda out: out, call=lambda e, x, y: e(x, y)):
+    losses = []
+    for x, y in data:
+        loss = loss_of(call(engine, x, y))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _activation_steps(engine):
+    return [s["activations"] for s in steady_steps(engine)]
+
+
+def _assert_offloaded_and_moved(engine, last: int | None = None):
+    steady = steady_steps(engine)[-last:] if last else steady_steps(engine)
+    stats = [s["activations"] for s in steady]
+    assert steady and all(s["offloads"] > 0 and s["restores"] > 0 for s in stats), stats
+    assert all(s["late_restores"] == 0 for s in stats), stats  # the plan brought them back in time
+    assert all(s["moves"] for s in steady)  # chunks moved too
+    assert engine.scheduler.peak_total <= engine.budgets.device
+
+
+def _between_floors(model, batch, share: float, dtype="fp32"):
+    """A budget ``share`` of the way from the floor with offload to the floor without it."""
+    result = hetmem.profile(model, batch, dtype=dtype, device="cpu")
+    low, high = result.min_device_budget_offload, result.min_device_budget
+    assert low < high
+    return int(low + share * (high - low)), result
+
+
+def test_gpt_trains_at_half_its_activation_peak_plus_its_largest_moment():
+    ref, model = pair()
+    data = batches(6)
+    result = hetmem.profile(ref, data[0], dtype="fp32", device="cpu")
+    largest_moment_chunks = max(m["chunk_bytes"] for m in result.moments)
+    budget = result.non_model_peak // 2 + largest_moment_chunks
+    engine = hetmem.initialize(model, config(device_budget=budget, chunk_size=result.chunk_elements))
+    checks = _checked(engine)
+    losses = _train(engine, data)
+    expected = train_plain(ref, data)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+    assert len(checks) > 100
+    assert engine.tracer.warmups == 1
+    _assert_offloaded_and_moved(engine)
+    # without activation offload the same budget cannot hold the activations
+    with pytest.raises(hetmem.DeviceBudgetError):
+        off = hetmem.initialize(pair()[1], config(device_budget=budget, chunk_size=result.chunk_elements,
+                                                  activation_offload="off"))
+        _train(off, data[:1])
+    # offloaded bytes really left the device count and came back: the budget is below the peak
+    assert budget < result.non_model_peak
+
+
+def test_auto_offloads_nothing_when_the_budget_holds_everything():
+    for budget in ("64MiB", "2304KiB"):  # everything resident / chunks evicted, activations fit
+        ref, model = pair()
+        data = batches(4)
+        engine = hetmem.initialize(model, config(device_budget=budget))
+        losses = _train(engine, data)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(train_plain(ref, data)), rtol=1e-5, atol=0)
+        assert engine.activations.plan is not None and not engine.activations.plan.restore_at
+        for step in engine.recorder.steps:
+            assert step["activations"]["offloads"] == 0 and step["activations"]["restores"] == 0
+        assert engine.activations.host_bytes == 0
+
+
+def test_off_keeps_the_saved_tensors_as_before_and_bad_values_are_rejected():
+    engine = hetmem.initialize(pair()[1], config(activation_offload="off"))
+    assert engine.activations is None and engine.scheduler.activations is None
+    with pytest.raises(ValueError, match=r"activation_offload='sometimes' is invalid: use 'auto' .* or 'off'"):
+        hetmem.Config(activation_offload="sometimes")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_below_its_floor(reentrant):
+    torch.manual_seed(0)
+    ref = Checkpointed(reentrant)
+    model = copy.deepcopy(ref)
+    data = batches(4)
+    budget, result = _between_floors(ref, data[0], 0.3)
+    engine = hetmem.initialize(model, config(device_budget=budget, chunk_size=result.chunk_elements))
+    _checked(engine)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)
+    for x, y in data:
+        expected = ref(x, y)
+        expected.backward()
+        opt.step()
+        opt.zero_grad()
+        got = engine(x, y)
+        engine.backward(got)
+        engine.step()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    _assert_offloaded_and_moved(engine)
+
+
+def test_hf_gpt2_below_its_floor():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(cfg)
+    model = copy.deepcopy(ref)
+    data = batches(5)
+    budget, result = _between_floors(ref, {"input_ids": data[0][0], "labels": data[0][0]}, 0.3)
+    engine = hetmem.initialize(model, config(device_budget=budget, chunk_size=result.chunk_elements))
+    _checked(engine)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)
+    for x, _ in data:
+        expected = ref(input_ids=x, labels=x).loss
+        expected.backward()
+        opt.step()
+        opt.zero_grad()
+        out = engine(input_ids=x, labels=x)
+        engine.backward(out.loss)
+        engine.step()
+        torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=0)
+    # the previous step's output (its logits), still held while the next forward runs, makes the
+    # first steady step warm up again (as without offload): the last two follow the plan
+    assert engine.tracer.warmups == 2
+    _assert_offloaded_and_moved(engine, last=2)
+
+
+def test_accumulation_no_grad_forwards_and_new_shapes():
+    ref, model = pair()
+    data = batches(6)
+    budget, result = _between_floors(ref, data[0], 0.3)
+    engine = hetmem.initialize(model, config(device_budget=budget, chunk_size=result.chunk_elements,
+                                             gradient_accumulation_steps=2))
+    _checked(engine)
+    losses = []
+    for i, (x, y) in enumerate(data):
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        if i == 3:
+            with torch.no_grad():  # an evaluation forward between steps changes nothing
+                engine(x, y)
+    expected = train_plain(ref, data, accumulation=2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+    assert engine.tracer.warmups == 1
+    _assert_offloaded_and_moved(engine)
+    # shorter sequences: a new warm-up and a new plan, still within the budget
+    short = batches(3, block_size=16, seed=1)
+    _train(engine, short)
+    assert engine.tracer.warmups == 2
+    assert engine.scheduler.peak_total <= engine.budgets.device
+    assert all(c.pins == 0 for c in engine.manager.chunks)
+    resident = sum(c.nbytes for c in engine.manager.chunks if c.tier is Tier.DEVICE)
+    assert resident == engine.manager.bytes_on(Tier.DEVICE)
+
+
+def test_profile_floor_with_offload_is_under_40_percent_at_sequence_512_and_trains():
+    model = tiny_gpt(block_size=512, d_model=32, n_head=2, n_layer=4)
+    data = batches(3, batch_size=1, block_size=512)
+    result = hetmem.profile(model, data[0], dtype="fp32", device="cpu")
+    assert result.min_device_budget_offload <= 0.4 * result.min_device_budget, result.to_text()
+    assert "with activation offload: device budget needed" in result.to_text()
+    # the reported floor trains
+    engine = hetmem.initialize(copy.deepcopy(model), config(device_budget=result.min_device_budget_offload,
+                                                            chunk_size=result.chunk_elements))
+    losses = _train(engine, data)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(train_plain(copy.deepcopy(model), data)),
+                               rtol=1e-5, atol=0)
+    assert engine.scheduler.peak_total <= result.min_device_budget_offload
+    assert all(s["offloads"] > 0 for s in _activation_steps(engine))
