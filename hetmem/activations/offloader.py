@@ -139,6 +139,9 @@ class ActivationOffloader:
         self._unmarked: list[weakref.ref] = []  # warm-up entries whose free_from is not known yet
         self.plan: OffloadPlan | None = None
         self._following = False
+        # plan for this usable device budget instead of the engine's (None: the engine's); the
+        # benchmark sets it to measure offloading at a budget that would not need it
+        self.plan_usable: int | None = None
         # bytes now
         self.host_bytes = 0                     # host buffers holding activations
         self.away = 0                           # activation bytes released on the device now
@@ -163,7 +166,8 @@ class ActivationOffloader:
             return
         self._recording = False
         chunks, non_model = self.moment_needs(schedule, chunk_bytes)
-        self.plan = plan_offload(self.records, chunks, non_model, usable)
+        self.plan = plan_offload(self.records, chunks, non_model,
+                                 usable if self.plan_usable is None else self.plan_usable)
         for record, saving in zip(schedule, self.plan.saving):
             record.offloaded = saving
         if self.plan.restore_at:
