@@ -23,7 +23,7 @@ import torch
 
 from hetmem.chunk_manager.mover import Mover, Transfer
 
-KEEP_FREE = 4  # free host buffers kept per size
+KEEP_FREE = 64  # free host buffers kept per size (they count against host_budget; trimmed when it is full)
 
 
 class ActivationLink:

@@ -37,7 +37,14 @@ def _train(engine, data, *, accumulation=1, loss_of=lambda out: out, call=lambda
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        _assert_nothing_left(engine)
     return losses
+
+
+def _assert_nothing_left(engine):
+    """After a step every saved activation is gone: no host bytes, nothing counted as away."""
+    assert engine.activations.host_bytes == 0 and engine.activations.away == 0
+    assert engine.tracer.probe.live.moved_off == 0
 
 
 def _activation_steps(engine):
@@ -197,3 +204,27 @@ def test_profile_floor_with_offload_is_under_40_percent_at_sequence_512_and_trai
                                rtol=1e-5, atol=0)
     assert engine.scheduler.peak_total <= result.min_device_budget_offload
     assert all(s["offloads"] > 0 for s in _activation_steps(engine))
+
+
+def test_a_failing_forward_leaves_no_activation_behind_and_training_goes_on():
+    ref, model = pair()
+    data = batches(5)
+    budget, result = _between_floors(ref, data[0], 0.3)
+    engine = hetmem.initialize(model, config(device_budget=budget, chunk_size=result.chunk_elements))
+    fail = [False]
+
+    def maybe_fail(module, args, output):
+        if fail[0]:
+            raise RuntimeError("injected")
+
+    engine.module.blocks[2].mlp.register_forward_hook(maybe_fail)
+    losses = _train(engine, data[:3])
+    fail[0] = True
+    with pytest.raises(RuntimeError, match="injected"):
+        engine(*data[3])
+    fail[0] = False
+    _assert_nothing_left(engine)
+    losses += _train(engine, data[3:])
+    expected = train_plain(ref, data)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+    _assert_offloaded_and_moved(engine, last=1)
