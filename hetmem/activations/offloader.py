@@ -130,6 +130,8 @@ class ActivationOffloader:
         self._order: list[weakref.ref] = []     # entries in pack order (the oldest go first)
         self._in_flight: list[SavedEntry] = []  # entries with a copy in flight
         self._releasing: list[SavedEntry] = []  # copied, waiting for the device storage to be theirs
+        # host buffers of restores the compute stream waits for (accelerators): freed once landed
+        self._landing: list[tuple[object, torch.Tensor, int]] = []  # (transfer, host buffer, nbytes)
         self._restore_due: dict[int, list[weakref.ref]] = {}  # moment -> entries it brings back
         self._seq = 0
         # the warm-up's view of the step, and the plan made from it
@@ -140,7 +142,8 @@ class ActivationOffloader:
         self.plan: OffloadPlan | None = None
         self._following = False
         # plan for this usable device budget instead of the engine's (None: the engine's); the
-        # benchmark sets it to measure offloading at a budget that would not need it
+        # benchmark sets it to measure the cost of offloading at a budget that would not need it
+        # (chunks are then budgeted as without offload, so they move as they would without it)
         self.plan_usable: int | None = None
         # bytes now
         self.host_bytes = 0                     # host buffers holding activations
@@ -169,7 +172,7 @@ class ActivationOffloader:
         self.plan = plan_offload(self.records, chunks, non_model,
                                  usable if self.plan_usable is None else self.plan_usable)
         for record, saving in zip(schedule, self.plan.saving):
-            record.offloaded = saving
+            record.offloaded = saving if self.plan_usable is None else 0
         if self.plan.restore_at:
             logger.info("activation plan: %d of %d saved activations to host memory (%s at the fullest "
                         "moment)%s", len(self.plan.restore_at), len(self.records),
@@ -190,20 +193,24 @@ class ActivationOffloader:
 
     def abort(self) -> None:
         """After a failed step: land every copy, keep what is on the device, drop the plan's step."""
-        for entry in self._in_flight + self._releasing:
+        def landed(transfer) -> None:
             try:
-                self.link.wait(entry.transfer) if entry.transfer is not None else None
+                self.link.wait(transfer)
             except BaseException:  # noqa: BLE001 - the step failed already; the bytes are dropped
                 logger.debug("activation copy failed during an abort", exc_info=True)
+
+        for entry in self._in_flight + self._releasing:  # each still has its device copy
+            if entry.transfer is not None:
+                landed(entry.transfer)
             entry.transfer = None
-            if entry.state is EntryState.RESTORING:
-                entry.set_state(EntryState.RESIDENT)
-            elif entry.state is EntryState.OFFLOADING:
-                entry.set_state(EntryState.RESIDENT)
-            elif entry.state is EntryState.RELEASING:
-                entry.set_state(EntryState.RESIDENT)
+            entry.set_state(EntryState.RESIDENT)
             self._drop_host(entry)
-        self._in_flight, self._releasing = [], []
+        for transfer, host, nbytes in self._landing:
+            landed(transfer)
+            self.link.give_back(host)
+            with self._lock:
+                self.host_bytes -= nbytes
+        self._in_flight, self._releasing, self._landing = [], [], []
         self._recording = self._following = False
         self._restore_due = {}
 
@@ -273,6 +280,7 @@ class ActivationOffloader:
         for entry in list(self._in_flight):
             if entry.transfer is not None and entry.transfer.done():
                 self._finish(entry)
+        self._land()
         self._release_ready()
         if self._recording:
             self._mark_free(index)
@@ -293,6 +301,7 @@ class ActivationOffloader:
 
     def settle(self) -> float:
         """Land every offload in flight and release what it frees; seconds blocked."""
+        self._land()
         blocked = 0.0
         for entry in [e for e in self._in_flight if e.state is EntryState.OFFLOADING]:
             blocked += self._finish(entry)
@@ -373,13 +382,28 @@ class ActivationOffloader:
         return blocked
 
     def _finish_restore(self, entry: SavedEntry) -> float:
-        blocked = self.link.wait(entry.transfer)
+        transfer, entry.transfer = entry.transfer, None
+        blocked = self.link.wait_for_use(transfer)
         self.stats.wait_s += blocked
-        entry.transfer = None
         self._in_flight.remove(entry)
         entry.set_state(EntryState.RESIDENT)
-        self._drop_host(entry)
+        if transfer.done():
+            self._drop_host(entry)
+        else:  # the copy still reads the host buffer: it returns once landed
+            self._landing.append((transfer, entry.host, entry.nbytes))
+            entry.host = None
         return blocked
+
+    def _land(self) -> None:
+        still = []
+        for transfer, host, nbytes in self._landing:
+            if transfer.done():
+                self.link.give_back(host)
+                with self._lock:
+                    self.host_bytes -= nbytes
+            else:
+                still.append((transfer, host, nbytes))
+        self._landing = still
 
     def _keep_on_device(self, entry: SavedEntry) -> None:
         """Used before its device copy was released: cancel the offload."""

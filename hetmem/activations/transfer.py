@@ -9,11 +9,14 @@ Everything that differs between the CPU and an accelerator goes through ``Activa
   through the chunk manager's ``Mover``, so on an accelerator it runs on the side stream with
   an event (and the allocator is told the source is in use there), on the CPU on the mover's
   worker thread;
-- ``wait(transfer)``: block until the copy is complete; seconds blocked.
+- ``wait(transfer)``: block the host until the copy is complete; seconds blocked;
+- ``wait_for_use(transfer)``: make the compute device wait for a copy before it reads the
+  destination: on the CPU the same as ``wait``; on an accelerator the compute stream waits on
+  the copy's event and the host goes on (``Transfer.wait_on_stream``).
 
-The accelerator seam backs exactly these through the ``Mover`` it owns (issue on the side
-stream + record an event; pinned host allocation; event synchronize); this file names no
-device API of its own.
+The accelerator seam backs these through the ``Mover`` it owns (issue on the side stream +
+record an event; pinned host allocation; event synchronize; compute-stream wait); this file
+names no device API of its own beyond torch's device-generic ``torch.accelerator``.
 """
 from __future__ import annotations
 
@@ -65,3 +68,10 @@ class ActivationLink:
     @staticmethod
     def wait(transfer: Transfer) -> float:
         return transfer.wait()
+
+    def wait_for_use(self, transfer: Transfer) -> float:
+        """The compute device may read the copy's destination after this; host seconds blocked."""
+        if self.device.type == "cpu":
+            return transfer.wait()
+        transfer.wait_on_stream(torch.accelerator.current_stream(self.device))
+        return 0.0
