@@ -320,6 +320,8 @@ class Engine:
         self._closed = True
         self.hooks.remove()
         self.grads.remove()
+        if self.activations is not None:
+            self.activations.close()
         self.manager.close()
 
     def __enter__(self) -> "Engine":

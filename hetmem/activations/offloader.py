@@ -335,6 +335,10 @@ class ActivationOffloader:
             extra, self._away_peak = self._away_peak, self.away
         return peak + extra  # allocator probes: an upper bound
 
+    def close(self) -> None:
+        """The engine closes: free the cached host buffers."""
+        self.link.trim()
+
     def take_stats(self) -> dict:
         stats, self.stats = self.stats, ActivationStats()
         return asdict(stats)
@@ -361,6 +365,7 @@ class ActivationOffloader:
         buffer = self.link.device_buffer(entry.nbytes)
         self._moved(-entry.nbytes)  # before the new hold: the natural count never spikes
         entry.device = self.probe.hold_saved(buffer)
+        entry.ptr = buffer.untyped_storage().data_ptr()
         entry.transfer = self.link.copy(buffer, entry.host, f"activation {entry.seq} host->device")
         entry.set_state(EntryState.RESTORING)
         self._in_flight.append(entry)
@@ -421,7 +426,8 @@ class ActivationOffloader:
         if not sole_owner(self.probe.unwrap(entry.device)):
             return False
         entry.device = None  # the probe's holder dies: the bytes leave the device count
-        self._by_storage.pop(entry.ptr, None)
+        if self._by_storage.get(entry.ptr) is entry:  # the address may belong to a newer storage now
+            del self._by_storage[entry.ptr]
         self._moved(entry.nbytes)
         entry.set_state(EntryState.HOST)
         return True
