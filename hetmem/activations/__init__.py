@@ -1,20 +1,21 @@
 """Activation offload: saved activations to host memory and back along the traced schedule.
 
 ``policy.py`` chooses what to offload from the warm-up's trace, ``offloader.py`` moves saved
-tensors and keeps the accounting, ``transfer.py`` is the device-specific part (buffers and
-copies).  ``attach`` builds the offloader for an engine when ``activation_offload="auto"``.
+tensors and keeps the accounting, ``entries.py`` holds a saved tensor's states, ``transfer.py``
+is the device-specific part (buffers and copies).  ``attach`` builds the offloader for an engine when ``activation_offload="auto"``.
 """
 from __future__ import annotations
 
 from hetmem.chunk_manager.manager import ChunkManager, HostBudgetError
 from hetmem.chunk_manager.states import Tier
 
-from .offloader import ActivationOffloader, ActivationStats, EntryState, SavedActivation
+from .entries import ActivationStats, EntryState, SavedActivation, SavedEntry
+from .offloader import ActivationOffloader
 from .policy import OffloadPlan, SavedRecord, floor_with_offload, floor_without_offload, plan_offload
 from .transfer import ActivationLink
 
 __all__ = ["ActivationLink", "ActivationOffloader", "ActivationStats", "EntryState", "OffloadPlan",
-           "SavedActivation", "SavedRecord", "attach", "floor_with_offload", "floor_without_offload",
+           "SavedActivation", "SavedEntry", "SavedRecord", "attach", "floor_with_offload", "floor_without_offload",
            "plan_offload"]
 
 
