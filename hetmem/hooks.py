@@ -20,8 +20,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from hetmem.chunk_manager.chunk import Chunk
 from hetmem.activations import SavedActivation
+from hetmem.chunk_manager.chunk import Chunk
 from hetmem.chunk_manager.states import ChunkKind, TensorState
 from hetmem.scheduler import Scheduler
 from hetmem.tracer.probes import storage_key
