@@ -81,6 +81,7 @@ class ActivationOffloader:
         self.away = 0                           # activation bytes released on the device now
         self._away_peak = 0                     # max of away since natural_peak() last ran
         self.stats = ActivationStats()
+        self._host_full_logged = False          # warned once that host_budget stopped an offload
 
     # -- micro-step boundaries -------------------------------------------------------------
 
@@ -278,7 +279,10 @@ class ActivationOffloader:
 
     def _offload(self, entry: SavedEntry) -> bool:
         if not self.host_room(entry.nbytes):
-            logger.debug("host_budget is full: saved activation %d stays on the device", entry.seq)
+            if not self._host_full_logged:
+                self._host_full_logged = True
+                logger.warning("host_budget is full: saved activations stay on the device (%s of them in "
+                               "host memory now); raise host_budget to offload more", format_bytes(self.host_bytes))
             return False
         entry.host = self.link.host_buffer(entry.nbytes)
         with self._lock:

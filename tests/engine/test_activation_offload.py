@@ -10,6 +10,7 @@ import torch
 
 import hetmem
 from hetmem.chunk_manager.states import Tier
+from hetmem.report import validate_trace
 from tests.engine.helpers import batches, config, pair, steady_steps, tiny_gpt, train_engine, train_plain
 from tests.engine.test_models import Checkpointed, _train_both
 
@@ -77,6 +78,12 @@ def test_gpt_trains_at_half_its_activation_peak_plus_its_largest_moment():
     assert len(checks) > 100
     assert engine.tracer.warmups == 1
     _assert_offloaded_and_moved(engine)
+    trace = engine.recorder.trace()
+    validate_trace(trace)
+    assert all(m["peak_total"] <= budget for s in trace["steps"] for m in s["moments"])
+    summary = engine.memory_report().summary()["activations"]
+    assert summary["min_device_budget_offload"] < budget < summary["min_device_budget"]
+    assert "Saved activations moved to host memory and back" in engine.memory_report().to_text()
     # without activation offload the same budget cannot hold the activations
     with pytest.raises(hetmem.DeviceBudgetError):
         off = hetmem.initialize(pair()[1], config(device_budget=budget, chunk_size=result.chunk_elements,
@@ -203,3 +210,33 @@ def test_a_failing_forward_leaves_no_activation_behind_and_training_goes_on():
     expected = train_plain(ref, data)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
     _assert_offloaded_and_moved(engine, last=1)
+
+
+def test_offloaded_activations_count_against_host_budget(caplog):
+    ref, model = pair()
+    data = batches(2)
+    budget, result = _between_floors(ref, data[0], 0.3)
+    settings = dict(device_budget=budget, chunk_size=result.chunk_elements)
+    probe = hetmem.initialize(copy.deepcopy(model), config(**settings))
+    chunk_bytes = sum(c.nbytes for c in probe.manager.chunks if c.tier is not None)
+    # room for the chunks and not for the activations the budget needs moved: it cannot train
+    engine = hetmem.initialize(model, config(host_budget=chunk_bytes, **settings))
+    with pytest.raises(hetmem.DeviceBudgetError, match="device budget exhausted"):
+        _train(engine, data)
+    assert "host_budget is full: saved activations stay on the device" in caplog.text
+    # room for both: it trains, and the host bytes stayed within host_budget
+    engine = hetmem.initialize(pair()[1], config(host_budget=chunk_bytes + (1 << 20), **settings))
+    peak_host = [0]
+    original = engine.activations.host_room
+
+    def host_room(nbytes):
+        fits = original(nbytes)
+        if fits:
+            used = engine.manager.bytes_on(Tier.HOST) + engine.activations.host_bytes + nbytes
+            peak_host[0] = max(peak_host[0], used)
+        return fits
+
+    engine.activations.host_room = host_room
+    _train(engine, data)
+    assert 0 < peak_host[0] <= chunk_bytes + (1 << 20)
+    assert all(s["offloads"] > 0 for s in _activation_steps(engine))
