@@ -36,7 +36,6 @@ from hetmem.chunk_manager.manager import DeviceBudgetError
 from hetmem.units import format_bytes
 
 from .entries import ActivationStats, EntryState, SavedActivation, SavedEntry
-
 from .policy import (MIN_OFFLOAD_BYTES, OffloadPlan, SavedRecord, floor_with_offload, floor_without_offload,
                      plan_offload)
 from .transfer import ActivationLink
