@@ -130,6 +130,15 @@ class CpuProbe:
     def interval_peak(self, chunk_bytes_min: int) -> int:
         return self.live.reset_peak()
 
+    def shift(self, delta: int) -> None:
+        """Saved activations moved to host memory (> 0) or coming back (< 0); hetmem/activations."""
+        self.live.shift(delta)
+
+    @property
+    def last_natural_peak(self) -> int:
+        """The closed interval's peak had no saved activation been moved to host memory."""
+        return self.live.last_natural_peak
+
     def forget(self) -> None:
         """After an aborted step: stop counting what it left behind."""
         self.live.reset()
@@ -145,6 +154,12 @@ class CudaProbe:
 
     def __init__(self, device: torch.device):
         self.device = device
+        # saved activations moved to host memory (hetmem/activations): their bytes now, their
+        # most in this interval, and the closed interval's peak as if none had moved (an upper
+        # bound: the allocator's peak plus the most moved at any time in the interval)
+        self.moved_off = 0
+        self._moved_max = 0
+        self.last_natural_peak = 0
 
     def hold_saved(self, tensor: torch.Tensor) -> object:
         return tensor
@@ -162,13 +177,21 @@ class CudaProbe:
     def interval_peak(self, chunk_bytes_min: int) -> int:
         peak = torch.cuda.max_memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        return max(0, peak - chunk_bytes_min)
+        peak = max(0, peak - chunk_bytes_min)
+        self.last_natural_peak, self._moved_max = peak + self._moved_max, self.moved_off
+        return peak
+
+    def shift(self, delta: int) -> None:
+        """Saved activations moved to host memory (> 0) or coming back (< 0); hetmem/activations."""
+        self.moved_off = max(0, self.moved_off + delta)
+        self._moved_max = max(self._moved_max, self.moved_off)
 
     def reserved(self) -> int:
         return torch.cuda.memory_reserved(self.device)
 
     def forget(self) -> None:
-        """The allocator's counts are the truth; nothing to forget."""
+        """The allocator's counts are the truth; only what was moved off is forgotten."""
+        self.moved_off = self._moved_max = 0
 
 
 def make_probe(device: torch.device) -> "CpuProbe | CudaProbe":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Callable
 
 from .budget import BudgetPolicy
 from .clock import Moment, MomentClock, MomentKind
@@ -40,10 +39,6 @@ class MemoryTracer:
         self.stale_reason: str | None = None  # why the last schedule went stale
         self.last_interval: tuple[int, int] | None = None  # (moment index, non-model peak) last closed
         self._needs_warmup = True
-        # the interval's non-model peak had no saved activation been moved to host memory (from
-        # the measured peak); hetmem/activations sets it.  The store keeps that peak, so the
-        # schedule describes the model, not what the last step chose to offload.
-        self.natural_peak: Callable[[int], int] = lambda peak: peak
 
     # -- micro-step boundaries ---------------------------------------------------------
 
@@ -104,7 +99,10 @@ class MemoryTracer:
 
     def _close_interval(self, chunk_bytes_min: int) -> None:
         peak = self.probe.interval_peak(chunk_bytes_min)
-        natural = self.natural_peak(peak)
+        # what the peak would have been with no saved activation moved to host memory
+        # (hetmem/activations): the store keeps that, so a schedule describes the model, not
+        # what the last step chose to offload
+        natural = max(peak, self.probe.last_natural_peak)
         current = self.clock.current
         if current is None:
             return

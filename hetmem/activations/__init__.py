@@ -46,5 +46,4 @@ def attach(mode: str, manager: ChunkManager, tracer, host_budget: int | None) ->
 
     offloader = ActivationOffloader(link, tracer.probe, moment_index=moment_index, host_room=host_room)
     offloader.on_mismatch = tracer.mark_stale
-    tracer.natural_peak = offloader.natural_peak
     return offloader

@@ -17,9 +17,10 @@ When entries leave the device:
   back when backward unpacks them.
 
 Accounting: an entry's device bytes are held through the probe (``probe.hold_saved``) while it
-has a device copy; released bytes are reported to the probe's ``LiveBytes.shift`` so the trace
-keeps the non-model peak the model would have with nothing moved (the plan's input).  Host
-buffers count against ``host_budget`` through ``host_room``.
+has a device copy; released bytes are reported to ``probe.shift`` (after the release, and before
+a restore's new hold, so the sum only ever dips) so the trace keeps the non-model peak the model
+would have with nothing moved (the plan's input).  Host buffers count against ``host_budget``
+through ``host_room``.
 """
 from __future__ import annotations
 
@@ -53,7 +54,6 @@ class ActivationOffloader:
         self.make_room: Callable[[int], None] = lambda nbytes: None  # the scheduler: room for a restore
         self.on_mismatch: Callable[[str], None] = lambda reason: None  # the tracer: schedule is stale
         self.observe: Callable[[], object] = lambda: None  # the scheduler: measure the device total now
-        self._live = getattr(probe, "live", None)  # CPU: LiveBytes, for exact non-model peaks
         self._lock = threading.Lock()           # entries die on autograd's threads too
         # this micro-step
         self._by_storage: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # ptr -> entry
@@ -78,7 +78,6 @@ class ActivationOffloader:
         # bytes now
         self.host_bytes = 0                     # host buffers holding activations
         self.away = 0                           # activation bytes released on the device now
-        self._away_peak = 0                     # max of away since natural_peak() last ran
         self.stats = ActivationStats()
         self._host_full_logged = False          # warned once that host_budget stopped an offload
 
@@ -258,14 +257,6 @@ class ActivationOffloader:
             logger.debug("moved %s of saved activations to host memory to make room", format_bytes(freed))
         return blocked
 
-    def natural_peak(self, peak: int) -> int:
-        """The tracer's: this interval's non-model peak had nothing been moved."""
-        if self._live is not None:
-            return max(peak, self._live.last_natural_peak)
-        with self._lock:
-            extra, self._away_peak = self._away_peak, self.away
-        return peak + extra  # allocator probes: an upper bound
-
     def close(self) -> None:
         """The engine closes: free the cached host buffers."""
         self.link.trim()
@@ -387,9 +378,7 @@ class ActivationOffloader:
     def _moved(self, delta: int) -> None:
         with self._lock:
             self.away += delta
-            self._away_peak = max(self._away_peak, self.away)
-        if self._live is not None:
-            self._live.shift(delta)
+        self.probe.shift(delta)
 
     def _drop_host(self, entry: SavedEntry) -> None:
         host, entry.host = entry.host, None

@@ -40,7 +40,8 @@ def _train(engine, data):
 def _assert_nothing_left(engine):
     """After a step every saved activation is gone: no host bytes, nothing counted as away."""
     assert engine.activations.host_bytes == 0 and engine.activations.away == 0
-    assert engine.tracer.probe.live.moved_off == 0
+    live = getattr(engine.tracer.probe, "live", None)  # the CPU probe's counter
+    assert live is None or live.moved_off == 0
 
 
 def _activation_steps(engine):
