@@ -313,8 +313,7 @@ class Scheduler:
         if self.activations is not None:
             self.wait_s += self.activations.settle()
             budget = self.chunk_budget(extra)
-            evictable = sum(c.nbytes for c in self.manager.evictable(protect))
-            short = self.device_bytes() + need - evictable - budget
+            short = self.device_bytes() + need - self._reclaimable_bytes(protect) - budget
             if short > 0:
                 self.wait_s += self.activations.relieve(short)
                 budget = self.chunk_budget(extra)
@@ -323,6 +322,18 @@ class Scheduler:
                 need, budget, self.policy, protect=protect,
                 why=f"{why}; activations {format_bytes(self.non_model_now())}")
         return budget
+
+    def _reclaimable_bytes(self, protect) -> int:
+        """Device chunk bytes that evicting can free: unpinned chunks (a transfer still landing
+        included: make_room waits for it) and evictions still copying."""
+        protected = {c.id for c in protect}
+        total = 0
+        for chunk in self.manager.chunks:
+            if chunk.tier is Tier.DEVICE and not chunk.pins and not chunk.resident and chunk.id not in protected:
+                total += chunk.nbytes
+            elif chunk.transfer is not None and chunk.transfer.route[:1] == (Tier.DEVICE,):
+                total += chunk.nbytes
+        return total
 
     def _pinned_bytes(self) -> int:
         return sum(c.nbytes for c in self.manager.chunks if c.pins and c.tier is Tier.DEVICE)
