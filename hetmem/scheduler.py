@@ -313,7 +313,7 @@ class Scheduler:
         if self.activations is not None:
             self.wait_s += self.activations.settle()
             budget = self.chunk_budget(extra)
-            short = self.device_bytes() + need - self._reclaimable_bytes(protect) - budget
+            short = self._held_bytes(protect) + need - budget
             if short > 0:
                 self.wait_s += self.activations.relieve(short)
                 budget = self.chunk_budget(extra)
@@ -323,17 +323,12 @@ class Scheduler:
                 why=f"{why}; activations {format_bytes(self.non_model_now())}")
         return budget
 
-    def _reclaimable_bytes(self, protect) -> int:
-        """Device chunk bytes that evicting can free: unpinned chunks (a transfer still landing
-        included: make_room waits for it) and evictions still copying."""
+    def _held_bytes(self, protect) -> int:
+        """Device chunk bytes no eviction can free now: pinned, resident or protected chunks
+        (the rest, transfers still landing included, make_room can reclaim)."""
         protected = {c.id for c in protect}
-        total = 0
-        for chunk in self.manager.chunks:
-            if chunk.tier is Tier.DEVICE and not chunk.pins and not chunk.resident and chunk.id not in protected:
-                total += chunk.nbytes
-            elif chunk.transfer is not None and chunk.transfer.route[:1] == (Tier.DEVICE,):
-                total += chunk.nbytes
-        return total
+        return sum(c.nbytes for c in self.manager.chunks
+                   if c.tier is Tier.DEVICE and (c.pins or c.resident or c.id in protected))
 
     def _pinned_bytes(self) -> int:
         return sum(c.nbytes for c in self.manager.chunks if c.pins and c.tier is Tier.DEVICE)
