@@ -285,17 +285,26 @@ class Engine:
         return state_io.load_full_state_dict(self, state_dict, strict=strict)
 
     def save_checkpoint(self, directory, *, tag: str | None = None, client_state=None,
-                        keep: int | None = None):
-        """Full training state, wherever it lives; see hetmem/checkpoint.py.  Returns the folder."""
+                        keep: int | None = None, lr_scheduler=None):
+        """Full training state, wherever it lives; see hetmem/checkpoint/.  Returns the folder."""
         from hetmem.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, directory, tag=tag, client_state=client_state, keep=keep)
+        return save_checkpoint(self._checkpoint_parts(), directory, tag=tag, client_state=client_state, keep=keep,
+                               lr_scheduler=lr_scheduler)
 
-    def load_checkpoint(self, directory, *, tag: str | None = None):
+    def load_checkpoint(self, directory, *, tag: str | None = None, lr_scheduler=None):
         """Restore a checkpoint (``directory`` or its ``latest``); returns the saved client state."""
         from hetmem.checkpoint import load_checkpoint
 
-        return load_checkpoint(self, directory, tag=tag)
+        restored = load_checkpoint(self._checkpoint_parts(), directory, tag=tag, lr_scheduler=lr_scheduler)
+        self.global_step, self.micro_step = restored.global_step, restored.micro_step
+        return restored.client_state
+
+    def _checkpoint_parts(self):
+        from hetmem.checkpoint import CheckpointParts
+
+        return CheckpointParts(self.layout, self.manager, self.module, self.scaler, self.config, self.optimizer,
+                               self.global_step, self.micro_step, self._awaiting_backward)
 
     def memory_report(self):
         if self.recorder is None:

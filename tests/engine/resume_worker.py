@@ -11,9 +11,10 @@ from hetmem.corpus import load_corpus, random_batch
 from tests.engine.helpers import tiny_gpt
 
 
-def main(mode: str, ckpt: str, dtype: str, steps: int, save_at: int, out: str, nvme_dir: str = "") -> None:
+def main(mode: str, ckpt: str, dtype: str, steps: int, save_at: int, out: str, nvme_dir: str = "",
+         chunk_size: str = "8192") -> None:
     model = tiny_gpt(seed=0, dropout=0.1)
-    config = dict(device="cpu", device_budget="3MiB", dtype=dtype, chunk_size=8192, gradient_clipping=0.5,
+    config = dict(device="cpu", device_budget="3MiB", dtype=dtype, chunk_size=int(chunk_size), gradient_clipping=0.5,
                   optimizer=dict(lr=1e-3, weight_decay=0.1))
     if nvme_dir:
         config.update(nvme_dir=nvme_dir, host_budget="900KiB")
@@ -43,4 +44,4 @@ def main(mode: str, ckpt: str, dtype: str, steps: int, save_at: int, out: str, n
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6],
-         *(sys.argv[7:8] or []))
+         *sys.argv[7:9])
