@@ -128,7 +128,7 @@ def measure(args, progress=None) -> dict:
                      f"{result.io_bytes / 1e9:.2f} GB moved)")
     nvme_bytes = engine.manager.bytes_on(hetmem.Tier.NVME)
     chunk_bytes = max(c.nbytes for c in engine.manager.chunks)
-    engine.close()
+    engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
     peak = sampler.stop()
     after = disk_mixed(directory, config, chunk_bytes, sample)
     if progress:

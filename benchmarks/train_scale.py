@@ -150,7 +150,7 @@ def hetmem_trains(cfg: GPTConfig, args) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
     finally:
         if engine is not None:
-            engine.close()
+            engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
         engine = model = None  # noqa: F841
         gc.collect()
 

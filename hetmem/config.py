@@ -84,7 +84,7 @@ class Config:
     dtype: str = "bf16"                      # parameters on the device: "fp32" | "fp16" | "bf16"
     chunk_size: SizeOrAuto = AUTO            # elements per chunk (int), bytes ("64MiB"), or "auto"
     optimizer: AdamConfig = field(default_factory=AdamConfig)
-    gradient_clipping: float | None = 1.0    # max global L2 norm, or None
+    gradient_clipping: float | None = None  # max global L2 norm, or None (as torch)
     gradient_accumulation_steps: int = 1
     loss_scale: float | str = "dynamic"      # fp16 only: "dynamic" or a fixed scale
     device_margin: SizeOrAuto = AUTO         # device bytes kept free for allocator slack

@@ -31,7 +31,9 @@ from hetmem.hooks import ModuleHooks, SavedTensorHooks
 from hetmem.layout import Layout, build_layout
 from hetmem.loss_scaler import LossScaler
 from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
+from hetmem.module_state import ModuleStateHooks
 from hetmem.optimizer import ChunkedAdam, StepResult
+from hetmem.optimizer_groups import HetmemOptimizer, config_group, resolve_user_groups
 from hetmem.placement import place_all_if_it_fits, release_residency
 from hetmem.scheduler import Scheduler
 from hetmem.tracer.budget import BudgetPolicy
@@ -49,7 +51,8 @@ PIPELINE_GROUPS = 3
 
 
 class Engine:
-    def __init__(self, model: nn.Module, config: Config, *, init_fn: Callable[[nn.Module], None] | None = None):
+    def __init__(self, model: nn.Module, config: Config, *, init_fn: Callable[[nn.Module], None] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
         started = time.perf_counter()
         self.config = config
         self.module = model                                   # the user's model, hooks installed
@@ -63,6 +66,9 @@ class Engine:
         self.layout: Layout = build_layout(model, chunk_elements=chunk_elements, max_chunk_elements=max_chunk)
         if not self.layout.slots:
             raise ValueError(f"the model ({type(model).__name__}) has no parameters; nothing to train")
+        param_groups = (resolve_user_groups(optimizer, self.layout) if optimizer is not None else
+                        [(config_group(config.optimizer), [s for s in self.layout.slots if s.trainable])])
+        self.module_state = ModuleStateHooks(model, self.layout)  # module.state_dict() reads the chunks
         create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True)
         self._check_fits_at_all()
         self.recorder = None
@@ -75,7 +81,9 @@ class Engine:
         if config.nvme_dir is not None:
             self._attach_nvme()
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
-        self.buffer_bytes = move_buffers(model, self.device)
+        self.module_state.install(self.manager)
+        self.buffer_bytes = move_buffers(model, self.device,
+                                         norm_dtype=self.param_dtype if config.mixed_precision else None)
         self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.activations = attach_activation_offload(config.activation_offload, self.manager, self.tracer,
                                                      self.budgets.host)  # None when "off"
@@ -89,7 +97,12 @@ class Engine:
                                 accumulation_steps=config.gradient_accumulation_steps,
                                 track_norms=config.gradient_clipping is not None or config.uses_loss_scaling,
                                 on_schedule_change=self._on_schedule_change)
-        self.optimizer = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
+        self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
+        # a torch.optim.Optimizer over the user's groups; its step() is this engine's step
+        self.optimizer = HetmemOptimizer(param_groups, layout=self.layout, manager=self.manager, adam=self.adam,
+                                         run_step=self._step)
+        if optimizer is not None and optimizer.state:
+            self.optimizer.load_state_dict(optimizer.state_dict())  # the user's optimizer had stepped
         self.global_step = 0          # optimizer steps taken (skipped fp16 steps included)
         self.micro_step = 0           # backward passes since initialize
         self.last_step: StepResult | None = None
@@ -221,7 +234,12 @@ class Engine:
         self.grads.reset_fires()
 
     def step(self) -> bool:
-        """The optimizer step, at accumulation boundaries; returns whether one ran."""
+        """The optimizer step, at accumulation boundaries; returns whether one ran.  It runs
+        through ``engine.optimizer.step()``, so LR schedulers and step hooks see it."""
+        self.optimizer.step()
+        return self.optimizer.last_step_ran
+
+    def _step(self) -> bool:
         self._check_open()
         if self._awaiting_backward:
             raise RuntimeError("engine.step() after a forward without engine.backward(); call "
@@ -233,9 +251,9 @@ class Engine:
             with torch.profiler.record_function("hetmem::step"):
                 if self.recorder is not None:
                     with self.recorder.phase("optimizer"):
-                        self.last_step = self.optimizer.step()
+                        self.last_step = self.optimizer.run_update()
                 else:
-                    self.last_step = self.optimizer.step()
+                    self.last_step = self.optimizer.run_update()
         finally:
             self.scheduler.phase = "idle"
         self.global_step += 1
@@ -323,15 +341,25 @@ class Engine:
         if self._closed:
             raise RuntimeError("this engine is closed")
 
-    def close(self) -> None:
+    def close(self, *, keep_weights: bool = True) -> None:
+        """Release hetmem's memory and hooks.  The module keeps its trained weights as ordinary
+        host tensors (raises first, leaving the engine open, when they cannot fit in host memory);
+        ``keep_weights=False`` leaves it with empty placeholders."""
         if self._closed:
             return
+        if keep_weights:
+            self.module_state.check_host_room()
         self._closed = True
         self.hooks.remove()
         self.grads.remove()
         if self.activations is not None:
             self.activations.close()
-        self.manager.close()
+        try:
+            if keep_weights:
+                self.module_state.give_back_weights()
+        finally:
+            self.module_state.remove()
+            self.manager.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -341,9 +369,12 @@ class Engine:
 
 
 def initialize(model: nn.Module, config: Config | dict | str | None = None, *,
-               init_fn: Callable[[nn.Module], None] | None = None) -> Engine:
-    """Wrap ``model`` for training under the config's budgets.  See README."""
+               init_fn: Callable[[nn.Module], None] | None = None,
+               optimizer: torch.optim.Optimizer | None = None) -> Engine:
+    """Wrap ``model`` for training under the config's budgets.  ``optimizer``: a torch Adam or
+    AdamW over the model's parameters whose groups hetmem trains with (hetmem/optimizer_groups.py);
+    without it ``config.optimizer`` applies to every trainable parameter.  See README."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap your "
                          f"function in a Module")
-    return Engine(model, Config.coerce(config), init_fn=init_fn)
+    return Engine(model, Config.coerce(config), init_fn=init_fn, optimizer=optimizer)

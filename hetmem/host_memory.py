@@ -6,12 +6,17 @@ heap and stay in the process after they are freed: the process keeps growing pas
 budget though hetmem holds no more than the budget.  Setting the threshold explicitly
 (mallopt M_MMAP_THRESHOLD) turns that adaptation off.  hetmem does it when it enforces a host
 budget (the NVMe tier is on); elsewhere it leaves the allocator alone.
+
+``available_host_bytes()`` is what the system can still give, for checks made before host
+memory is used (engine.close() giving the weights back, optimizer state dicts).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+
+import psutil
 
 logger = logging.getLogger("hetmem.host_memory")
 
@@ -36,3 +41,8 @@ def return_freed_buffers_to_os() -> bool:
     if _done:
         logger.info("glibc mmap threshold fixed at %d bytes: freed chunk buffers go back to the OS", THRESHOLD)
     return _done
+
+
+def available_host_bytes() -> int:
+    """Host memory the system can still give (psutil's ``available``)."""
+    return psutil.virtual_memory().available

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from hetmem.chunk_manager.chunk import Chunk, ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
@@ -118,14 +119,20 @@ def fill_chunks(model: nn.Module, layout: Layout, manager: ChunkManager, *, init
                                  f"after initialisation; fill it in init_fn")
 
 
-def move_buffers(model: nn.Module, device: torch.device) -> int:
-    """Buffers live on the compute device (they are small); floating ones keep their dtype."""
+def move_buffers(model: nn.Module, device: torch.device, *, norm_dtype: torch.dtype | None = None) -> int:
+    """Buffers live on the compute device (they are small) and keep their dtype, except the
+    floating buffers of normalisation layers (BatchNorm/InstanceNorm running statistics) when
+    ``norm_dtype`` is given (mixed precision): they take the compute dtype, as under
+    ``model.to(dtype)``, so the layer's kernel sees one dtype.  State dicts give them back in
+    their original dtype (hetmem/module_state.py)."""
     total = 0
     for module in model.modules():
+        cast = norm_dtype if isinstance(module, _NormBase) else None
         for bname, buffer in list(module._buffers.items()):
             if buffer is None:
                 continue
-            moved = buffer.to(device)
+            dtype = cast if cast is not None and buffer.is_floating_point() else buffer.dtype
+            moved = buffer.to(device, dtype)
             module._buffers[bname] = moved
             total += moved.numel() * moved.element_size()
     return total

@@ -1,10 +1,12 @@
 """The optimizer step: Adam/AdamW over chunk groups, clipping and fp16 overflow in one sync.
 
-For each trainable group, the contiguous runs of parameters that have a gradient (and the
-same step count) are updated by one kernel call each.  A group whose chunks are all on a
-CUDA device is updated there with torch ops; every other group by the fused CPU Adam, which
-reads the (low-precision) gradient, divides out loss scale and clipping in the same pass, and
-writes the new low-precision parameters into the PARAM chunk.
+For each trainable group, the contiguous runs of parameters that have a gradient, the same
+step count and the same param group (``engine.optimizer.param_groups``, whose hyperparameters
+are read at every step: hetmem/optimizer_groups.py) are updated by one kernel call each.  A
+group whose chunks are all on a CUDA device is updated there with torch ops; every other
+group by the fused CPU Adam, which reads the (low-precision) gradient, divides out loss scale
+and clipping in the same pass, and writes the new low-precision parameters into the PARAM
+chunk.
 
 With state on NVMe the step is a pipeline over groups: while group i is updated, group i+1
 is read from NVMe and groups already updated are written back (the host budget makes room by
@@ -43,17 +45,41 @@ class StepResult:
     io_bytes: int = 0          # bytes read + written by NVMe and device transfers during the step
 
 
-def grad_runs(group: ChunkGroup) -> list[tuple[int, int, int, list[ParamSlot]]]:
-    """(start, stop, step, slots): maximal runs of adjacent slots with a gradient and equal step."""
+@dataclass(frozen=True)
+class AdamHyper:
+    """One param group's hyperparameters for one step (torch.optim.Adam/AdamW semantics)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool               # AdamW: decoupled weight decay; else Adam's L2 in the gradient
+    bias_correction: bool = True
+
+
+def grad_runs(group: ChunkGroup, group_of: dict[int, int] | None = None
+              ) -> list[tuple[int, int, int, list[ParamSlot]]]:
+    """(start, stop, step, slots): maximal runs of adjacent slots with a gradient and equal step.
+
+    With ``group_of`` (id(slot) -> param group index) runs also break where the param group
+    changes, and slots in no param group are left out (they are not trained, as in torch)."""
     runs: list[tuple[int, int, int, list[ParamSlot]]] = []
     current: list[ParamSlot] = []
+
+    def member(slot: ParamSlot) -> bool:
+        return slot.has_grad and (group_of is None or id(slot) in group_of)
+
+    def same_group(a: ParamSlot, b: ParamSlot) -> bool:
+        return group_of is None or group_of[id(a)] == group_of[id(b)]
+
     for slot in group.slots:
-        if slot.has_grad and current and current[-1].step == slot.step:
+        if member(slot) and current and current[-1].step == slot.step and same_group(current[-1], slot):
             current.append(slot)
             continue
         if current:
             runs.append((current[0].offset, current[-1].end, current[0].step, current))
-        current = [slot] if slot.has_grad else []
+        current = [slot] if member(slot) else []
     if current:
         runs.append((current[0].offset, current[-1].end, current[0].step, current))
     return runs
@@ -78,7 +104,14 @@ class ChunkedAdam:
         self.layout = layout
         self.manager = manager
         self.config = config
-        self.adam = config.optimizer
+        # Param groups: id(slot) -> group index, and each group's hyperparameters for the
+        # coming step.  engine.optimizer (hetmem/optimizer_groups.py) sets both before every
+        # step from its param_groups; until then one group from config.optimizer holds every
+        # trainable parameter.
+        self.group_of: dict[int, int] = {id(s): 0 for s in layout.slots if s.trainable}
+        adam = config.optimizer
+        self.hyper: list[AdamHyper] = [AdamHyper(adam.lr, adam.betas[0], adam.betas[1], adam.eps,
+                                                 adam.weight_decay, adam.decoupled, adam.bias_correction)]
         self.device = device
         self.scaler = scaler
         self.grads = grads
@@ -199,18 +232,36 @@ class ChunkedAdam:
                                                   if c.tier is not None)
 
     def _step_group(self, group: ChunkGroup, grad_scale: float) -> None:
-        runs = grad_runs(group)
+        runs = grad_runs(group, self.group_of)
+        ungrouped = [s for s in group.slots if s.has_grad and id(s) not in self.group_of]
+        if ungrouped:
+            self._drop_grads(group, ungrouped)
         if runs:
             chunks = self._operands(group)  # in memory and pinned
             for chunk in set(chunks.values()):
                 self.manager.mark_dirty(chunk)
             try:
-                for start, stop, step, _ in runs:
-                    self._update(chunks, start, stop, step + 1, grad_scale)
+                for start, stop, step, slots in runs:
+                    hyper = self.hyper[self.group_of[id(slots[0])]]
+                    self._update(chunks, start, stop, step + 1, grad_scale, hyper)
             finally:
                 for chunk in set(chunks.values()):
                     self.manager.unpin(chunk)
         self._finish_group(group, stepped=True)
+
+    def _drop_grads(self, group: ChunkGroup, slots: list[ParamSlot]) -> None:
+        """Parameters in no param group are not trained (as in torch): their gradients are
+        dropped, and in-slot gradients give their slots back to the master weights."""
+        in_slot = [s for s in slots if s.state is TensorState.GRAD_IN_SLOT]
+        if in_slot:
+            param = group.chunks[ChunkKind.PARAM]
+            master = self.manager.payload_in_memory(group.chunks[ChunkKind.MASTER])
+            payload = self.manager.payload_in_memory(param)
+            self.manager.mark_dirty(param)
+            for slot in in_slot:
+                payload.narrow(0, slot.offset, slot.numel).copy_(master.narrow(0, slot.offset, slot.numel))
+        for slot in slots:
+            slot.has_grad = False
 
     def _operand_chunks(self, group: ChunkGroup) -> dict:
         names = {"param": group.chunks[ChunkKind.PARAM], "grad": self._grad_chunk(group),
@@ -244,15 +295,14 @@ class ChunkedAdam:
             raise
         return names
 
-    def _update(self, chunks, start: int, stop: int, step: int, grad_scale: float) -> None:
+    def _update(self, chunks, start: int, stop: int, step: int, grad_scale: float, hyper: AdamHyper) -> None:
         n = stop - start
         flat = {k: c.flat(start, stop) for k, c in chunks.items()}
         weights = flat["master"] if self.mixed else flat["param"]
         out = flat["param"] if self.mixed else None
-        adam = self.adam
-        kwargs = dict(step=step, lr=adam.lr, beta1=adam.betas[0], beta2=adam.betas[1], eps=adam.eps,
-                      weight_decay=adam.weight_decay, decoupled=adam.decoupled, grad_scale=grad_scale,
-                      out=out, bias_correction=adam.bias_correction)
+        kwargs = dict(step=step, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                      weight_decay=hyper.weight_decay, decoupled=hyper.decoupled, grad_scale=grad_scale,
+                      out=out, bias_correction=hyper.bias_correction)
         if weights.device.type == "cpu":
             from hetmem.ops.adam import adam_step
         else:

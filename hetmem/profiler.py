@@ -153,7 +153,7 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
                              moments=moments)
     finally:
         attribution.remove()
-        engine.close()
+        engine.close(keep_weights=False)  # a throw-away copy: its weights are not needed
 
 
 class _Attribution:

@@ -16,6 +16,7 @@ from hetmem.chunk_manager.chunk import ParamSlot
 from hetmem.chunk_manager.states import ChunkKind, TensorState
 
 if TYPE_CHECKING:
+    from hetmem.chunk_manager.manager import ChunkManager
     from hetmem.engine import Engine
 
 
@@ -24,30 +25,35 @@ def _weights_chunk(slot: ParamSlot):
     return group.chunks.get(ChunkKind.MASTER) or group.chunks[ChunkKind.PARAM]
 
 
-def read_weights(engine: "Engine", slot: ParamSlot) -> torch.Tensor:
+def read_slot(manager: "ChunkManager", slot: ParamSlot, kind: ChunkKind) -> torch.Tensor:
+    """The slot's values in its ``kind`` chunk, wherever that lives, as a new CPU fp32 tensor."""
+    payload = manager.payload_in_memory(slot.group.chunk(kind))
+    return payload.narrow(0, slot.offset, slot.numel).view(slot.shape).to("cpu", torch.float32, copy=True)
+
+
+def write_slot(manager: "ChunkManager", slot: ParamSlot, kind: ChunkKind, value: torch.Tensor) -> None:
+    """Overwrite the slot's values in its ``kind`` chunk (converted to the chunk's dtype)."""
+    chunk = slot.group.chunk(kind)
+    payload = manager.payload_in_memory(chunk)
+    manager.mark_dirty(chunk)
+    with torch.no_grad():
+        payload.narrow(0, slot.offset, slot.numel).copy_(value.detach().reshape(-1))
+
+
+def read_weights(manager: "ChunkManager", slot: ParamSlot) -> torch.Tensor:
     """The slot's full-precision weights as a new CPU fp32 tensor."""
     chunk = _weights_chunk(slot)
     if chunk.kind is ChunkKind.PARAM and slot.state is TensorState.GRAD_IN_SLOT:
         raise RuntimeError(f"parameter {slot.name!r} holds its gradient until engine.step()")
-    payload = engine.manager.payload_in_memory(chunk)
-    return payload.narrow(0, slot.offset, slot.numel).view(slot.shape).to("cpu", torch.float32, copy=True)
+    return read_slot(manager, slot, chunk.kind)
 
 
 def full_state_dict(engine: "Engine") -> "OrderedDict[str, torch.Tensor]":
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    cache: dict[int, torch.Tensor] = {}
-    for key, value in engine.module.state_dict(keep_vars=True).items():
-        slot = engine.layout.by_name.get(key)
-        if slot is None:
-            out[key] = value.detach().to("cpu", copy=True)
-            continue
-        if id(slot) not in cache:
-            cache[id(slot)] = read_weights(engine, slot)
-        out[key] = cache[id(slot)]
-    return out
+    """engine.state_dict(): the module's state dict (hetmem/module_state.py), parameters in fp32."""
+    return engine.module_state.full_precision_state_dict()
 
 
-def write_weights(engine: "Engine", slot: ParamSlot, value: torch.Tensor) -> None:
+def write_weights(manager: "ChunkManager", slot: ParamSlot, value: torch.Tensor) -> None:
     """Set the slot's weights (master and compute copies) from ``value``."""
     if tuple(value.shape) != tuple(slot.shape):
         raise ValueError(f"size mismatch for {slot.name}: the checkpoint has {tuple(value.shape)}, the model "
@@ -55,14 +61,9 @@ def write_weights(engine: "Engine", slot: ParamSlot, value: torch.Tensor) -> Non
     if slot.state is TensorState.GRAD_IN_SLOT:
         raise RuntimeError(f"cannot load weights between engine.backward() and engine.step() "
                            f"({slot.name!r} holds its gradient)")
-    flat = value.detach().reshape(-1)
-    with torch.no_grad():
-        for kind in (ChunkKind.MASTER, ChunkKind.PARAM):
-            chunk = slot.group.chunks.get(kind)
-            if chunk is not None:
-                payload = engine.manager.payload_in_memory(chunk)
-                engine.manager.mark_dirty(chunk)
-                payload.narrow(0, slot.offset, slot.numel).copy_(flat)
+    for kind in (ChunkKind.MASTER, ChunkKind.PARAM):
+        if kind in slot.group.chunks:
+            write_slot(manager, slot, kind, value)
 
 
 def load_full_state_dict(engine: "Engine", state_dict, strict: bool = True) -> _IncompatibleKeys:
@@ -81,7 +82,7 @@ def load_full_state_dict(engine: "Engine", state_dict, strict: bool = True) -> _
             continue
         slot = engine.layout.by_name.get(key)
         if slot is not None:
-            write_weights(engine, slot, state_dict[key])
+            write_weights(engine.manager, slot, state_dict[key])
         else:
             value = state_dict[key]
             if tuple(value.shape) != tuple(current.shape):
