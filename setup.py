@@ -58,7 +58,9 @@ setup(
     extras_require={
         "aio": ["aiofiles"],
         "report": ["matplotlib"],
-        "test": ["pytest", "aiofiles", "matplotlib", "safetensors", "transformers"],
+        "hf": ["transformers", "accelerate"],         # hetmem.integrations.transformers.HetmemTrainer
+        "test": ["pytest", "hypothesis", "aiofiles", "matplotlib", "safetensors", "transformers", "accelerate",
+                 "peft"],
     },
     entry_points={"console_scripts": ["hetmem=hetmem.cli:main"]},
     **_ahead_of_time_ops(),

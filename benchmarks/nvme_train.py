@@ -9,7 +9,10 @@ for a few steps with nvme_dir set.  In the same run:
 - the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
   peak above that baseline can be compared with the budgets;
 - each optimizer step's bytes read + written over its duration is compared with the disk's
-  mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO).
+  mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO);
+- swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
+  stepped in turn on the same batches: the median of the paired step-time ratios on/off, and
+  the crc32c time the swap space counts as a share of the step (``--checksum-repeats`` passes).
 
     python benchmarks/nvme_train.py --dir /nvme/scratch [--json]     (also: hetmem bench nvme-train)
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-budget", default="384MiB")
     p.add_argument("--steps", type=int, default=4, help="steps after the warm-up step")
     p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
+    p.add_argument("--checksum-repeats", type=int, default=1,
+                   help="passes over the batches comparing checksums on and off step by step; 0: none")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -108,6 +114,40 @@ def measure(args, progress=None) -> dict:
     sampler = RssSampler()
     baseline = sampler.peak
     sampler.start()
+    run = train(cfg, config, batches, progress)
+    steps, init_s = run["steps"], run["init_s"]
+    peak = sampler.stop()
+    after = disk_mixed(directory, config, run["chunk_bytes"], sample)
+    if progress:
+        progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
+    checksums = checksum_cost(cfg, config, batches, args.checksum_repeats, progress)
+
+    steady = [s for s in steps if not s["warmup"]]
+    opt_rate = statistics.median(s["optimizer_io_bytes"] / s["optimizer_s"] for s in steady)
+    disk_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
+    budgets = parse_size(args.device_budget) + parse_size(args.host_budget)
+    state = state_bytes(params, args.dtype)
+    return {
+        "benchmark": "nvme_train",
+        "config": {"d_model": args.d_model, "layers": args.layers, "batch_size": args.batch_size,
+                   "block_size": args.block_size, "dtype": args.dtype, "device_budget": args.device_budget,
+                   "host_budget": args.host_budget, "nvme": {k: getattr(config, k) for k in
+                   ("nvme_backend", "nvme_block_size", "nvme_queue_depth", "nvme_threads")}},
+        "model": {"parameters": params, "state_bytes": state, "state_over_budgets": state / budgets,
+                  "bytes_on_nvme_at_end": run["nvme_bytes"]},
+        "memory": {"rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "rss_above_baseline": peak - baseline,
+                   "budgets_bytes": budgets, "overhead_bytes": peak - baseline - budgets},
+        "time": {"init_s": init_s, "step_s_median": statistics.median(s["seconds"] for s in steady),
+                 "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
+        "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
+        "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
+        "checksum": checksums,
+        "steps": steps,
+    }
+
+
+def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict:
+    """One engine from scratch (meta-device model), a warm-up step and the steady steps."""
     started = time.perf_counter()
     with torch.device("meta"):
         model = GPT(cfg)
@@ -125,36 +165,53 @@ def measure(args, progress=None) -> dict:
                       "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes})
         if progress:
             progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
-                     f"{result.io_bytes / 1e9:.2f} GB moved)")
-    nvme_bytes = engine.manager.bytes_on(hetmem.Tier.NVME)
-    chunk_bytes = max(c.nbytes for c in engine.manager.chunks)
+                     f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
+    out = {"steps": steps, "init_s": init_s, "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
+           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks)}
     engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
-    peak = sampler.stop()
-    after = disk_mixed(directory, config, chunk_bytes, sample)
-    if progress:
-        progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
+    return out
 
-    steady = [s for s in steps if not s["warmup"]]
-    opt_rate = statistics.median(s["optimizer_io_bytes"] / s["optimizer_s"] for s in steady)
-    disk_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
-    budgets = parse_size(args.device_budget) + parse_size(args.host_budget)
-    state = state_bytes(params, args.dtype)
-    return {
-        "benchmark": "nvme_train",
-        "config": {"d_model": args.d_model, "layers": args.layers, "batch_size": args.batch_size,
-                   "block_size": args.block_size, "dtype": args.dtype, "device_budget": args.device_budget,
-                   "host_budget": args.host_budget, "nvme": {k: getattr(config, k) for k in
-                   ("nvme_backend", "nvme_block_size", "nvme_queue_depth", "nvme_threads")}},
-        "model": {"parameters": params, "state_bytes": state, "state_over_budgets": state / budgets,
-                  "bytes_on_nvme_at_end": nvme_bytes},
-        "memory": {"rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "rss_above_baseline": peak - baseline,
-                   "budgets_bytes": budgets, "overhead_bytes": peak - baseline - budgets},
-        "time": {"init_s": init_s, "step_s_median": statistics.median(s["seconds"] for s in steady),
-                 "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
-        "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
-        "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
-        "steps": steps,
-    }
+
+def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, progress) -> dict:
+    """Swap checksums' cost: two engines, checksums on and off, stepped in turn on the same
+    batches (the order alternating), so a load change hits both: the median of the paired step
+    time ratios on/off, and the crc time the swap space counts as a share of the 'on' steps."""
+    if repeats <= 0:
+        return {}
+    engines = {}
+    for on in (True, False):
+        with torch.device("meta"):
+            model = GPT(cfg)
+        folder = os.path.join(config.nvme_dir, "checksums-on" if on else "checksums-off")
+        engines[on] = hetmem.initialize(model, config.replace(nvme_checksum=on, nvme_dir=folder),
+                                        init_fn=model.init_weights)
+        step_once(engines[on], *batches[0])  # the warm-up step
+    ratios, shares = [], []
+    for r in range(repeats):
+        for i, (x, y) in enumerate(batches[1:]):
+            seconds, crc = {}, 0.0
+            for on in ((True, False) if (r + i) % 2 == 0 else (False, True)):
+                stats = engines[on].manager.nvme.swap.stats
+                crc0, t0 = stats["checksum_seconds"], time.perf_counter()
+                step_once(engines[on], x, y)
+                seconds[on] = time.perf_counter() - t0
+                if on:
+                    crc = stats["checksum_seconds"] - crc0
+            ratios.append(seconds[True] / seconds[False])
+            shares.append(crc / seconds[True])
+        if progress:
+            progress(f"checksum comparison, repeat {r + 1}: median on/off so far {statistics.median(ratios):.3f}")
+    algorithm = engines[True].manager.nvme.swap.checksum_algorithm
+    for engine in engines.values():
+        engine.close(keep_weights=False)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"algorithm": algorithm, "pairs": len(ratios), "ratio_on_off_median": statistics.median(ratios),
+            "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares)}
+
+
+def step_once(engine, x, y) -> None:
+    engine.backward(engine(x, y))
+    engine.step()
 
 
 def table(r: dict) -> str:
@@ -171,7 +228,16 @@ def table(r: dict) -> str:
         f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s; disk mixed read+write "
         f"{r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s (median of before/after) -> "
         f"{r['optimizer_vs_disk_mixed']:.0%} of the disk",
+        checksum_line(r["checksum"]),
     ])
+
+
+def checksum_line(c: dict) -> str:
+    if not c:
+        return "swap checksums: not compared (--checksum-repeats 0)"
+    return (f"swap checksums ({c['algorithm']}): step time on/off {c['ratio_on_off_median']:.3f} (median of "
+            f"{c['pairs']} paired steps, quartiles {c['ratio_on_off_quartiles'][0]:.3f}-"
+            f"{c['ratio_on_off_quartiles'][1]:.3f}); crc32c itself {c['crc_share_of_step_median']:.2%} of the step")
 
 
 def main(argv: list[str] | None = None) -> int:

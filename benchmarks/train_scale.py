@@ -3,8 +3,8 @@
 Both sides use the same GPT family, batch and activation checkpointing, in one run.
 
 - plain PyTorch (parameters, gradients and AdamW state all in the chosen dtype, as
-  ``torch.optim.AdamW`` keeps them): on CUDA, the largest model that trains without an
-  out-of-memory error under ``torch.cuda.set_per_process_memory_fraction``; on a CPU, where
+  ``torch.optim.AdamW`` keeps them): on an accelerator, the largest model that trains without
+  an out-of-memory error under the budget as a per-process memory fraction; on a CPU, where
   no allocator enforces a budget, the largest whose bytes (parameters + gradients + AdamW
   state, plus activations measured by running it) fit the budget.
 - hetmem: models of growing size are really trained (``--steps`` steps each) under the same
@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: import hetmem 
 import torch
 
 import hetmem
+from hetmem.accelerator import default_accelerator
 from hetmem.corpus import load_corpus, random_batch
 from hetmem.models.gpt import GPT, GPTConfig
 from hetmem.tracer.probes import CpuProbe
@@ -83,12 +84,13 @@ def plain_bytes_cpu(cfg: GPTConfig, args) -> dict:
     return {"parameters": params, "bytes": state + probe.live.peak, "activations": probe.live.peak}
 
 
-def plain_fits_cuda(cfg: GPTConfig, args, budget: int) -> tuple[bool, int]:
-    """Train plain PyTorch for two steps under a CUDA memory fraction; True unless it runs out."""
+def plain_fits_accelerator(accelerator, cfg: GPTConfig, args, budget: int) -> tuple[bool, int]:
+    """Train plain PyTorch for two steps under a device memory fraction; True unless it runs out."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    device = torch.device("cuda")
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    device = accelerator.device
+    total = accelerator.free_memory()[1]
+    accelerator.set_memory_fraction(budget / total)
+    model = opt = None
     try:
         torch.manual_seed(0)
         model = GPT(cfg).to(device=device, dtype=dtype)
@@ -98,23 +100,24 @@ def plain_fits_cuda(cfg: GPTConfig, args, budget: int) -> tuple[bool, int]:
             model(x.to(device), y.to(device)).backward()
             opt.step()
             opt.zero_grad()
-        torch.cuda.synchronize()
+        accelerator.synchronize()
         return True, params
-    except torch.cuda.OutOfMemoryError:
+    except accelerator.out_of_memory:
         return False, 0
     finally:
         model = opt = None  # noqa: F841
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        accelerator.empty_cache()
+        accelerator.set_memory_fraction(1.0)
 
 
 def largest_plain(args, budget: int) -> dict:
     best = {"parameters": 0, "shape": None}
+    accelerator = default_accelerator()
     for d, layers in LADDER:
         cfg = gpt(d, layers, args.block_size)
-        if torch.cuda.is_available():
-            fits, params = plain_fits_cuda(cfg, args, budget)
+        if accelerator.separate_memory:
+            fits, params = plain_fits_accelerator(accelerator, cfg, args, budget)
             info = {"parameters": params}
         else:
             info = plain_bytes_cpu(cfg, args)
@@ -179,7 +182,7 @@ def measure(args, progress=None) -> dict:
     return {"benchmark": "train_scale",
             "config": {"device_budget": budget, "dtype": args.dtype, "batch_size": args.batch_size,
                        "block_size": args.block_size, "steps": args.steps, "nvme_dir": args.nvme_dir,
-                       "host_budget": args.host_budget, "device": "cuda" if torch.cuda.is_available() else "cpu"},
+                       "host_budget": args.host_budget, "device": default_accelerator().name},
             "plain": plain, "hetmem": best, "tried": tried, "ratio": ratio,
             "ratio_is_lower_bound": capped,
             "note": "the hetmem ladder ended at --max-params before any failure" if capped else ""}

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversubscription", type=float, default=4.0,
                    help="parameter chunk bytes / device bytes left for them, in the oversubscribed run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--check-cost", action="store_true",
+                   help="add 'hetmem_fits_unchecked': hetmem_fits without the per-gradient norm that the "
+                        "non-finite check reads (the check's cost, same run)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -79,10 +82,28 @@ CHUNKS = 16  # parameter chunks both hetmem contenders use (the same layout, fit
 
 
 class Hetmem:
-    def __init__(self, model: torch.nn.Module, dtype: str, budget: int | str, chunk_elements: int):
+    def __init__(self, model: torch.nn.Module, dtype: str, budget: int | str, chunk_elements: int,
+                 check: bool = True):
         self.engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget=budget, dtype=dtype,
                                                              chunk_size=chunk_elements,
                                                              optimizer=hetmem.AdamConfig(lr=1e-3, weight_decay=0.1)))
+        self.check_s = 0.0  # seconds in the non-finite check (the norms and their sum), when timed
+        if not check:  # measurement only: no squared norms, so the step sums nothing and skips nothing
+            self.engine.grads.track_norm = lambda *args: None
+
+    def time_check(self) -> None:
+        """Count the seconds spent in the non-finite check's two parts (measurement only)."""
+        for owner, name in ((self.engine.grads, "track_norm"), (self.engine.adam, "_sum_of_squares")):
+            inner = getattr(owner, name)
+
+            def timed(*args, inner=inner):
+                started = time.perf_counter()
+                try:
+                    return inner(*args)
+                finally:
+                    self.check_s += time.perf_counter() - started
+
+            setattr(owner, name, timed)
 
     def step(self, x, y) -> dict:
         started = time.perf_counter()
@@ -117,14 +138,20 @@ def measure(args: argparse.Namespace) -> dict:
     param_bytes = sum(c.nbytes for c in fits.manager.chunks if c.kind is hetmem.ChunkKind.PARAM)
     budget = int(param_bytes / args.oversubscription) + activations
     contenders["hetmem_oversubscribed"] = Hetmem(copy.deepcopy(base), args.dtype, budget, chunk_elements)
+    if args.check_cost:
+        contenders["hetmem_fits_unchecked"] = Hetmem(copy.deepcopy(base), args.dtype, "auto", chunk_elements,
+                                                     check=False)
 
     samples: dict[str, list[dict]] = {name: [] for name in contenders}
     for name, contender in contenders.items():  # warm-up step each (hetmem: the tracer's)
+        if name == "hetmem_fits_unchecked":
+            contender.step(*batches[0])  # as hetmem_fits: two steps before the measured ones
         contender.step(*batches[1])
     for _ in range(args.repeats):
         for name, contender in contenders.items():
             for x, y in batches[2:]:
                 samples[name].append(contender.step(x, y))
+    check = check_cost(contenders, batches[2:], args.repeats) if args.check_cost else None
     tokens = args.batch_size * args.block_size
     results = {}
     for name, runs in samples.items():
@@ -147,7 +174,25 @@ def measure(args: argparse.Namespace) -> dict:
         "machine": {"torch": torch.__version__, "adam_simd": _simd()},
         "results": results,
         "ratios": {name: r["tokens_per_s"] / plain for name, r in results.items()},
+        **({"nonfinite_check": check} if check else {}),
     }
+
+
+def check_cost(contenders: dict, batches, repeats: int) -> dict:
+    """The non-finite check's cost: hetmem_fits against hetmem_fits_unchecked, one step each in
+    turn (paired, so load changes hit both), and the seconds the check itself takes per step."""
+    checked, unchecked = contenders["hetmem_fits"], contenders["hetmem_fits_unchecked"]
+    checked.time_check()
+    ratios, shares = [], []
+    for _ in range(repeats):
+        for x, y in batches:
+            before = checked.check_s
+            a = checked.step(x, y)["seconds"]
+            shares.append((checked.check_s - before) / a)
+            ratios.append(a / unchecked.step(x, y)["seconds"])
+    q = statistics.quantiles(ratios, n=4)
+    return {"paired_step_ratio_median": statistics.median(ratios), "paired_step_ratio_quartiles": [q[0], q[2]],
+            "pairs": len(ratios), "check_share_of_step_median": statistics.median(shares)}
 
 
 def _simd() -> str:
@@ -165,6 +210,12 @@ def table(result: dict) -> str:
     for name, r in result["results"].items():
         lines.append(f"{name:24s} {r['tokens_per_s']:10,.0f} {r['step_s'] * 1e3:7.1f}ms "
                      f"{result['ratios'][name]:9.3f} {r['wait_share']:8.1%}")
+    if "nonfinite_check" in result:
+        c = result["nonfinite_check"]
+        lines.append(f"non-finite check (a norm per gradient, one sync per step): {c['check_share_of_step_median']:.2%} "
+                     f"of hetmem_fits' step in the check itself; step with/without check "
+                     f"{c['paired_step_ratio_median']:.3f} (median of {c['pairs']} paired steps, quartiles "
+                     f"{c['paired_step_ratio_quartiles'][0]:.3f}-{c['paired_step_ratio_quartiles'][1]:.3f})")
     over = result["results"]["hetmem_oversubscribed"]
     lines.append(f"oversubscribed: device budget {format_bytes(over['device_budget_bytes'])} = activations "
                  f"{format_bytes(model['activation_peak_bytes'])} + 1/{cfg['oversubscription']:g} of the "

@@ -1,8 +1,10 @@
 """Payload buffers per tier, reused where allocation is expensive.
 
-Host buffers (pinned on GPU machines) and CPU "device" buffers are kept in small free lists
-keyed by (tier, dtype, numel): pinning and first-touch page faults cost more than the copy.
-CUDA device buffers come from torch's caching allocator, which already reuses them.
+Host buffers (pinned on accelerator machines) and host-memory "device" buffers are kept in
+small free lists keyed by (tier, dtype, numel): pinning and first-touch page faults cost more
+than the copy.  An accelerator's device buffers come from its caching allocator, which already
+reuses them.  Every buffer handed back is shown to the accelerator seam first (the simulated
+device raises when a copy into or out of it is still in flight).
 
 A buffer goes back on a free list only when nothing else holds its storage (a view kept by
 user code or autograd would otherwise see its bytes overwritten).
@@ -12,6 +14,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from hetmem.accelerator import Accelerator
 
 from .states import Tier
 
@@ -29,17 +33,16 @@ def sole_owner(tensor: torch.Tensor) -> bool:
 
 
 class BufferPool:
-    def __init__(self, device: torch.device, pin_host: bool, keep_free: int = 2):
-        self.device = device            # the compute device
-        self.pin_host = pin_host        # host buffers pinned (CUDA present)
+    def __init__(self, accelerator: Accelerator, keep_free: int = 2):
+        self.accelerator = accelerator  # allocates device and (pinned) host buffers
         self.keep_free = keep_free      # free buffers kept per key
         self._free: dict[tuple[Tier, torch.dtype, int], list[torch.Tensor]] = {}
         self.cached_bytes = 0           # bytes in free lists (allocated, holding nothing)
         # allocates host buffers (dtype, numel); the NVMe tier swaps in aligned ones
-        self.host_allocator = lambda dtype, numel: torch.empty(numel, dtype=dtype, pin_memory=self.pin_host)
+        self.host_allocator = lambda dtype, numel: accelerator.host_empty(numel, dtype)
 
     def _recycles(self, tier: Tier) -> bool:
-        return tier is Tier.HOST or self.device.type != "cuda"
+        return tier is Tier.HOST or not self.accelerator.separate_memory
 
     def take(self, tier: Tier, dtype: torch.dtype, numel: int) -> torch.Tensor:
         free = self._free.get((tier, dtype, numel))
@@ -48,10 +51,11 @@ class BufferPool:
             self.cached_bytes -= buffer.numel() * buffer.element_size()
             return buffer
         if tier is Tier.DEVICE:
-            return torch.empty(numel, dtype=dtype, device=self.device)
+            return self.accelerator.empty(numel, dtype)
         return self.host_allocator(dtype, numel)
 
     def give(self, tier: Tier, buffer: torch.Tensor) -> None:
+        self.accelerator.released(buffer)
         if not self._recycles(tier) or not sole_owner(buffer):
             return
         free = self._free.setdefault((tier, buffer.dtype, buffer.numel()), [])

@@ -14,6 +14,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from hetmem._core.units import format_bytes
+from hetmem.accelerator import Accelerator
+
 from .buffers import BufferPool
 from .chunk import Chunk, ChunkGroup
 from .eviction import EvictionPolicy
@@ -47,13 +50,13 @@ class ChunkEvents:
 
 
 class ChunkManager:
-    def __init__(self, groups: list[ChunkGroup], device: torch.device, *, pin_host: bool,
-                 events: ChunkEvents | None = None):
+    def __init__(self, groups: list[ChunkGroup], accelerator: Accelerator, *, events: ChunkEvents | None = None):
         self.groups = groups
         self.chunks: list[Chunk] = [c for g in groups for c in g.chunks.values()]
-        self.device = device                      # the compute device
-        self.mover = Mover(device)
-        self.pool = BufferPool(device, pin_host)
+        self.accelerator = accelerator            # the compute device, through the seam
+        self.device = accelerator.device          # where compute-device tensors live
+        self.mover = Mover(accelerator)
+        self.pool = BufferPool(accelerator)
         self.events = events or ChunkEvents()
         # bytes of chunk payloads per tier and kind, counting a transfer's destination from
         # its issue and its source until it completes (both buffers exist meanwhile)
@@ -65,8 +68,8 @@ class ChunkManager:
         # what a parameter's .data is while its chunk is not on the device
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.clock = 0                            # moment counter for LRU, advanced by the scheduler
-        # CUDA: transfers the compute stream waits on without a host sync, until they are seen
-        # complete (then their source buffer is released and un-accounted)
+        # transfers the compute stream waits on without a host sync (accelerators), until poll()
+        # sees them complete (then their source buffer is released and un-accounted)
         self._unfinished: list[Transfer] = []
         self.nvme = None                          # NvmeTier once attach_nvme() ran
         self.host_limit: int | None = None        # chunk bytes allowed in host memory (NVMe tier on)
@@ -216,11 +219,43 @@ class ChunkManager:
         """Set the chunk's bytes from host tensor ``data`` wherever the chunk lives."""
         self.wait(chunk)
         if chunk.tier is Tier.NVME:
-            self.nvme.store(chunk, data).wait()
+            try:
+                self.nvme.store(chunk, data).wait()
+            except OSError:
+                # the blob is invalid now: keep the new bytes in host memory (dirty, spilled
+                # again later) so the chunk never points at bytes that are gone
+                buffer = self.pool.take(Tier.HOST, chunk.dtype, chunk.capacity)
+                buffer.copy_(data)
+                self._account(Tier.NVME, chunk, -1)
+                self._account(Tier.HOST, chunk, +1)
+                chunk.payload, chunk.tier, chunk.nvme_valid = buffer, Tier.HOST, False
+                raise
             chunk.nvme_valid = True
         else:
             chunk.payload.copy_(data)
             chunk.nvme_valid = False
+
+    def copy_into(self, chunk: Chunk, target: torch.Tensor, source: torch.Tensor, label: str) -> Transfer:
+        """Start copying device tensor ``source`` into ``target``, a slice of ``chunk``'s host payload,
+        on the copy stream: no host sync.  The chunk is in flight until the copy lands (readers
+        wait, as for a move).  Copies into one chunk land in issue order (one stream), so waiting
+        for the last waits for all; earlier ones are polled with the rest."""
+        previous = chunk.transfer
+        if previous is not None and previous.route:
+            raise IllegalTransition(f"{chunk.name} is moving ({previous.label}); wait for it before copying into it")
+        if previous is not None:
+            self._unfinished.append(previous)
+        chunk.transfer = self.mover.copy(target, source, label)
+        chunk.nvme_valid = False
+        return chunk.transfer
+
+    def payload_for_slot_copy(self, chunk: Chunk) -> torch.Tensor | None:
+        """The host payload a device gradient may be copied into without waiting: the chunk is in
+        host memory and has nothing in flight but earlier such copies; else None."""
+        if (not self.accelerator.separate_memory or chunk.tier is not Tier.HOST or chunk.payload is None
+                or (chunk.transfer is not None and chunk.transfer.route)):
+            return None
+        return chunk.payload
 
     def mark_dirty(self, chunk: Chunk) -> None:
         """The payload changed: its NVMe blob is stale."""
@@ -266,8 +301,6 @@ class ChunkManager:
             raise HostBudgetError(self._host_budget_message(nbytes))
 
     def _host_budget_message(self, nbytes: int) -> str:
-        from hetmem.units import format_bytes
-
         held = [c for c in self.chunks if c.tier is Tier.HOST]
         return (f"host budget exhausted: {format_bytes(nbytes)} more chunk bytes are needed in host memory but "
                 f"the {len(held)} chunks there ({format_bytes(self.bytes_on(Tier.HOST))} of host_budget="
@@ -303,11 +336,14 @@ class ChunkManager:
         chunk.payload, chunk.tier = None, None
 
     def poll(self) -> None:
-        """Finish the transfers that have completed (cheap: a query each); raise a failed one's error."""
-        self._unfinished = [t for t in self._unfinished if not t.done()]
+        """Process the transfers that have landed (cheap: a query each): the one place where
+        completions run without a wait (source buffers released, bytes un-accounted).  Raises a
+        failed one's error.  Queries (``Chunk.state``, ``Transfer.done``) change nothing."""
+        self._unfinished = [t for t in self._unfinished if not t.poll()]
         for chunk in self.chunks:
             transfer = chunk.transfer
-            if transfer is not None and transfer.route[:1] != (Tier.DEVICE,) and transfer.done():
+            if transfer is not None and transfer.poll() and transfer.route[:1] != (Tier.DEVICE,):
+                # a finished eviction stays attached until waited (make_room counts it landing)
                 chunk.transfer = None
                 if transfer.error is not None:
                     raise transfer.error
@@ -333,13 +369,13 @@ class ChunkManager:
         waited = 0.0
         transfer = chunk.transfer
         if transfer is not None:
-            if self.device.type == "cuda":
-                transfer.wait_on_stream(torch.cuda.current_stream(self.device))
-                chunk.transfer = None
-                if not transfer.done():
-                    self._unfinished.append(transfer)
-            else:
-                waited = self.wait(chunk)
+            waited = transfer.wait_for_compute(self.accelerator)
+            self.blocked_s += waited
+            chunk.transfer = None
+            if not transfer.poll():
+                self._unfinished.append(transfer)
+            elif transfer.error is not None:
+                raise transfer.error
         if chunk.kind is ChunkKind.PARAM and not chunk.bound:
             self._bind(chunk)
         return waited
@@ -423,13 +459,11 @@ class ChunkManager:
                 raise DeviceBudgetError(self._budget_message(nbytes, budget, why))
             victim, reason = policy.choose(candidates)
             transfer = self.evict(victim, reason + (f"; room for {why}" if why else ""))
-            if self.device.type != "cuda":
-                blocked += transfer.wait()  # CPU: the source buffer is freed only once copied
+            if not self.accelerator.separate_memory:
+                blocked += transfer.wait()  # host "device": the source buffer is freed only once copied
         return blocked
 
     def _budget_message(self, nbytes: int, budget: int, why: str) -> str:
-        from hetmem.units import format_bytes
-
         held = [c for c in self.chunks if c.tier is Tier.DEVICE]
         held_bytes = sum(c.nbytes for c in held)
         extra = f" plus {format_bytes(nbytes)} to fetch" if nbytes else ""

@@ -11,6 +11,10 @@ import logging
 import os
 import sys
 
+# errors a user can fix (budgets, config values, checkpoints, files): one line, exit code 2;
+# anything else is a bug and keeps its traceback (as do these with --log-level debug)
+EXPECTED_ERRORS = (ValueError, OSError)
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "train": ("hetmem.commands.train", "train a GPT several times larger than the device budget on the shipped corpus"),
@@ -24,6 +28,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetmem", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("--log-level", default=os.environ.get("HETMEM_LOG", "warning"),
                         help="logging level for hetmem's library logs (default: %(default)s; "
                              "also HETMEM_LOG)")
@@ -44,7 +49,38 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hetmem").setLevel(level)
     command = importlib.import_module(args._module)
-    return int(command.run(args) or 0)
+    try:
+        return int(command.run(args) or 0)
+    except EXPECTED_ERRORS as exc:
+        if level <= logging.DEBUG:
+            raise
+        print(f"hetmem {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def version_line() -> str:
+    """`hetmem X.Y.Z (torch T)`; torch's version read without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from hetmem import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"hetmem {__version__} (torch {torch_version})"
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line, with the way to find a budget that fits when it is about budgets."""
+    from hetmem.chunk_manager.manager import DeviceBudgetError, HostBudgetError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and not str(exc):
+        text = f"{type(exc).__name__}: {exc!r}"
+    if isinstance(exc, (DeviceBudgetError, HostBudgetError)) or "budget" in text:
+        text += " (`hetmem profile` measures the device budget a model needs)"
+    return text
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import difflib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from hetmem.accelerator import validate_device_name
 from hetmem.units import parse_size
 
 AUTO = "auto"
@@ -94,7 +96,7 @@ class Config:
     nvme_block_size: SizeOrAuto = "1MiB"
     nvme_queue_depth: int = 16
     nvme_threads: int = 1
-    nvme_checksum: bool = False              # crc32c on every swap write, verified on read
+    nvme_checksum: bool = True               # crc32c on every swap write, verified on read
     activation_offload: str = AUTO           # "auto": saved activations to host memory when the
                                              # budget needs it (hetmem/activations); "off": never
 
@@ -102,9 +104,9 @@ class Config:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
 
         device = self.device
-        if not isinstance(device, str) or not (device in (AUTO, "cpu", "cuda") or
-                                                (device.startswith("cuda:") and device[5:].isdigit())):
-            _fail("device", device, "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        device_fix = validate_device_name(device)
+        if device_fix is not None:
+            _fail("device", device, device_fix)
         for key in ("device_budget", "host_budget", "device_margin"):
             value = getattr(self, key)
             if value != AUTO:
@@ -161,6 +163,24 @@ class Config:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 _fail(key, value, f"give an integer >= {low}")
+        self._check_keys_take_effect()
+
+    def _check_keys_take_effect(self) -> None:
+        """A key set to a non-default value that the chosen config ignores: ``loss_scale``
+        without fp16 is refused (the user expects scaling that would not happen); ``nvme_*``
+        without ``nvme_dir`` is warned about (a tuned IO config file merged in before the
+        NVMe tier is turned on is harmless)."""
+        if self.loss_scale != "dynamic" and not self.uses_loss_scaling:
+            _fail("loss_scale", self.loss_scale, f"loss scaling applies only to dtype='fp16', not "
+                                                 f"dtype={self.dtype!r}; remove loss_scale or use dtype='fp16'")
+        if self.nvme_dir is None:
+            unused = [f.name for f in dataclasses.fields(self) if f.name.startswith("nvme_") and f.name != "nvme_dir"
+                      and getattr(self, f.name) != _default(f)]
+            if unused:
+                message = (f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without "
+                           f"nvme_dir (the NVMe tier is off); set nvme_dir to a folder to turn it on, or remove "
+                           f"{'it' if len(unused) == 1 else 'them'}")
+                warnings.warn(message, UserWarning, stacklevel=4)
 
     # -- derived -----------------------------------------------------------------------
 
@@ -213,6 +233,12 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default as __post_init__ leaves it (sizes parsed)."""
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return parse_size(value, key=f.name) if f.name == "nvme_block_size" else value
 
 
 def _from_mapping(cls, data: Mapping[str, Any], prefix: str = ""):

@@ -25,10 +25,12 @@ from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import Config
 from hetmem.device import Budgets, resolve_budgets, resolve_device
+from hetmem.fit_hints import fit_advice
 from hetmem.grads import GradRouter
 from hetmem.host_memory import return_freed_buffers_to_os
 from hetmem.hooks import ModuleHooks, SavedTensorHooks
 from hetmem.layout import Layout, build_layout
+from hetmem.lifecycle import Lifecycle, Phase
 from hetmem.loss_scaler import LossScaler
 from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
 from hetmem.module_state import ModuleStateHooks
@@ -56,10 +58,11 @@ class Engine:
         started = time.perf_counter()
         self.config = config
         self.module = model                                   # the user's model, hooks installed
-        self.device = resolve_device(config)
-        self.budgets: Budgets = resolve_budgets(config, self.device)
+        self.accelerator = resolve_device(config)                # the seam: hetmem/accelerator/
+        self.device = self.accelerator.device
+        self.budgets: Budgets = resolve_budgets(config, self.accelerator)
         self.param_dtype = DTYPES[config.dtype]
-        max_chunk = max(4096, self.budgets.usable // (CHUNKS_PER_BUDGET * config.param_bytes))
+        max_chunk = self._auto_chunk_elements(self.budgets.usable)
         chunk_elements = None if config.chunk_size == "auto" else config.chunk_size
         if chunk_elements is not None and chunk_elements % 4096:
             chunk_elements = -(-chunk_elements // 4096) * 4096
@@ -75,27 +78,30 @@ class Engine:
         if config.memory_trace:
             from hetmem.recorder import Recorder
 
-            self.recorder = Recorder(self)
-        self.manager = ChunkManager(self.layout.groups, self.device, pin_host=self.device.type == "cuda",
-                                    events=self.recorder)
+            self.recorder = Recorder(self.layout, self.budgets, device=str(self.device), dtype=config.dtype,
+                                     model_name=type(model).__name__)
+        self.manager = ChunkManager(self.layout.groups, self.accelerator, events=self.recorder)
         if config.nvme_dir is not None:
             self._attach_nvme()
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
         self.module_state.install(self.manager)
         self.buffer_bytes = move_buffers(model, self.device,
                                          norm_dtype=self.param_dtype if config.mixed_precision else None)
-        self.tracer = MemoryTracer(make_probe(self.device), BudgetPolicy(self.budgets.device, self.budgets.margin))
+        self.tracer = MemoryTracer(make_probe(self.accelerator), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.activations = attach_activation_offload(config.activation_offload, self.manager, self.tracer,
                                                      self.budgets.host)  # None when "off"
+        if self.recorder is not None:
+            self.recorder.attach(self.manager, self.tracer, self.activations)
+        self.lifecycle = Lifecycle()                           # where a step is: hetmem/lifecycle.py
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
-                                   recorder=self.recorder, activations=self.activations)
+                                   lifecycle=self.lifecycle, recorder=self.recorder,
+                                   activations=self.activations)
         self.hooks = ModuleHooks(self.scheduler, self.tracer.probe)
         self.hooks.install(model, self.layout.module_slots)
         self.saved_tensors = SavedTensorHooks(self.scheduler, self.tracer.probe)
         self.scaler = LossScaler(config.loss_scale if config.uses_loss_scaling else None)
         self.grads = GradRouter(self.layout, self.manager, mixed=config.mixed_precision,
                                 accumulation_steps=config.gradient_accumulation_steps,
-                                track_norms=config.gradient_clipping is not None or config.uses_loss_scaling,
                                 on_schedule_change=self._on_schedule_change)
         self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
         # a torch.optim.Optimizer over the user's groups; its step() is this engine's step
@@ -103,13 +109,12 @@ class Engine:
                                          run_step=self._step)
         if optimizer is not None and optimizer.state:
             self.optimizer.load_state_dict(optimizer.state_dict())  # the user's optimizer had stepped
-        self.global_step = 0          # optimizer steps taken (skipped fp16 steps included)
+        self.global_step = 0          # optimizer steps taken, skipped (non-finite) steps included
         self.micro_step = 0           # backward passes since initialize
+        self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
         self.last_step: StepResult | None = None
-        self._awaiting_backward = False
         self._in_slot_pending = False  # a warm-up finished; decide in-slot gradients after the step
         self.all_resident = False      # every chunk stays on the device (hetmem/placement.py)
-        self._closed = False
         logger.info("hetmem engine: %d parameters in %d chunk groups of %d elements on %s; device budget %s",
                     self.layout.numel, len(self.layout.groups), self.layout.chunk_elements, self.device,
                     format_bytes(self.budgets.device))
@@ -117,6 +122,10 @@ class Engine:
             self.recorder.on_ready(time.perf_counter() - started)
 
     # -- construction checks -------------------------------------------------------------
+
+    def _auto_chunk_elements(self, usable: int) -> int:
+        """The largest chunk "auto" sizing may pick under ``usable`` device bytes."""
+        return max(4096, usable // (CHUNKS_PER_BUDGET * self.config.param_bytes))
 
     def _check_fits_at_all(self) -> None:
         usable = self.budgets.usable
@@ -130,8 +139,8 @@ class Engine:
                     f"device_budget={format_bytes(self.budgets.device)} (margin {format_bytes(self.budgets.margin)}) "
                     f"cannot hold module {name!r}: its parameters need {len(chunks)} chunk(s) of "
                     f"{format_bytes(need)} at once (largest {biggest.name}, {format_bytes(biggest.nbytes)}); "
-                    f"raise device_budget to at least {format_bytes(need + self.budgets.margin)} plus the "
-                    f"activations, or set chunk_size <= {biggest.capacity // 2} elements")
+                    + fit_advice(self.layout, usable, self.budgets.margin, self.config.param_bytes,
+                                 None if self.config.chunk_size != "auto" else self._auto_chunk_elements))
         host_need = sum(c.nbytes for g in self.layout.groups for c in g.chunks.values()
                         if c.kind is not ChunkKind.GRAD or not self.config.mixed_precision)
         if self.config.mixed_precision:  # warm-up gradients live in GRAD chunks for one step
@@ -141,7 +150,10 @@ class Engine:
             raise ValueError(
                 f"host_budget={format_bytes(self.budgets.host)} is too small for the model's chunks "
                 f"({format_bytes(host_need)}: parameters, master weights, Adam states, gradients) and the "
-                f"NVMe tier is off; raise host_budget or set nvme_dir to spill to disk")
+                f"NVMe tier is off; raise host_budget or set nvme_dir to spill to disk"
+                + (f" (host_budget='auto' is what device_budget={format_bytes(self.budgets.device)} leaves of host "
+                   f"memory: lower device_budget)" if self.config.host_budget == "auto" and self.device.type == "cpu"
+                   else ""))
         if self.config.nvme_dir is not None:
             # the optimizer pipeline holds three groups in host memory: one being written back,
             # one being updated, one being read (see hetmem/optimizer.py)
@@ -174,16 +186,16 @@ class Engine:
         args, kwargs = self._to_device(args), self._to_device(kwargs)
         if not torch.is_grad_enabled():
             return self._untraced_forward(args, kwargs)
-        if not self._awaiting_backward:
+        if self.lifecycle.state is not Phase.FORWARD:
             if self.tracer.needs_warmup:
                 if self.all_resident:
-                    release_residency(self)
+                    release_residency(self.manager)
                     self.all_resident = False
                 self.grads.use_grad_chunks()
+            self.lifecycle.go(Phase.FORWARD)
             self.scheduler.begin_microstep()
             if self.recorder is not None:
                 self.recorder.begin_microstep()
-            self._awaiting_backward = True
         try:
             with self.saved_tensors.context(), torch.profiler.record_function("hetmem::forward"):
                 if self.recorder is not None:
@@ -195,24 +207,25 @@ class Engine:
             raise
 
     def _untraced_forward(self, args, kwargs) -> Any:
-        traced, self.scheduler.traced = self.scheduler.traced, False
-        try:
-            with torch.profiler.record_function("hetmem::forward_no_grad"):
-                return self.module(*args, **kwargs)
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            self.scheduler.traced = traced
+        with self.lifecycle.untraced():
+            try:
+                with torch.profiler.record_function("hetmem::forward_no_grad"):
+                    return self.module(*args, **kwargs)
+            except BaseException:
+                self._abort()
+                raise
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss`` (scaled for fp16; divided by the accumulation steps)."""
+        """Backpropagate ``loss`` (scaled for fp16; divided by the accumulation steps).
+
+        If it raises, every pending gradient is dropped (as by ``zero_grad()``) before the error
+        propagates, so the next forward/backward/step runs normally (README "Reliability")."""
         self._check_open()
-        if not self._awaiting_backward:
+        if self.lifecycle.state is not Phase.FORWARD:
             raise RuntimeError("engine.backward(loss) needs a loss computed by engine(...) since the last "
                                "backward; call engine(batch) first")
         scale = self.scaler.scale / self.config.gradient_accumulation_steps
-        self.scheduler.begin_backward()
+        self.lifecycle.go(Phase.BACKWARD)
         try:
             with torch.profiler.record_function("hetmem::backward"):
                 target = loss * scale if scale != 1.0 else loss
@@ -223,10 +236,11 @@ class Engine:
                     target.backward()
         except BaseException:
             self._abort()
+            self._drop_after_error("backward")
             raise
         warmup = self.tracer.recording
         self.scheduler.end_microstep()
-        self._awaiting_backward = False
+        self.lifecycle.go(Phase.IDLE)
         self.micro_step += 1
         if warmup:
             self.grads.record_fire_counts()
@@ -235,18 +249,24 @@ class Engine:
 
     def step(self) -> bool:
         """The optimizer step, at accumulation boundaries; returns whether one ran.  It runs
-        through ``engine.optimizer.step()``, so LR schedulers and step hooks see it."""
+        through ``engine.optimizer.step()``, so LR schedulers and step hooks see it.
+
+        False (nothing counted) between accumulation boundaries and when no backward ran since
+        the last step or ``zero_grad()``.  A non-finite gradient norm skips the update but counts
+        in ``global_step`` (``last_step.skipped`` and ``.reason`` say why; per-parameter Adam step
+        counts do not advance).  If the step raises (an IO error), calling it again applies the
+        groups it did not reach; ``zero_grad()`` drops them instead (README "Reliability").
+        """
         self.optimizer.step()
         return self.optimizer.last_step_ran
 
     def _step(self) -> bool:
         self._check_open()
-        if self._awaiting_backward:
-            raise RuntimeError("engine.step() after a forward without engine.backward(); call "
-                               "engine.backward(loss) first")
-        if self.micro_step == 0 or self.micro_step % self.config.gradient_accumulation_steps:
+        self.lifecycle.assert_in(Phase.IDLE, doing="engine.step() after a forward without engine.backward()",
+                                 fix="call engine.backward(loss) first")
+        if self.micro_step == self._stepped_at or self.micro_step % self.config.gradient_accumulation_steps:
             return False
-        self.scheduler.phase = "optimizer"
+        self.lifecycle.go(Phase.OPTIMIZER)
         try:
             with torch.profiler.record_function("hetmem::step"):
                 if self.recorder is not None:
@@ -255,21 +275,43 @@ class Engine:
                 else:
                     self.last_step = self.optimizer.run_update()
         finally:
-            self.scheduler.phase = "idle"
+            self.lifecycle.go(Phase.IDLE)
         self.global_step += 1
+        self._stepped_at = self.micro_step
         if self._in_slot_pending and not self.tracer.needs_warmup:
             moved = self.grads.decide_in_slot()
             if moved:
                 logger.info("%d chunk groups now keep gradients in their PARAM slots", moved)
             self._in_slot_pending = False
-            self.all_resident = place_all_if_it_fits(self)
+            self.all_resident = place_all_if_it_fits(
+                self.manager, self.accelerator, peak_non_model=self.tracer.store.peak_non_model,
+                usable=self.budgets.usable, bring_to_host=self.scheduler.bring_to_host)
         if self.recorder is not None:
             self.recorder.end_step(self.last_step)
         return True
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every pending gradient without a step (in-slot ones give their weights back).
+
+        The way back after an exception in forward, backward or step; a later ``step()`` at
+        this boundary returns False.  ``set_to_none`` is accepted for torch compatibility.
+        """
+        self._check_open()
+        self.adam.drop_gradients()
+        self._stepped_at = self.micro_step
+
+    def _drop_after_error(self, where: str) -> None:
+        try:
+            self.zero_grad()
+        except Exception:  # noqa: BLE001 - the original error propagates; zero_grad() can be retried
+            logger.exception("after the error in %s, dropping the partial gradients failed too; call "
+                             "engine.zero_grad() before training on", where)
+        else:
+            logger.warning("%s raised: its partial gradients were dropped", where)
+
     def _abort(self) -> None:
         self.scheduler.abort()
-        self._awaiting_backward = False
+        self.lifecycle.go(Phase.IDLE)
         if self.recorder is not None:
             self.recorder.abort()
 
@@ -289,6 +331,7 @@ class Engine:
     # -- modes and state -----------------------------------------------------------------
 
     def train(self, mode: bool = True) -> "Engine":
+        self._check_open()
         self.module.train(mode)
         return self
 
@@ -297,9 +340,11 @@ class Engine:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full-precision weights and buffers under the model's own keys (CPU tensors)."""
+        self._check_open()
         return state_io.full_state_dict(self)
 
     def load_state_dict(self, state_dict, strict: bool = True):
+        self._check_open()
         return state_io.load_full_state_dict(self, state_dict, strict=strict)
 
     def save_checkpoint(self, directory, *, tag: str | None = None, client_state=None,
@@ -307,6 +352,7 @@ class Engine:
         """Full training state, wherever it lives; see hetmem/checkpoint/.  Returns the folder."""
         from hetmem.checkpoint import save_checkpoint
 
+        self._check_open()
         return save_checkpoint(self._checkpoint_parts(), directory, tag=tag, client_state=client_state, keep=keep,
                                lr_scheduler=lr_scheduler)
 
@@ -314,8 +360,10 @@ class Engine:
         """Restore a checkpoint (``directory`` or its ``latest``); returns the saved client state."""
         from hetmem.checkpoint import load_checkpoint
 
+        self._check_open()
         restored = load_checkpoint(self._checkpoint_parts(), directory, tag=tag, lr_scheduler=lr_scheduler)
         self.global_step, self.micro_step = restored.global_step, restored.micro_step
+        self.zero_grad()  # the loaded state starts at a boundary with no pending gradients
         return restored.client_state
 
     def _checkpoint_parts(self):
@@ -325,6 +373,7 @@ class Engine:
                                self.global_step, self.micro_step, self._awaiting_backward)
 
     def memory_report(self):
+        self._check_open()
         if self.recorder is None:
             raise RuntimeError("memory_report() needs memory_trace=True in the config")
         return self.recorder.report()
@@ -335,11 +384,22 @@ class Engine:
 
     def nvme_capacity_bytes(self) -> int | None:
         """Bytes the swap space holds for chunks; None while the NVMe tier is off."""
+        self._check_open()
         return None if self.manager.nvme is None else self.manager.nvme.nbytes
+
+    @property
+    def _awaiting_backward(self) -> bool:
+        """A forward ran and its backward has not (read by hetmem/checkpoint.py)."""
+        return self.lifecycle.state is Phase.FORWARD
+
+    @property
+    def _closed(self) -> bool:
+        return self.lifecycle.state is Phase.CLOSED
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this engine is closed")
+            raise RuntimeError("this engine is closed (engine.close() was called); engine.module keeps the "
+                               "trained weights: use it directly, or wrap it again with hetmem.initialize()")
 
     def close(self, *, keep_weights: bool = True) -> None:
         """Release hetmem's memory and hooks.  The module keeps its trained weights as ordinary
@@ -349,7 +409,7 @@ class Engine:
             return
         if keep_weights:
             self.module_state.check_host_room()
-        self._closed = True
+        self.lifecycle.go(Phase.CLOSED)
         self.hooks.remove()
         self.grads.remove()
         if self.activations is not None:

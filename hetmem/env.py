@@ -1,7 +1,7 @@
 """The environment report behind `hetmem env`: what hetmem can use on this machine.
 
 Every line is read off the machine (or an op's own answer), never assumed: torch and its
-CUDA, the C++ ops (prebuilt, built, or why they cannot build), the SIMD level the CPU Adam
+accelerator (through the seam, hetmem/accelerator/), the C++ ops (prebuilt, built, or why they cannot build), the SIMD level the CPU Adam
 kernel picks, which IO backends work on a given folder, and the GPUs pynvml sees.
 """
 from __future__ import annotations
@@ -42,11 +42,12 @@ def cpu_model() -> str:
 def _torch_section() -> dict[str, Any]:
     import torch
 
-    section: dict[str, Any] = {"version": torch.__version__, "threads": torch.get_num_threads(),
-                               "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        section["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return section
+    from hetmem.accelerator.torch_device import build_info
+
+    accelerator = build_info()
+    return {"version": torch.__version__, "threads": torch.get_num_threads(),
+            "accelerator_build": accelerator["build"], "accelerator": accelerator["type"],
+            "accelerator_devices": accelerator["devices"]}
 
 
 def _cpu_section() -> dict[str, Any]:
@@ -160,9 +161,10 @@ def format_text(report: dict[str, Any]) -> str:
     if "error" in t:
         lines.append(f"torch: {t['error']}")
     else:
-        cuda = f"CUDA {t['cuda_build']}" if t["cuda_build"] else "CPU build"
-        avail = ", GPUs: " + ", ".join(t.get("cuda_devices", [])) if t["cuda_available"] else ", no CUDA device"
-        lines.append(f"torch {t['version']} ({cuda}{avail}), {t['threads']} intra-op threads")
+        build = t["accelerator_build"] or "CPU build"
+        found = (f", {t['accelerator']} devices: " + ", ".join(t["accelerator_devices"]) if t["accelerator"]
+                 else ", no accelerator")
+        lines.append(f"torch {t['version']} ({build}{found}), {t['threads']} intra-op threads")
     c = report["cpu"]
     if "error" in c:
         lines.append(f"cpu: {c['error']}")

@@ -12,10 +12,17 @@ clears ``param.grad``, so no gradient outlives its hook on the device.
 - GRAD chunk (fp32 training, gradient accumulation, a gradient produced more than once, and
   during warm-up while the counts are unknown): accumulated in fp32 in the group's GRAD chunk.
 
-Without gradient accumulation, each parameter's squared gradient norm (for clipping and the
-fp16 overflow check) is taken as its gradient arrives, the same way on both paths, so the
-step needs one host sync and a run resumed from a checkpoint (which warms up on GRAD chunks)
-computes exactly what the uninterrupted run (in-slot) computed.
+A gradient on an accelerator bound for a chunk in host memory is copied on the copy stream
+(``_offload``): no host sync per parameter; the optimizer waits for the chunk.  Adding a second
+gradient to a slot waits for the bytes first.
+
+Each parameter's squared gradient norm is taken as its gradient arrives, the same way on
+both paths, in every dtype: the step sums them with one host sync to skip a non-finite step
+(hetmem/optimizer.py) and, without gradient accumulation, to clip, so a run resumed from a
+checkpoint (which warms up on GRAD chunks) computes exactly what the uninterrupted run
+(in-slot) computed.  With accumulation the entry is the sum of each micro-step's squared
+norm: finite exactly when every gradient was (the clipping norm then comes from the GRAD
+chunks).  Cost: one ``vector_norm`` per gradient (see README "Reliability").
 """
 from __future__ import annotations
 
@@ -34,13 +41,14 @@ logger = logging.getLogger("hetmem.grads")
 
 class GradRouter:
     def __init__(self, layout: Layout, manager: ChunkManager, *, mixed: bool, accumulation_steps: int,
-                 track_norms: bool, on_schedule_change):
+                 on_schedule_change):
         self.layout = layout
         self.manager = manager
         self.mixed = mixed
         self.accumulation_steps = accumulation_steps
-        self.track_norms = track_norms and accumulation_steps == 1  # norms taken as gradients arrive
-        self.norm_parts: dict[int, torch.Tensor] = {}  # id(slot) -> squared norm of its gradient (0-d)
+        self.accumulating = accumulation_steps > 1  # norm_parts are then sums over micro-steps
+        # id(slot) -> squared norm of its gradient (0-d, fp32), until the step or zero_grad
+        self.norm_parts: dict[int, torch.Tensor] = {}
         self._on_schedule_change = on_schedule_change
         self._shaped: set[int] = set()            # slots given a shaped placeholder for accumulation
         self._handles: list = []
@@ -111,18 +119,45 @@ class GradRouter:
             return
         slot.grad_fires += 1
         group = slot.group
+        had_grad = slot.has_grad  # a gradient of an earlier backward is pending (no step between)
         if group.grad_in_slot:
             target = self._into_slot(slot, group, grad)
         else:
             target = self._into_grad_chunk(slot, group, grad)
-        if self.track_norms:
-            # the first gradient is the whole gradient unless another arrives: then the sum
-            # lives in the GRAD chunk (a parameter with several gradients never goes in-slot)
-            source = grad if slot.grad_fires == 1 else target
+        self.track_norm(slot, grad, target, had_grad)
+
+    def track_norm(self, slot: ParamSlot, grad: torch.Tensor, target: torch.Tensor, had_grad: bool) -> None:
+        """Record the squared norm of the gradient that just arrived (see the module docstring)."""
+        if self.accumulating:  # each micro-step's gradient: a finiteness witness, not the norm
+            square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            previous = self.norm_parts.get(id(slot))
+            self.norm_parts[id(slot)] = square if previous is None else previous + square.to(previous.device)
+        else:
+            # the first gradient is the whole gradient unless another arrived (in this backward
+            # or an earlier one since the step): then the norm is the sum's, where it accumulated
+            source = grad if slot.grad_fires == 1 and not had_grad else target
             self.norm_parts[id(slot)] = torch.linalg.vector_norm(source, dtype=torch.float32).square()
+
+    def _offload(self, chunk, slot: ParamSlot, grad: torch.Tensor) -> torch.Tensor | None:
+        """A device gradient bound for a host chunk: copied on the copy stream, no host sync per
+        parameter (the optimizer waits for the chunk).  None when it cannot go that way."""
+        payload = self.manager.payload_for_slot_copy(chunk)
+        if payload is None or grad.device != self.manager.device:
+            return None
+        target = payload.narrow(0, slot.offset, slot.numel)
+        self.manager.copy_into(chunk, target, grad.reshape(-1).to(target.dtype),
+                               f"gradient of {slot.name} -> {chunk.name} (host)")
+        return target
 
     def _into_slot(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
         chunk = group.chunks[ChunkKind.PARAM]
+        if slot.state is not TensorState.GRAD_IN_SLOT:
+            target = self._offload(chunk, slot, grad)
+            if target is not None:
+                slot.set_state(TensorState.GRAD_IN_SLOT)
+                self.manager.unbind_slot(chunk, slot)
+                slot.has_grad = True
+                return target
         payload = self.manager.payload_in_memory(chunk)
         self.manager.mark_dirty(chunk)
         target = payload.narrow(0, slot.offset, slot.numel)
@@ -141,7 +176,13 @@ class GradRouter:
 
     def _into_grad_chunk(self, slot: ParamSlot, group: ChunkGroup, grad: torch.Tensor) -> torch.Tensor:
         chunk = group.chunks[ChunkKind.GRAD]
-        payload = self.manager.payload_in_memory(chunk)
+        if not slot.has_grad:
+            target = self._offload(chunk, slot, grad)
+            if target is not None:
+                slot.has_grad = True
+                slot.set_state(TensorState.HOLD_AFTER_BWD)
+                return target
+        payload = self.manager.payload_in_memory(chunk)  # accumulating: the bytes must be there
         self.manager.mark_dirty(chunk)
         target = payload.narrow(0, slot.offset, slot.numel)
         source = grad.reshape(-1)

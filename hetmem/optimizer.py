@@ -3,7 +3,7 @@
 For each trainable group, the contiguous runs of parameters that have a gradient, the same
 step count and the same param group (``engine.optimizer.param_groups``, whose hyperparameters
 are read at every step: hetmem/optimizer_groups.py) are updated by one kernel call each.  A
-group whose chunks are all on a CUDA device is updated there with torch ops; every other
+group whose chunks are all on an accelerator is updated there with torch ops; every other
 group by the fused CPU Adam, which reads the (low-precision) gradient, divides out loss scale
 and clipping in the same pass, and writes the new low-precision parameters into the PARAM
 chunk.
@@ -36,13 +36,14 @@ logger = logging.getLogger("hetmem.optimizer")
 
 @dataclass
 class StepResult:
-    skipped: bool              # fp16 overflow: no update happened
+    skipped: bool              # a non-finite gradient norm (any dtype; fp16 overflow): no update happened
     grad_norm: float | None    # global L2 norm of the (unscaled) gradients, when computed
     loss_scale: float
     seconds: float
     io_wait_s: float = 0.0     # of which blocked on transfers (NVMe reads, device copies)
     compute_s: float = 0.0     # of which in the Adam kernels
     io_bytes: int = 0          # bytes read + written by NVMe and device transfers during the step
+    reason: str | None = None  # why the step was skipped (None when it was applied)
 
 
 @dataclass(frozen=True)
@@ -117,20 +118,34 @@ class ChunkedAdam:
         self.grads = grads
         self.mixed = config.mixed_precision
         self.last_norm: float | None = None
+        self._pending_norm: float | None = None  # the norm of a step that raised part-way, for its retry
         self._compute_s = 0.0
 
     # -- the step ------------------------------------------------------------------------
 
     def step(self) -> StepResult:
+        """Update every group that has gradients; skip the whole step on a non-finite norm.
+
+        Non-finite gradients (docs: README "Reliability"): the squared norms taken as gradients
+        arrived (hetmem/grads.py) are summed with one host sync in every dtype; when the sum is
+        not finite the step changes nothing - weights, Adam moments, per-parameter step counts -
+        and the pending gradients are dropped, in-slot ones replaced by the master weights again
+        (``drop_gradients``).  fp16 also lowers its loss scale.  The result says why.
+
+        A step that raised part-way (an IO error) keeps the gradients of the groups it did not
+        reach and the norm it computed: calling it again applies the rest, exactly.
+        """
         started = time.perf_counter()
         groups = [g for g in self.layout.groups if g.trainable]
-        norm = None
-        if self.config.gradient_clipping is not None or self.config.uses_loss_scaling:
-            norm = self._global_norm(groups)
-        if self.config.uses_loss_scaling and not math.isfinite(norm):
-            self._skip(groups)
-            self.scaler.update(overflow=True)
-            return StepResult(True, norm, self.scaler.scale, time.perf_counter() - started)
+        squares = self._sum_of_squares(groups)
+        if not math.isfinite(squares):
+            reason = self._skip(groups, squares)
+            return StepResult(True, math.inf if squares == math.inf else math.nan, self.scaler.scale,
+                              time.perf_counter() - started, reason=reason)
+        norm = self._pending_norm
+        if norm is None and (self.config.gradient_clipping is not None or not self.grads.accumulating):
+            norm = self._global_norm(groups, squares)
+        self._pending_norm = norm  # until the step completes (a retry after an error reuses it)
         grad_scale = self.scaler.scale
         clip = self.config.gradient_clipping
         if clip is not None and norm is not None:
@@ -148,9 +163,11 @@ class ChunkedAdam:
             except OSError as exc:
                 raise OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {i} of "
                                          f"{len(groups)} chunk groups ({exc}); no bytes were lost, but this step is "
-                                         f"only partly applied: load the last checkpoint to resume exactly",
+                                         f"only partly applied: call engine.step() again to apply the rest "
+                                         f"(exact), or load the last checkpoint",
                               getattr(exc, "filename", None)) from exc
         self.grads.norm_parts.clear()
+        self._pending_norm = None
         self.scaler.update(overflow=False)
         self.last_norm = norm
         return StepResult(False, norm, self.scaler.scale, time.perf_counter() - started,
@@ -187,49 +204,83 @@ class ChunkedAdam:
     def _grad_chunk(self, group: ChunkGroup):
         return group.chunks[ChunkKind.PARAM] if group.grad_in_slot else group.chunks[ChunkKind.GRAD]
 
-    def _global_norm(self, groups: list[ChunkGroup]) -> float:
-        """sqrt(sum of squares) of the unscaled gradients; one device->host sync.
+    def _sum_of_squares(self, groups: list[ChunkGroup]) -> float:
+        """Sum of the squared (scaled) gradient norms taken as gradients arrived: one host sync.
 
-        Summed in float64 in layout order, from the squares taken as gradients arrived (no
-        accumulation), else from the GRAD chunks, so the result does not depend on where the
-        gradients were kept.
+        Without gradient accumulation it is the squared global norm; with accumulation, the sum
+        over micro-steps (hetmem/grads.py), finite exactly when every gradient was finite.
+        Summed in float64 in layout order over the slots still holding a gradient entry, so a
+        retried step sees the same value.
         """
-        if self.grads.track_norms:
-            parts = [self.grads.norm_parts[id(s)] for g in groups for s in g.slots
-                     if s.has_grad and id(s) in self.grads.norm_parts]
-        else:
-            parts = []
-            for group in groups:
-                runs = grad_runs(group)
-                if runs:
-                    payload = self.manager.payload_in_memory(group.chunks[ChunkKind.GRAD])
-                    parts += [torch.linalg.vector_norm(payload.narrow(0, start, stop - start),
-                                                       dtype=torch.float32).square()
-                              for start, stop, _, _ in runs]
+        parts = [self.grads.norm_parts[id(s)] for g in groups for s in g.slots if id(s) in self.grads.norm_parts]
+        return float(_sum_in_order(parts)) if parts else 0.0
+
+    def _global_norm(self, groups: list[ChunkGroup], squares: float) -> float:
+        """The global L2 norm of the unscaled gradients.
+
+        Without accumulation from the squares taken as gradients arrived, so the result does
+        not depend on where the gradients were kept; with accumulation from the GRAD chunks.
+        """
+        if not self.grads.accumulating:
+            return math.sqrt(squares) / self.scaler.scale
+        parts = []
+        for group in groups:
+            runs = grad_runs(group)
+            if runs:
+                payload = self.manager.payload_in_memory(group.chunks[ChunkKind.GRAD])
+                parts += [torch.linalg.vector_norm(payload.narrow(0, start, stop - start),
+                                                   dtype=torch.float32).square()
+                          for start, stop, _, _ in runs]
         if not parts:
             return 0.0
         return math.sqrt(float(_sum_in_order(parts))) / self.scaler.scale
 
-    def _skip(self, groups: list[ChunkGroup]) -> None:
-        """fp16 overflow: no update; in-slot gradients are replaced by the master weights again."""
+    def _skip(self, groups: list[ChunkGroup], squares: float) -> str:
+        """A non-finite gradient norm: no update at all; returns why (logged)."""
+        self.drop_gradients(groups)
+        if self.config.uses_loss_scaling:
+            reason = f"fp16 overflow: gradient norm is {math.sqrt(squares)} at loss scale {self.scaler.scale:g}"
+            self.scaler.update(overflow=True)
+            if self.scaler.dynamic:  # routine while the dynamic scale finds its level
+                logger.info("optimizer step skipped (%s); loss scale lowered to %g", reason, self.scaler.scale)
+                return reason
+        else:
+            reason = f"non-finite gradient norm ({math.sqrt(squares)})"
+            self.scaler.update(overflow=True)
+        logger.warning("optimizer step skipped (%s): weights, Adam states and step counts unchanged; "
+                       "check the loss and learning rate if this repeats", reason)
+        return reason
+
+    def drop_gradients(self, groups: list[ChunkGroup] | None = None) -> int:
+        """Forget every pending gradient without updating anything; returns the groups touched.
+
+        In-slot gradients (mixed precision only: fp32 training keeps gradients in GRAD chunks
+        and its weights in the PARAM slot, untouched) are overwritten with the fp32 master
+        weights cast to the compute dtype - the value the last step wrote there.  Groups with
+        nothing pending are not touched (no chunk moves).
+        """
+        if groups is None:
+            groups = [g for g in self.layout.groups if g.trainable]
+        touched = 0
         for group in groups:
-            if group.grad_in_slot:
+            in_slot = [s for s in group.slots if s.state is TensorState.GRAD_IN_SLOT]
+            if in_slot:
                 param = group.chunks[ChunkKind.PARAM]
-                master = group.chunks[ChunkKind.MASTER]
                 p_payload = self.manager.payload_in_memory(param)
-                m_payload = self.manager.payload_in_memory(master)
+                m_payload = self.manager.payload_in_memory(group.chunks[ChunkKind.MASTER])
                 self.manager.mark_dirty(param)
-                for slot in group.slots:
-                    if slot.state is TensorState.GRAD_IN_SLOT:
-                        p_payload.narrow(0, slot.offset, slot.numel).copy_(
-                            m_payload.narrow(0, slot.offset, slot.numel))
-            self._finish_group(group, stepped=False)
+                for slot in in_slot:
+                    p_payload.narrow(0, slot.offset, slot.numel).copy_(m_payload.narrow(0, slot.offset, slot.numel))
+            if in_slot or any(s.has_grad or s.state is not TensorState.HOLD for s in group.slots):
+                self._finish_group(group, stepped=False)
+                touched += 1
         self.grads.norm_parts.clear()
-        logger.info("fp16 overflow: step skipped")
+        self._pending_norm = None
+        return touched
 
     def _on_device(self, group: ChunkGroup) -> bool:
-        return self.device.type == "cuda" and all(c.tier is Tier.DEVICE for c in group.chunks.values()
-                                                  if c.tier is not None)
+        return self.manager.accelerator.separate_memory and all(
+            c.tier is Tier.DEVICE for c in group.chunks.values() if c.tier is not None)
 
     def _step_group(self, group: ChunkGroup, grad_scale: float) -> None:
         runs = grad_runs(group, self.group_of)
@@ -274,12 +325,13 @@ class ChunkedAdam:
         """The chunks the update reads and writes, in memory where it will run, pinned there
         (bringing one in must not spill another); the caller unpins them."""
         names = self._operand_chunks(group)
-        param = names["param"]
-        if not self._on_device(group) and param.tier is Tier.DEVICE and self.device.type == "cuda":
-            # CPU Adam writes the new parameters: bring the PARAM chunk (and its in-slot
-            # gradients) to the host.
-            self.manager.move(param, Tier.HOST, cause="optimizer")
         chunks = set(names.values())
+        if self.manager.accelerator.separate_memory and not self._on_device(group):
+            # the CPU Adam runs on the host: every operand still on the device comes over (the
+            # PARAM chunk with its in-slot gradients; after "everything fits" and a new warm-up,
+            # the master and Adam states too, while the gradients went to the host)
+            for chunk in sorted((c for c in chunks if c.tier is Tier.DEVICE), key=lambda c: c.id):
+                self.manager.move(chunk, Tier.HOST, cause="optimizer")
         for chunk in chunks:  # start every read before waiting for any
             if chunk.tier is Tier.NVME and chunk.transfer is None:
                 self.manager.move(chunk, Tier.HOST, cause="optimizer")
@@ -303,7 +355,8 @@ class ChunkedAdam:
         kwargs = dict(step=step, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
                       weight_decay=hyper.weight_decay, decoupled=hyper.decoupled, grad_scale=grad_scale,
                       out=out, bias_correction=hyper.bias_correction)
-        if weights.device.type == "cpu":
+        self.manager.accelerator.check_colocated(*flat.values())
+        if not (self.manager.accelerator.separate_memory and all(c.tier is Tier.DEVICE for c in chunks.values())):
             from hetmem.ops.adam import adam_step
         else:
             from hetmem.ops.adam import torch_adam_step as adam_step

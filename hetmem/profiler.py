@@ -122,7 +122,7 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
     engine = initialize(work, Config(device=device, dtype=dtype, chunk_size=chunk, prefetch=False,
                                      memory_trace=False, gradient_clipping=None, activation_offload="auto"),
                         init_fn=init_fn)
-    attribution = _Attribution(engine)
+    attribution = _Attribution(engine.module, engine.saved_tensors)
     try:
         output = _call(engine, batch)
         loss = loss_fn(output) if loss_fn is not None else _loss_of(output)
@@ -133,9 +133,9 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
         chunks, non_model = activations.moment_needs(schedule, chunk_bytes)
         moments = [{"kind": r.kind.value, "module": r.module, "chunk_bytes": c, "non_model_peak": n}
                    for r, c, n in zip(schedule, chunks, non_model)]
-        margin_share = 0.05 if engine.device.type == "cuda" else 0.0
-        min_budget = int(floor_without_offload(chunks, non_model) / (1 - margin_share)) + 1
-        min_offload = int(floor_with_offload(activations.records, chunks, non_model) / (1 - margin_share)) + 1
+        # the engine's own margin rule
+        min_budget = engine.accelerator.budget_for(floor_without_offload(chunks, non_model)) + 1
+        min_offload = engine.accelerator.budget_for(floor_with_offload(activations.records, chunks, non_model)) + 1
         offloadable = sum(r.nbytes for r in activations.records if r.window(len(chunks)))
         params = engine.layout.numel
         trainable = engine.layout.trainable_numel
@@ -159,17 +159,17 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
 class _Attribution:
     """Saved-activation bytes per module: the innermost module whose forward is running."""
 
-    def __init__(self, engine):
+    def __init__(self, module: nn.Module, saved_tensors):
         self.by_module: dict[str, int] = {}
         self._stack: list[str] = []
         self._seen: set[int] = set()
-        names = {m: n for n, m in engine.module.named_modules()}
+        names = {m: n for n, m in module.named_modules()}
         self._handles = []
         for module, name in names.items():
             self._handles.append(module.register_forward_pre_hook(self._enter(name)))
             self._handles.append(module.register_forward_hook(self._leave))
-        engine.saved_tensors.listeners.append(self._on_saved)
-        self._engine = engine
+        saved_tensors.listeners.append(self._on_saved)
+        self._saved_tensors = saved_tensors      # hetmem.hooks.SavedTensorHooks
 
     def _enter(self, name: str):
         def hook(module, args) -> None:
@@ -191,5 +191,5 @@ class _Attribution:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        if self._on_saved in self._engine.saved_tensors.listeners:
-            self._engine.saved_tensors.listeners.remove(self._on_saved)
+        if self._on_saved in self._saved_tensors.listeners:
+            self._saved_tensors.listeners.remove(self._on_saved)

@@ -18,7 +18,10 @@ from hetmem.chunk_manager.manager import ChunkEvents
 from hetmem.chunk_manager.states import ChunkKind, Tier
 
 if TYPE_CHECKING:
-    from hetmem.engine import Engine
+    from hetmem.chunk_manager.manager import ChunkManager
+    from hetmem.device import Budgets
+    from hetmem.layout import Layout
+    from hetmem.tracer.tracer import MemoryTracer
 
 KEEP_STEPS = 16
 KEEP_WARMUPS = 4
@@ -36,8 +39,16 @@ def _moment_dict(record: list) -> dict:
 
 
 class Recorder(ChunkEvents):
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
+    def __init__(self, layout: "Layout", budgets: "Budgets", *, device: str, dtype: str, model_name: str):
+        # what the trace's header says, fixed at initialize
+        self.layout = layout
+        self.meta = {"device": device, "dtype": dtype, "model_name": model_name,
+                     "device_budget": budgets.device, "host_budget": budgets.host}
+        # what it reads at each moment; attach() sets them once the engine has built them
+        self.manager: "ChunkManager | None" = None
+        self.tracer: "MemoryTracer | None" = None
+        self.activations = None             # hetmem/activations' offloader, or None when off
+        self.margin = budgets.margin        # floors in the trace are budgets: usable + margin
         self.t0 = time.perf_counter()       # trace times are seconds since this
         self.steps: list[dict] = []         # finished step records
         self.current: dict | None = None    # the step being recorded
@@ -45,6 +56,11 @@ class Recorder(ChunkEvents):
         self.init_seconds = 0.0
         self.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._next_index = 0
+
+    def attach(self, manager: "ChunkManager", tracer: "MemoryTracer", activations=None) -> None:
+        """The chunk manager, tracer and activation offloader this recorder reads (they are
+        built after it)."""
+        self.manager, self.tracer, self.activations = manager, tracer, activations
 
     def _now(self) -> float:
         return time.perf_counter() - self.t0
@@ -57,8 +73,7 @@ class Recorder(ChunkEvents):
     def begin_microstep(self) -> None:
         if self.current is not None:   # the previous micro-step had no optimizer step
             self._finish()
-        tracer = self.engine.tracer
-        self.current = {"step": self._next_index, "warmup": tracer.recording, "t_start": self._now(),
+        self.current = {"step": self._next_index, "warmup": self.tracer.recording, "t_start": self._now(),
                         "t_end": None, "phases": [], "moments": [], "moves": [], "evictions": []}
         self._next_index += 1
 
@@ -77,11 +92,11 @@ class Recorder(ChunkEvents):
         if self.current is None:
             return
         self.current["moments"].append([moment.index, moment.kind.value, moment.module, moment.t - self.t0,
-                                        self.engine.manager.counters(), 0, scheduler.last_chunk_budget, 0])
+                                        self.manager.counters(), 0, scheduler.last_chunk_budget, 0])
 
     def close_interval(self, peak_total: int) -> None:
         """The previous moment's interval ended: its non-model peak and simultaneous peak."""
-        last = self.engine.tracer.last_interval
+        last = self.tracer.last_interval
         if last is None or self.current is None:
             return
         index, peak = last
@@ -95,8 +110,8 @@ class Recorder(ChunkEvents):
     def end_step(self, result) -> None:
         if self.current is None:
             return
-        manager = self.engine.manager
-        non_model = self.engine.tracer.probe.current(manager.bytes_on(Tier.DEVICE))
+        manager = self.manager
+        non_model = self.tracer.probe.current(manager.bytes_on(Tier.DEVICE))
         phases = [p for p in self.current["phases"] if p["name"] == "optimizer"]
         t = phases[-1]["t_start"] if phases else self._now()
         self.current["moments"].append([len(self.current["moments"]), "optimizer", "", t, manager.counters(),
@@ -119,8 +134,8 @@ class Recorder(ChunkEvents):
             move["wait_s"] = transfer.waited_s
         self._pending_moves.clear()
         step["t_end"] = now
-        if self.engine.activations is not None:
-            step["activations"] = self.engine.activations.take_stats()
+        if self.activations is not None:
+            step["activations"] = self.activations.take_stats()
         span = {name: sum(p["t_end"] - p["t_start"] for p in step["phases"] if p["name"] == name)
                 for name in ("forward", "backward", "optimizer")}
         step["time"] = {"forward_s": span["forward"], "backward_s": span["backward"],
@@ -157,12 +172,11 @@ class Recorder(ChunkEvents):
     def trace(self) -> dict:
         from hetmem import __version__
 
-        engine = self.engine
-        budgets = engine.budgets
+        meta, layout = self.meta, self.layout
         referenced = {m["chunk"] for s in self.steps for m in s["moves"]} | \
             {e["chunk"] for s in self.steps for e in s["evictions"]}
         chunks = []
-        for group in engine.layout.groups:
+        for group in layout.groups:
             for chunk in group.chunks.values():
                 if chunk.tier is None and chunk.id not in referenced:
                     continue  # released (GRAD chunks replaced by in-slot gradients)
@@ -170,16 +184,16 @@ class Recorder(ChunkEvents):
                                "dtype": str(chunk.dtype).replace("torch.", ""),
                                "capacity_elements": chunk.capacity, "used_elements": group.numel,
                                "bytes": chunk.nbytes, "params": [s.name for s in group.slots]})
-        model = engine.module
+        nvme = self.manager.nvme if self.manager is not None else None
         return {
             "format": "hetmem-trace", "version": 1,
             "meta": {"hetmem_version": __version__, "torch_version": torch.__version__,
-                     "created": self.created, "device": str(engine.device), "dtype": engine.config.dtype,
-                     "budgets": {"device": budgets.device, "host": budgets.host,
-                                 "nvme": engine.nvme_capacity_bytes()},
-                     "chunk_elements": engine.layout.chunk_elements,
-                     "model": {"name": type(model).__name__, "parameters": engine.layout.numel,
-                               "trainable_parameters": engine.layout.trainable_numel}},
+                     "created": self.created, "device": meta["device"], "dtype": meta["dtype"],
+                     "budgets": {"device": meta["device_budget"], "host": meta["host_budget"],
+                                 "nvme": None if nvme is None else nvme.nbytes},
+                     "chunk_elements": layout.chunk_elements,
+                     "model": {"name": meta["model_name"], "parameters": layout.numel,
+                               "trainable_parameters": layout.trainable_numel}},
             "chunks": chunks,
             **self._activation_floors(),
             "steps": [{**s, "moments": [_moment_dict(m) for m in s["moments"]]} for s in self.steps],
@@ -187,14 +201,12 @@ class Recorder(ChunkEvents):
 
     def _activation_floors(self) -> dict:
         """The smallest device budgets of the last warm-up, with and without activation offload."""
-        engine = self.engine
-        schedule = engine.tracer.store.schedule
-        if engine.activations is None or not schedule:
+        schedule = self.tracer.store.schedule if self.tracer is not None else None
+        if self.activations is None or not schedule:
             return {}
-        floors = engine.activations.floors(schedule, {c.id: c.nbytes for c in engine.manager.chunks})
-        margin = engine.budgets.margin
-        return {"activation_offload": {"min_device_budget": floors[0] + margin,
-                                       "min_device_budget_offload": floors[1] + margin}}
+        floors = self.activations.floors(schedule, {c.id: c.nbytes for c in self.manager.chunks})
+        return {"activation_offload": {"min_device_budget": floors[0] + self.margin,
+                                       "min_device_budget_offload": floors[1] + self.margin}}
 
     def report(self):
         from hetmem.report import MemoryReport

@@ -21,6 +21,7 @@ from hetmem.chunk_manager.eviction import EvictionPolicy
 from hetmem.chunk_manager.manager import ChunkManager, DeviceBudgetError, HostBudgetError
 from hetmem.chunk_manager.states import ChunkKind, IllegalTransition, TensorState, Tier
 from hetmem.layout import Layout
+from hetmem.lifecycle import Lifecycle, Phase
 from hetmem.tracer.clock import MomentKind
 from hetmem.tracer.tracer import MemoryTracer
 from hetmem.units import format_bytes
@@ -33,20 +34,19 @@ READ_AHEAD_SHARE = 0.75  # read ahead only while host memory is below this share
 
 class Scheduler:
     def __init__(self, manager: ChunkManager, tracer: MemoryTracer, layout: Layout, *,
-                 prefetch: bool, recorder=None, activations=None):
+                 prefetch: bool, recorder=None, lifecycle: Lifecycle | None = None, activations=None):
         self.manager = manager
         self.tracer = tracer
         self.layout = layout
         self.policy = EvictionPolicy(self._next_use)
         self.prefetch_enabled = prefetch
         self.recorder = recorder                    # the report's recorder, or None
+        self.lifecycle = lifecycle or Lifecycle()   # the engine's: where the step is (read only here)
         # saved activations to host memory and back (hetmem/activations), or None when off
         self.activations = activations
         if activations is not None:
             activations.make_room = self.room_for_activation
             activations.observe = self.observe
-        self.traced = False                         # inside a recorded micro-step
-        self.phase = "idle"                         # "forward" | "backward" | "optimizer" | "idle"
         self._chunks_by_id = {c.id: c for c in manager.chunks}
         self._module_chunks: dict[nn.Module, list[Chunk]] = {}
         # modules inside their forward, innermost last: (module, its chunks, its slots)
@@ -107,13 +107,19 @@ class Scheduler:
         self.tracer.begin_microstep()
         if self.activations is not None:
             self.activations.begin_microstep(self.tracer.recording)
-        self.traced = True
-        self.phase = "forward"
         self.wait_s = 0.0
         self._chunk_bytes_min = self.device_bytes()
 
-    def begin_backward(self) -> None:
-        self.phase = "backward"
+    @property
+    def traced(self) -> bool:
+        """Inside a recorded micro-step (the engine's lifecycle is FORWARD or BACKWARD)."""
+        return self.lifecycle.traced
+
+    @property
+    def phase(self) -> str:
+        """"forward" | "backward" | "optimizer" | "idle", from the engine's lifecycle."""
+        state = self.lifecycle.state
+        return state.value if state in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER) else "idle"
 
     def _drop_forward_stack(self) -> None:
         """Release modules whose forward never reported its end.
@@ -137,8 +143,6 @@ class Scheduler:
                 self.activations.end_microstep(self.tracer.store.schedule or [],
                                                {i: c.nbytes for i, c in self._chunks_by_id.items()},
                                                self.tracer.budget.usable)
-        self.traced = False
-        self.phase = "idle"
 
     def abort(self) -> None:
         """After an exception mid-step: drop every pin so the engine stays usable."""
@@ -160,8 +164,6 @@ class Scheduler:
         # the collector runs): free it, and forget what the probe counted of it
         gc.collect()
         self.tracer.probe.forget()
-        self.traced = False
-        self.phase = "idle"
 
     # -- moments -----------------------------------------------------------------------
 
@@ -389,7 +391,7 @@ class Scheduler:
                 return False
             victim, reason = self.policy.choose(candidates)
             transfer = self.manager.evict(victim, reason + f"; room to prefetch {chunk.name}")
-            if self.manager.device.type != "cuda":
+            if not self.manager.accelerator.separate_memory:
                 transfer.wait()
         return True
 

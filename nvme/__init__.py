@@ -7,7 +7,7 @@ Public API:
   returning a ``Request`` (``wait()``, ``done()``, ``error``); ``close()``; a context
   manager.  (hetmem/nvme/aio.py)
 - ``aligned_empty(numel, dtype)`` / ``release_buffer(t)`` / ``BufferPool``: aligned,
-  pinned-with-CUDA host buffers, reused.  (buffers.py)
+  host buffers pinned on accelerator machines, reused.  (buffers.py)
 - ``SwapSpace(dir, blobs, ...)`` with ``store(key, t)`` / ``load(key, into=t)`` /
   ``reserve(blobs)`` / ``close()``, and ``SwapChecksumError``.  (swap.py)
 - ``probe_io(dir)``: which backends and O_DIRECT work there.  (probe.py)

@@ -15,11 +15,12 @@ def aio_op():
     with _lock:
         if "module" in _state:
             return _state["module"]
-        from hetmem.ops.builder import OpBuildError, builder
+        from hetmem.ops.builder import OpBuildError, builder, check_fallback_allowed
 
         try:
             module = builder("aio").load()
         except OpBuildError as exc:
+            check_fallback_allowed(builder("aio"), exc)
             logger.warning("hetmem aio op unavailable (%s); NVMe IO falls back to the slower pure-Python "
                            "thread pool (buffered pread/pwrite, no O_DIRECT)", exc)
             module = None

@@ -37,7 +37,7 @@ from hetmem.nvme.fallback import PythonThreadFile
 
 logger = logging.getLogger("hetmem.nvme.aio")
 
-FAULT_KINDS = {"error": 1, "short": 2, "partial": 3}
+FAULT_KINDS = {"error": 1, "short": 2, "partial": 3, "reap_error": 4}
 _SWEEP_EVERY = 64  # submissions between sweeps of finished requests nobody polled
 
 
@@ -265,10 +265,19 @@ class AsyncFile:
 
         ``kind``: "error" (it reports -errno), "short" (``short_by`` fewer bytes, final: the
         request fails short) or "partial" (``short_by`` fewer bytes; the engine resubmits
-        the rest and the request succeeds).  One-shot.
+        the rest and the request succeeds).  One-shot.  "reap_error" (io_uring and linux_aio,
+        which have a reaper thread): from now on every wait for completions fails with
+        ``errno`` - a persistent kernel error: the IOs in flight and all later ones fail with
+        it, and the reaper exits; ``inject_fault("none")`` disarms it.
         """
+        if kind == "none":
+            self._engine.set_fault(0, 0, errno, short_by)
+            return
         if kind not in FAULT_KINDS:
-            raise ValueError(f"kind={kind!r} must be one of {', '.join(FAULT_KINDS)}")
+            raise ValueError(f"kind={kind!r} must be one of none, {', '.join(FAULT_KINDS)}")
+        if kind == "reap_error" and self.backend not in ("io_uring", "linux_aio"):
+            raise ValueError(f"kind='reap_error' needs a backend with a reaper thread (io_uring, linux_aio), "
+                             f"not {self.backend}")
         self._engine.set_fault(FAULT_KINDS[kind], after, errno, short_by)
 
     # -- lifetime --------------------------------------------------------------------------

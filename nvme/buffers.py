@@ -9,8 +9,8 @@ What ``aligned_empty(numel, dtype)`` guarantees:
   past its last element (``padded_nbytes(t)``), so an O_DIRECT transfer of the padded
   length needs no staging (``SwapSpace`` uses this for blobs whose size is not a multiple
   of 4096);
-- page-locked (pinned) when ``torch.cuda.is_available()``, so device copies from it are
-  asynchronous.
+- page-locked (pinned) when the machine has an accelerator (``hetmem.accelerator.host_pinning``),
+  so device copies from it are asynchronous.
 
 Reuse is explicit: ``release_buffer(t)`` hands the buffer back and the next request of
 the same padded size gets it without allocating.  A buffer that is simply dropped is freed
@@ -30,6 +30,8 @@ import weakref
 
 import torch
 
+from hetmem.accelerator import host_pinning
+
 logger = logging.getLogger("hetmem.nvme.buffers")
 
 ALIGNMENT = 4096
@@ -47,20 +49,20 @@ def _aligned_base(padded: int, pin: bool) -> torch.Tensor:
 
 
 def aligned_tensor(numel: int, dtype: torch.dtype = torch.uint8, *, pin: bool | None = None) -> torch.Tensor:
-    """An aligned host tensor (pinned with CUDA unless ``pin`` says otherwise), in no pool: it is
+    """An aligned host tensor (pinned on accelerator machines unless ``pin`` says otherwise), in no pool: it is
     freed when dropped.  Its memory is padded to the next multiple of 4096 bytes."""
-    pin = torch.cuda.is_available() if pin is None else bool(pin)
+    pin = host_pinning() if pin is None else bool(pin)
     itemsize = torch.empty((), dtype=dtype).element_size()
     base = _aligned_base(_round_up(max(numel * itemsize, 1), ALIGNMENT), pin)
     return base.view(dtype)[:numel]
 
 
 class BufferPool:
-    """Aligned (pinned with CUDA) host buffers kept by padded size and handed out again."""
+    """Aligned (pinned on accelerator machines) host buffers kept by padded size and handed out again."""
 
     def __init__(self, *, pin: bool | None = None, max_cached_bytes: int | None = None):
         # Pin when a GPU is present (decided once: a pool never mixes pinned and pageable).
-        self.pin = torch.cuda.is_available() if pin is None else bool(pin)
+        self.pin = host_pinning() if pin is None else bool(pin)
         # Released buffers beyond this many bytes are freed instead of kept (None: keep all).
         self.max_cached_bytes = max_cached_bytes
         self._lock = threading.Lock()
@@ -155,7 +157,7 @@ def default_pool() -> BufferPool:
 
 
 def aligned_empty(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """An aligned (pinned with CUDA) host tensor from the default pool; see the module docstring."""
+    """An aligned (pinned on accelerator machines) host tensor from the default pool; see the module docstring."""
     return default_pool().empty(numel, dtype)
 
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from hetmem.units import parse_size
+from hetmem._core.units import parse_size
 
 BACKENDS = ("auto", "io_uring", "linux_aio", "threads")
 KERNEL_BACKENDS = ("io_uring", "linux_aio", "threads")  # what the C++ engine runs

@@ -11,12 +11,28 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-# Fault kinds, as in csrc/aio/engine.h.
+logger = logging.getLogger("hetmem.nvme.fallback")
+
+# Fault kinds, as in csrc/aio/engine.h (ReapError = 4 has no counterpart: there is no reaper here).
 FAULT_NONE, FAULT_ERROR, FAULT_SHORT, FAULT_PARTIAL = 0, 1, 2, 3
+
+
+def _errno_of(exc: BaseException) -> int:
+    """The errno a worker exception fails its request with (wait() raises OSError with it)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, OverflowError):  # e.g. an offset past what off_t holds
+        return errno.EOVERFLOW
+    if isinstance(exc, MemoryError):
+        return errno.ENOMEM
+    if isinstance(exc, (ValueError, TypeError)):
+        return errno.EINVAL
+    return errno.EIO
 
 
 class _Request:
@@ -103,19 +119,26 @@ class PythonThreadFile:
         return result, False
 
     def _run_block(self, req: _Request, write: bool, ptr: int, nbytes: int, offset: int) -> None:
+        """One block, run by a pool worker: whatever happens, it completes (an exception
+        becomes the request's error; nothing is left for the pool to swallow)."""
         moved = 0
         error, is_short = 0, False
-        while not req.failed:
-            result, final = self._injected(self._transfer(write, ptr + moved, nbytes - moved, offset + moved))
-            if result < 0:
-                error = -result
-                break
-            moved += result
-            if moved >= nbytes:
-                break
-            if result == 0 or final:
-                error, is_short = errno.EIO, True
-                break
+        try:
+            while not req.failed:
+                result, final = self._injected(self._transfer(write, ptr + moved, nbytes - moved, offset + moved))
+                if result < 0:
+                    error = -result
+                    break
+                moved += result
+                if moved >= nbytes:
+                    break
+                if result == 0 or final:
+                    error, is_short = errno.EIO, True
+                    break
+        except BaseException as exc:  # noqa: BLE001 - reported through the request, never lost
+            error, is_short = _errno_of(exc), False
+            logger.error("IO worker: %s of %d B at offset %d raised %s: %s", "pwrite" if write else "pread",
+                         nbytes, offset, type(exc).__name__, exc)
         with self._cond:
             status = req.status
             if error and not req.failed:

@@ -44,7 +44,7 @@ from hetmem.nvme.aio import AsyncFile, Request, _check_tensor
 from hetmem.nvme.buffers import padded_nbytes
 from hetmem.nvme.checksum import blob_checksum
 from hetmem.nvme.config import DEFAULT_BACKEND, DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, DEFAULT_THREADS
-from hetmem.units import format_bytes
+from hetmem._core.units import format_bytes
 
 logger = logging.getLogger("hetmem.nvme.swap")
 
@@ -278,8 +278,9 @@ class SwapSpace:
             if blob.writing is not None or blob.loads:
                 what = "a store" if blob.writing is not None else "a load"
                 raise ValueError(f"store({key!r}): {what} of this blob is still in flight; wait() for it first")
-            crc = self._take_checksum(tensor, blob.nbytes) if self.checksum else None
             req = self._file.submit(True, tensor, blob.offset, nbytes=self._io_bytes(tensor, blob))
+            # the checksum is taken while the write is in flight (both only read the tensor)
+            crc = self._take_checksum(tensor, blob.nbytes) if self.checksum else None
             blob.state, blob.writing, blob.crc = BlobState.WRITING, req, crc
             self.stats["stored_bytes"] += blob.nbytes
             return req

@@ -1,9 +1,10 @@
 """Memory probes: how many non-model bytes (activations, temporaries) are live on the device.
 
-On CUDA the allocator says it: allocated bytes minus the chunk bytes hetmem placed there,
-with the interval peak from ``max_memory_allocated``.  On the CPU there is no such counter
-for one purpose, so the probe counts what autograd saves for backward (saved-tensor hooks)
-and what modules return, by distinct storage, for as long as they are held.
+On an accelerator the allocator says it (through the seam, hetmem/accelerator/): allocated
+bytes minus the chunk bytes hetmem placed there, with an interval peak hetmem keeps itself,
+never resetting the allocator's peak (the user's statistic).  On the CPU there is no such
+counter for one purpose, so the probe counts what autograd saves for backward (saved-tensor
+hooks) and what modules return, by distinct storage, for as long as they are held.
 """
 from __future__ import annotations
 
@@ -144,55 +145,74 @@ class CpuProbe:
         self.live.reset()
 
 
-class CudaProbe:
-    """Non-model bytes on a CUDA device: allocator statistics less hetmem's chunk bytes.
+class AllocatorProbe:
+    """Non-model bytes on an accelerator: allocator statistics less hetmem's chunk bytes.
 
-    The peak uses the smallest chunk residency seen in the interval, so it can only
-    over-estimate non-model memory, never hide it.  Reserved-but-free bytes (fragmentation)
-    are reported separately by ``reserved()``.
+    The allocator's peak is never reset (it is the user's statistic).  Instead the probe asks,
+    at every instant the scheduler measures (``current``) and at the end of each interval,
+    whether the allocator's all-time peak rose since it last asked: if so, that peak happened
+    since the previous sample, while hetmem's chunk bytes were what that sample saw, so the
+    non-model peak is known exactly.  Otherwise the interval's peak is the largest sample, a
+    temporary between two samples being what the budget's margin is for.  Reserved-but-free
+    bytes (fragmentation) are reported separately by ``reserved()``.  Saved tensors and outputs
+    are shown to the accelerator, which counts them where no allocator can be read (the
+    simulated device).
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        # saved activations moved to host memory (hetmem/activations): their bytes now, their
-        # most in this interval, and the closed interval's peak as if none had moved (an upper
-        # bound: the allocator's peak plus the most moved at any time in the interval)
+    def __init__(self, accelerator):
+        self.accelerator = accelerator      # hetmem.accelerator.Accelerator with separate memory
+        self._peak = 0                      # largest non-model bytes seen in this interval
+        self._chunk_bytes = 0               # chunk bytes at the last sample
+        # saved activations moved to host memory (hetmem/activations): their bytes now; the
+        # largest non-model + moved bytes seen in this interval (moved bytes change only at a
+        # sample, see shift()); that of the interval interval_peak() closed last
         self.moved_off = 0
-        self._moved_max = 0
+        self._natural_peak = 0
         self.last_natural_peak = 0
 
     def hold_saved(self, tensor: torch.Tensor) -> object:
-        return tensor
+        return self.accelerator.hold_saved(tensor)
 
-    @staticmethod
-    def unwrap(packed: object) -> torch.Tensor:
-        return packed
+    def unwrap(self, packed: object) -> torch.Tensor:
+        return self.accelerator.unwrap(packed)
 
     def hold_output(self, tensor: torch.Tensor) -> None:
-        return None
+        self.accelerator.hold_output(tensor)
+
+    def _note_rise(self, chunk_bytes: int) -> None:
+        risen = self.accelerator.new_peak()
+        if risen is not None:  # since the last sample, when min(then, now) chunk bytes were placed
+            self._peak = max(self._peak, risen - min(self._chunk_bytes, chunk_bytes))
+            self._natural_peak = max(self._natural_peak, risen - min(self._chunk_bytes, chunk_bytes) + self.moved_off)
 
     def current(self, chunk_bytes: int) -> int:
-        return max(0, torch.cuda.memory_allocated(self.device) - chunk_bytes)
+        self._note_rise(chunk_bytes)
+        now = max(0, self.accelerator.memory_allocated() - chunk_bytes)
+        self._peak = max(self._peak, now)
+        self._natural_peak = max(self._natural_peak, now + self.moved_off)
+        self._chunk_bytes = chunk_bytes
+        return now
 
     def interval_peak(self, chunk_bytes_min: int) -> int:
-        peak = torch.cuda.max_memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        peak = max(0, peak - chunk_bytes_min)
-        self.last_natural_peak, self._moved_max = peak + self._moved_max, self.moved_off
+        self._note_rise(self._chunk_bytes)
+        peak, self._peak = self._peak, 0
+        self.last_natural_peak, self._natural_peak = self._natural_peak, 0
         return peak
 
     def shift(self, delta: int) -> None:
-        """Saved activations moved to host memory (> 0) or coming back (< 0); hetmem/activations."""
+        """Saved activations moved to host memory (> 0, after their release) or coming back
+        (< 0, before their new allocation): a sample closes the segment with the old amount."""
+        self._note_rise(self._chunk_bytes)
         self.moved_off = max(0, self.moved_off + delta)
-        self._moved_max = max(self._moved_max, self.moved_off)
 
     def reserved(self) -> int:
-        return torch.cuda.memory_reserved(self.device)
+        return self.accelerator.memory_reserved()
 
     def forget(self) -> None:
-        """The allocator's counts are the truth; only what was moved off is forgotten."""
-        self.moved_off = self._moved_max = 0
+        """After an aborted step: the accelerator stops counting what it left behind."""
+        self.accelerator.forget_activations()
+        self.moved_off = 0
 
 
-def make_probe(device: torch.device) -> "CpuProbe | CudaProbe":
-    return CudaProbe(device) if device.type == "cuda" else CpuProbe()
+def make_probe(accelerator) -> "CpuProbe | AllocatorProbe":
+    return AllocatorProbe(accelerator) if accelerator.separate_memory else CpuProbe()

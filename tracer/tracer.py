@@ -30,7 +30,7 @@ class TracerMode(enum.Enum):
 
 class MemoryTracer:
     def __init__(self, probe, budget: BudgetPolicy):
-        self.probe = probe                  # CpuProbe or CudaProbe
+        self.probe = probe                  # CpuProbe or AllocatorProbe
         self.budget = budget
         self.clock = MomentClock()
         self.store = ScheduleStore()

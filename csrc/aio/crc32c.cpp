@@ -1,5 +1,11 @@
-// CRC-32C: the SSE4.2 crc32 instruction on three independent streams where the CPU has it
-// (chosen at run time), else a slicing-by-8 table.
+// CRC-32C: a hardware crc32 instruction on three independent streams where the CPU has it,
+// else a portable slicing-by-8 table.
+//
+// - x86-64: the SSE4.2 crc32 instruction, chosen at run time (__builtin_cpu_supports);
+// - aarch64 built with the CRC extension (__ARM_FEATURE_CRC32, e.g. -march=armv8-a+crc, which
+//   every Grace/Neoverse core has): the ARMv8 crc32c instructions;
+// - anywhere else, or with HETMEM_CRC32C_PORTABLE defined (tests build that to check the table
+//   path gives the same results): the table.
 //
 // The three streams are joined with GF(2) arithmetic: with the CRC register r and no
 // pre/post inversion, crc(r, A || B) = crc(0, B) ^ r * x^(8|B|) mod P, so three lanes of
@@ -7,7 +13,16 @@
 #include "crc32c.h"
 
 #include <cstring>
+
+#if !defined(HETMEM_CRC32C_PORTABLE) && defined(__x86_64__)
 #include <nmmintrin.h>
+#define HETMEM_CRC32C_X86 1
+#define HETMEM_CRC32C_TARGET __attribute__((target("sse4.2")))
+#elif !defined(HETMEM_CRC32C_PORTABLE) && defined(__aarch64__) && defined(__ARM_FEATURE_CRC32)
+#include <arm_acle.h>
+#define HETMEM_CRC32C_ARM 1
+#define HETMEM_CRC32C_TARGET
+#endif
 
 namespace hetmem::aio {
 
@@ -50,6 +65,8 @@ uint32_t table_update(uint32_t r, const unsigned char* p, uint64_t n) {
   return r;
 }
 
+#if defined(HETMEM_CRC32C_X86) || defined(HETMEM_CRC32C_ARM)
+
 // a * b mod P in the reflected representation (bit 31 holds x^0).
 uint32_t gf2_multiply(uint32_t a, uint32_t b) {
   uint32_t product = 0;
@@ -72,21 +89,36 @@ uint32_t x_pow_8n(uint64_t n) {
   return result;
 }
 
-__attribute__((target("sse4.2"))) uint32_t hw_update_1(uint32_t r, const unsigned char* p, uint64_t n) {
+#if defined(HETMEM_CRC32C_X86)
+HETMEM_CRC32C_TARGET inline uint64_t hw_step_8(uint64_t r, uint64_t word) { return _mm_crc32_u64(r, word); }
+HETMEM_CRC32C_TARGET inline uint32_t hw_step_1(uint32_t r, unsigned char byte) { return _mm_crc32_u8(r, byte); }
+constexpr const char* kHardwareName = "sse4.2 (3 streams)";
+bool have_hardware() {
+  static const bool yes = __builtin_cpu_supports("sse4.2");
+  return yes;
+}
+#else
+inline uint64_t hw_step_8(uint64_t r, uint64_t word) { return __crc32cd(uint32_t(r), word); }
+inline uint32_t hw_step_1(uint32_t r, unsigned char byte) { return __crc32cb(r, byte); }
+constexpr const char* kHardwareName = "armv8 crc32c (3 streams)";
+bool have_hardware() { return true; }  // compiled for a CPU with the CRC extension
+#endif
+
+HETMEM_CRC32C_TARGET uint32_t hw_update_1(uint32_t r, const unsigned char* p, uint64_t n) {
   uint64_t r64 = r;
   while (n >= 8) {
     uint64_t word;
     std::memcpy(&word, p, 8);
-    r64 = _mm_crc32_u64(r64, word);
+    r64 = hw_step_8(r64, word);
     p += 8;
     n -= 8;
   }
   r = uint32_t(r64);
-  while (n--) r = _mm_crc32_u8(r, *p++);
+  while (n--) r = hw_step_1(r, *p++);
   return r;
 }
 
-__attribute__((target("sse4.2"))) uint32_t hw_update(uint32_t r, const unsigned char* p, uint64_t n) {
+HETMEM_CRC32C_TARGET uint32_t hw_update(uint32_t r, const unsigned char* p, uint64_t n) {
   static const uint32_t shift_1 = x_pow_8n(kLane);
   static const uint32_t shift_2 = x_pow_8n(2 * kLane);
   while (n >= 3 * kLane) {
@@ -99,9 +131,9 @@ __attribute__((target("sse4.2"))) uint32_t hw_update(uint32_t r, const unsigned 
       std::memcpy(&wa, a + i, 8);
       std::memcpy(&wb, b + i, 8);
       std::memcpy(&wc, c + i, 8);
-      r0 = _mm_crc32_u64(r0, wa);
-      r1 = _mm_crc32_u64(r1, wb);
-      r2 = _mm_crc32_u64(r2, wc);
+      r0 = hw_step_8(r0, wa);
+      r1 = hw_step_8(r1, wb);
+      r2 = hw_step_8(r2, wc);
     }
     r = gf2_multiply(uint32_t(r0), shift_2) ^ gf2_multiply(uint32_t(r1), shift_1) ^ uint32_t(r2);
     p += 3 * kLane;
@@ -110,17 +142,20 @@ __attribute__((target("sse4.2"))) uint32_t hw_update(uint32_t r, const unsigned 
   return hw_update_1(r, p, n);
 }
 
-bool have_sse42() {
-  static const bool yes = __builtin_cpu_supports("sse4.2");
-  return yes;
-}
+#else  // portable: the table only
+
+constexpr const char* kHardwareName = "none";
+bool have_hardware() { return false; }
+uint32_t hw_update(uint32_t r, const unsigned char* p, uint64_t n) { return table_update(r, p, n); }
+
+#endif
 
 }  // namespace
 
 uint32_t crc32c_extend(uint32_t crc, const void* data, uint64_t n) {
   const unsigned char* p = static_cast<const unsigned char*>(data);
   uint32_t r = ~crc;
-  r = have_sse42() ? hw_update(r, p, n) : table_update(r, p, n);
+  r = have_hardware() ? hw_update(r, p, n) : table_update(r, p, n);
   return ~r;
 }
 
@@ -128,6 +163,6 @@ uint32_t crc32c_extend_table(uint32_t crc, const void* data, uint64_t n) {
   return ~table_update(~crc, static_cast<const unsigned char*>(data), n);
 }
 
-const char* crc32c_implementation() { return have_sse42() ? "sse4.2 (3 streams)" : "table (slicing-by-8)"; }
+const char* crc32c_implementation() { return have_hardware() ? kHardwareName : "table (slicing-by-8)"; }
 
 }  // namespace hetmem::aio

@@ -161,6 +161,11 @@ RequestStatus File::wait(uint64_t id) {
 
 void File::set_fault(FaultKind kind, uint64_t after, int err, uint64_t short_by) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (kind == FaultKind::ReapError || kind == FaultKind::None) reap_fault_err_ = kind == FaultKind::None ? 0 : err;
+  if (kind == FaultKind::ReapError) {
+    for (auto& q : queues_) q->wake();  // a reaper asleep with nothing in flight sees it at its next wait
+    return;
+  }
   fault_kind_ = kind;
   fault_countdown_ = after;
   fault_err_ = err;
@@ -284,10 +289,20 @@ void File::submit_to(Queue* queue, Task** tasks, int n) {
     else tasks[kept++] = tasks[i];
   }
   queue->inflight += n;
-  int err = 0;
-  int accepted = kept > 0 ? queue->submit(tasks, kept, &err) : 0;
+  int err = queue->broken;
+  int accepted = kept > 0 && err == 0 ? queue->submit(tasks, kept, &err) : 0;
   for (int i = accepted; i < kept; ++i) complete(tasks[i], -int64_t(err ? err : EIO));
   for (Task* t : no_memory) complete(t, -int64_t(ENOMEM));
+}
+
+void File::fail_queue(Queue* queue, int err) {
+  queue->broken = err;
+  std::vector<Task*> lost;  // issued to the kernel, never to be reaped: every busy slot not deferred
+  for (auto& t : queue->slots())
+    if (t.req != nullptr && std::find(deferred_.begin(), deferred_.end(), &t) == deferred_.end()) lost.push_back(&t);
+  for (Task* t : lost) complete(t, -int64_t(err));
+  fill(queue);  // requests still waiting to be cut fail here too (at once) unless another queue takes them
+  done_cv_.notify_all();
 }
 
 // -- completions -------------------------------------------------------------------------

@@ -82,6 +82,8 @@ enum class FaultKind : int {
   Error = 1,    // the completion reports -err
   Short = 2,    // it reports `short_by` fewer bytes, final (the request fails short)
   Partial = 3,  // it reports `short_by` fewer bytes, the engine resubmits the rest
+  ReapError = 4,  // every wait for completions (io_uring_enter / io_getevents) fails with
+                  // -err until the fault is set to None: a persistent reaper error
 };
 
 class Queue;
@@ -124,6 +126,11 @@ class File {
   void complete(Task* task, int64_t result);
   // Carve new IOs for `queue` from waiting requests and submit them.
   void fill(Queue* queue);
+  // A queue's reaper met a persistent error: its IOs in flight fail with `err`, and so does
+  // every IO later given to it; the reaper then exits (see queue.h, reap_failed()).
+  void fail_queue(Queue* queue, int err);
+  // The injected persistent reaper error (errno), 0 when none is armed.
+  int reap_fault() const { return reap_fault_err_; }
 
  private:
   bool carve(Request* req, Task* task);
@@ -169,6 +176,7 @@ class File {
   uint64_t fault_countdown_ = 0;
   int fault_err_ = 0;
   uint64_t fault_short_by_ = 0;
+  int reap_fault_err_ = 0;
 };
 
 // Aligned memory for staging (and for callers who want it): free with aligned_free.

@@ -87,13 +87,17 @@ class LinuxAioQueue final : public Queue {
   void reap() {
     std::vector<io_event> events(slots_.size());
     for (;;) {
+      int injected;
       {
         std::unique_lock<std::mutex> lock(file_.mutex());
         wake_.wait(lock, [&] { return stopping_ || inflight > 0; });
         if (inflight == 0) return;
+        injected = file_.reap_fault();
       }
-      long n = aio_getevents(ctx_, 1, long(events.size()), events.data());
-      if (n <= 0) continue;  // EINTR
+      long n = injected ? -1 : aio_getevents(ctx_, 1, long(events.size()), events.data());
+      if (n < 0 && reap_failed(injected ? injected : errno)) return;
+      if (n <= 0) continue;  // EINTR, or a transient error retried
+      reaped();
       std::lock_guard<std::mutex> lock(file_.mutex());
       for (long i = 0; i < n; ++i) file_.complete(reinterpret_cast<Task*>(events[size_t(i)].data), events[size_t(i)].res);
       file_.fill(this);

@@ -2,6 +2,8 @@
 // interface each backend implements.  See engine.h for the model.
 #pragma once
 
+#include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -73,7 +75,28 @@ class Queue {
 
   std::vector<Task*>& free_slots() { return free_; }
   std::vector<Task>& slots() { return slots_; }
+  void wake() { wake_.notify_all(); }
   int inflight = 0;  // tasks submitted and not completed (guarded by the File's mutex)
+  int broken = 0;    // errno of a persistent reaper error: every IO given to this queue fails with it
+
+  // The reaper's wait for completions failed with `err` (called without the File's mutex).
+  // EINTR is retried at once, EAGAIN/EBUSY after a 1 ms pause up to kTransientRetries times
+  // in a row; any other errno, or transient ones that do not stop, are persistent: the
+  // queue's IOs fail with an OSError naming the errno and the reaper exits.  Returns true
+  // when the reaper must exit.  (Kernel IOs still in flight then finish or are cancelled
+  // when the queue is torn down at close(); their requests are already reported failed.)
+  bool reap_failed(int err) {
+    if (err == EINTR) return false;
+    if ((err == EAGAIN || err == EBUSY) && ++transient_errors_ <= kTransientRetries) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      return false;
+    }
+    std::lock_guard<std::mutex> lock(file_.mutex());
+    file_.fail_queue(this, err);
+    return true;
+  }
+  void reaped() { transient_errors_ = 0; }
+  static constexpr int kTransientRetries = 1000;
 
  protected:
   File& file_;
@@ -81,6 +104,7 @@ class Queue {
   std::vector<Task*> free_;
   std::condition_variable wake_;  // work arrived / stop
   bool stopping_ = false;
+  int transient_errors_ = 0;      // consecutive EAGAIN/EBUSY from the reaper's wait (reaper thread only)
 };
 
 // Backends.  Constructors throw SystemError when the kernel refuses (ENOSYS, EPERM, ...).

@@ -151,18 +151,23 @@ class UringQueue final : public Queue {
     std::vector<Task*> tasks(slots_.size());
     std::vector<int64_t> results(slots_.size());
     for (;;) {
+      int injected;
       {
         std::unique_lock<std::mutex> lock(file_.mutex());
         wake_.wait(lock, [&] { return stopping_ || inflight > 0; });
         if (inflight == 0) return;  // stopping, and nothing left to reap
+        injected = file_.reap_fault();
       }
       unsigned head = *cq_head_;  // only this thread writes it
       unsigned tail = __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE);
-      if (head == tail) {
-        // Sleep in the kernel until at least one IO completes; errors (EINTR) just loop.
-        uring_enter(ring_fd_, 0, 1, IORING_ENTER_GETEVENTS);
+      if (head == tail || injected) {
+        // Sleep in the kernel until at least one IO completes.
+        int r = injected ? -1 : uring_enter(ring_fd_, 0, 1, IORING_ENTER_GETEVENTS);
+        if (r < 0 && reap_failed(injected ? injected : errno)) return;
+        if (r >= 0) reaped();
         continue;
       }
+      reaped();
       size_t n = 0;
       for (; head != tail && n < tasks.size(); ++head, ++n) {
         const io_uring_cqe& cqe = cqes_[head & *cq_mask_];

@@ -23,7 +23,7 @@ def attach(mode: str, manager: ChunkManager, tracer, host_budget: int | None) ->
     """The offloader for ``activation_offload=mode`` (None when "off"), wired to the tracer."""
     if mode == "off":
         return None
-    link = ActivationLink(manager.mover, manager.device, pin_host=manager.pool.pin_host)
+    link = ActivationLink(manager.mover, manager.accelerator)
 
     def host_room(nbytes: int) -> bool:
         """Activation host bytes count against host_budget (with NVMe, chunks spill to make room)."""

@@ -14,9 +14,9 @@ Everything that differs between the CPU and an accelerator goes through ``Activa
   destination: on the CPU the same as ``wait``; on an accelerator the compute stream waits on
   the copy's event and the host goes on (``Transfer.wait_on_stream``).
 
-The accelerator seam backs these through the ``Mover`` it owns (issue on the side stream +
-record an event; pinned host allocation; event synchronize; compute-stream wait); this file
-names no device API of its own beyond torch's device-generic ``torch.accelerator``.
+All of it goes through the accelerator seam (hetmem/accelerator/): ``Accelerator.host_empty``
+and ``empty`` for buffers, ``released`` when a host buffer goes back to the free list, the
+``Mover``'s copy stream for copies and ``Transfer.wait_for_compute`` for the compute wait.
 """
 from __future__ import annotations
 
@@ -24,16 +24,17 @@ import threading
 
 import torch
 
+from hetmem.accelerator import Accelerator
 from hetmem.chunk_manager.mover import Mover, Transfer
 
 KEEP_FREE = 64  # free host buffers kept per size (they count against host_budget; trimmed when it is full)
 
 
 class ActivationLink:
-    def __init__(self, mover: Mover, device: torch.device, *, pin_host: bool):
+    def __init__(self, mover: Mover, accelerator: Accelerator):
         self.mover = mover              # the chunk manager's: one link, one queue of copies
-        self.device = device            # the compute device
-        self.pin_host = pin_host        # host buffers pinned (an accelerator is present)
+        self.accelerator = accelerator  # allocates device and (pinned) host buffers, waits
+        self.device = accelerator.device  # where compute-device tensors live
         self._free: dict[int, list[torch.Tensor]] = {}  # nbytes -> free host buffers
         self._lock = threading.Lock()   # buffers come back from autograd's threads too
 
@@ -42,10 +43,11 @@ class ActivationLink:
             free = self._free.get(nbytes)
             if free:
                 return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_host)
+        return self.accelerator.host_empty(nbytes, torch.uint8)
 
     def give_back(self, buffer: torch.Tensor) -> None:
         """A host buffer nothing reads or writes any more."""
+        self.accelerator.released(buffer)
         with self._lock:
             free = self._free.setdefault(buffer.numel(), [])
             if len(free) < KEEP_FREE:
@@ -60,7 +62,7 @@ class ActivationLink:
             self._free.clear()
 
     def device_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self.accelerator.empty(nbytes, torch.uint8)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, label: str) -> Transfer:
         return self.mover.copy(dst, src, label)
@@ -71,7 +73,4 @@ class ActivationLink:
 
     def wait_for_use(self, transfer: Transfer) -> float:
         """The compute device may read the copy's destination after this; host seconds blocked."""
-        if self.device.type == "cpu":
-            return transfer.wait()
-        transfer.wait_on_stream(torch.accelerator.current_stream(self.device))
-        return 0.0
+        return transfer.wait_for_compute(self.accelerator)

@@ -236,19 +236,21 @@ def load_torch_bytes(data: bytes, path: Path) -> Any:
 
 # -- random states -------------------------------------------------------------------------
 
-def _rng_state() -> dict:
+def _rng_state(accelerator) -> dict:
+    """CPU, Python and NumPy generators, and the compute device's own (asked of the seam)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device_states = accelerator.rng_state()
+    if device_states is not None:
+        state["device"] = device_states
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, accelerator) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "device" in state:
+        accelerator.set_rng_state(state["device"])
 
 
 def encode_rng(state: dict) -> dict:
@@ -256,8 +258,8 @@ def encode_rng(state: dict) -> dict:
     name, keys, pos, has_gauss, cached = state["numpy"]
     out = {"torch": state["torch"].tolist(), "python": [version, list(internal), gauss],
            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    if "cuda" in state:
-        out["cuda"] = [s.tolist() for s in state["cuda"]]
+    if "device" in state:
+        out["device"] = [s.tolist() for s in state["device"]]
     return out
 
 
@@ -268,8 +270,8 @@ def decode_rng(data: dict, path: Path) -> dict:
         state = {"torch": torch.tensor(data["torch"], dtype=torch.uint8),
                  "python": (int(version), tuple(int(v) for v in internal), gauss),
                  "numpy": (name, np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))}
-        if "cuda" in data:
-            state["cuda"] = [torch.tensor(s, dtype=torch.uint8) for s in data["cuda"]]
+        if "device" in data:
+            state["device"] = [torch.tensor(s, dtype=torch.uint8) for s in data["device"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} does not hold random states as written by hetmem ({exc!r})") from None
     return state

@@ -250,4 +250,4 @@ def _apply(parts: CheckpointParts, folder: Path, meta: dict, verified: _Verified
         parts.scaler.load_state_dict(meta["loss_scaler"])
     if verified.groups is not None:
         restore_groups(parts.optimizer, verified.groups)
-    _set_rng_state(verified.rng)
+    _set_rng_state(verified.rng, parts.manager.accelerator)

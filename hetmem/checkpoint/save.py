@@ -60,7 +60,7 @@ def chunk_on_host(manager, chunk, staging: Staging) -> torch.Tensor:
     """The chunk's payload as a host tensor: itself in host memory, else a staging copy (from the
     device or NVMe) that leaves the chunk where it is."""
     manager.wait(chunk)
-    if chunk.tier is not Tier.NVME and chunk.payload.device.type == "cpu":
+    if chunk.tier is Tier.HOST or (chunk.tier is Tier.DEVICE and not manager.accelerator.separate_memory):
         return chunk.payload
     return manager.read_copy(chunk, staging.get(chunk.dtype, chunk.capacity))
 
@@ -130,7 +130,7 @@ def _torch_bytes(obj: Any, what: str) -> bytes:
 
 def _small_files(parts: CheckpointParts, client_state: Any, lr_scheduler: Any) -> dict[str, bytes]:
     names_of = {id(s.param): s.name for s in parts.layout.slots}
-    out = {RNG: json.dumps(encode_rng(_rng_state())).encode(),
+    out = {RNG: json.dumps(encode_rng(_rng_state(parts.manager.accelerator))).encode(),
            OPTIMIZER: json.dumps({"param_groups": encode_groups(parts.optimizer, names_of)}, indent=1).encode()}
     if client_state is not None:
         out[CLIENT] = _torch_bytes(client_state, "client_state")

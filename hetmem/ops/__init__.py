@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import importlib
 
-from .builder import ALL_BUILDERS, OpBuildError, OpBuilder, builder
+from .builder import ALL_BUILDERS, OpBuildError, OpBuilder, OpRequiredError, builder
 
 # Public names and the submodule that defines each; imported on first access.
 _LAZY = {
     "adam_step": "hetmem.ops.adam",
 }
 
-__all__ = ["ALL_BUILDERS", "OpBuildError", "OpBuilder", "builder", *_LAZY]
+__all__ = ["ALL_BUILDERS", "OpBuildError", "OpBuilder", "OpRequiredError", "builder", *_LAZY]
 
 
 def __getattr__(name: str):

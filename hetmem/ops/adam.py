@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from .builder import OpBuildError, builder
+from .builder import OpBuildError, builder, check_fallback_allowed
 
 logger = logging.getLogger("hetmem.ops.adam")
 
@@ -59,6 +59,7 @@ def _op():
         try:
             module = builder("cpu_adam").load()
         except OpBuildError as exc:
+            check_fallback_allowed(builder("cpu_adam"), exc)
             _STATE.reason = str(exc)
             logger.warning("CPU Adam: the C++ op is unavailable (%s); using the slower pure-PyTorch "
                            "fallback", exc)

@@ -18,6 +18,8 @@ Environment:
   HETMEM_CACHE_DIR     where JIT builds go (default: $XDG_CACHE_HOME/hetmem or ~/.cache/hetmem)
   HETMEM_DISABLE_OPS   "all" or a comma list of op names: treat them as unbuildable, so the
                        pure-PyTorch fallbacks run (for tests and for comparison)
+  HETMEM_REQUIRE_OPS   "1": an op that fails to build is an error (OpRequiredError), not a
+                       fallback with a warning -- unless HETMEM_DISABLE_OPS names it (CI sets it)
   CXX                  the C++ compiler (as for torch.utils.cpp_extension)
 """
 from __future__ import annotations
@@ -48,6 +50,20 @@ COMMON_CFLAGS = ("-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function")
 
 class OpBuildError(RuntimeError):
     """An op could not be built or loaded.  The message says why and what to do."""
+
+
+class OpRequiredError(RuntimeError):
+    """HETMEM_REQUIRE_OPS=1 and an op that is not disabled failed to build (no fallback then)."""
+
+
+REQUIRE_ENV = "HETMEM_REQUIRE_OPS"
+
+
+def check_fallback_allowed(op: "OpBuilder", exc: OpBuildError) -> None:
+    """Called where a failed op would fall back: raises OpRequiredError under HETMEM_REQUIRE_OPS=1,
+    unless HETMEM_DISABLE_OPS names the op (then the fallback is what was asked for)."""
+    if os.environ.get(REQUIRE_ENV, "0") == "1" and op.disabled_reason() is None:
+        raise OpRequiredError(f"{REQUIRE_ENV}=1 and hetmem op {op.name!r} failed to build: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -149,6 +165,12 @@ class OpBuilder:
         if problem:
             return f"cannot build: {problem}"
         return f"not built yet; builds on first use with {compiler_version()}"
+
+    def needs_build(self) -> bool:
+        """Whether load() would compile now: usable here, but neither loaded, prebuilt nor cached."""
+        if self.name in _LOADED or self.disabled_reason() or self.missing_sources():
+            return False
+        return self._prebuilt_module() is None and self._cached_library() is None
 
     # -- loading -------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ class MemoryReport:
         path = Path(run_dir) / TRACE_FILE
         _write_atomic(path, json.dumps(self.trace, indent=1).encode("utf-8"))
         return path
+
+    def with_losses(self, losses: list[dict[str, Any]]) -> MemoryReport:
+        """This report with the training loop's losses ([{"step", "loss", "lr"}], steps 1-based
+        and increasing; non-finite values are kept as null), shown beside the memory."""
+        def finite(value):
+            return float(value) if value is not None and math.isfinite(value) else None
+
+        rows = [{"step": int(e["step"]), "loss": finite(e.get("loss")), "lr": finite(e.get("lr"))} for e in losses]
+        return MemoryReport({**self.trace, "losses": rows})
 
     def summary(self, step: int | None = None) -> dict[str, Any]:
         """The numbers, as a dict with the keys documented in hetmem/report/summary.py."""

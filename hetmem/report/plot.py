@@ -3,6 +3,8 @@
 One panel per tier in use, x the moments of the step, y bytes with binary-unit ticks:
 device chunk bytes stacked by kind with the non-model bytes on top, the device budget and
 the per-moment chunk budget as lines; then host (and NVMe) chunk bytes with their budgets.
+When the trace has the training loop's losses, a panel below draws the loss per step (and
+the learning rate).
 matplotlib is imported only here and only when a plot is drawn; no pyplot, so no global
 backend or figure state is touched.
 """
@@ -22,6 +24,9 @@ DPI = 120
 UNIT_NAMES = ("B", "KiB", "MiB", "GiB", "TiB")
 OFF_SCALE = 4                   # host/NVMe budgets above 4x the peak are written, not drawn
 MODULE_TICKS = 12               # up to this many moments, ticks also name the module
+LOSS_HEIGHT = 2.6               # inches added for the loss panel, when the trace has losses
+LOSS_COLOR = "#1f3b73"
+LR_COLOR = "#999999"
 
 COLORS = {"PARAM": "#4c72b0", "GRAD": "#dd8452", "MASTER": "#55a868", "EXP_AVG": "#8172b3",
           "EXP_AVG_SQ": "#937860", NON_MODEL: "#c44e52"}
@@ -59,9 +64,16 @@ def render_png(trace: dict, step: int | None = None) -> bytes:
     budgets = trace["meta"]["budgets"]
     tiers = ["device"] + [t for t in ("host", "nvme")
                           if tier_peak(entry, t, budgets[t])["in_use"]]
-    figure = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    axes = figure.subplots(len(tiers), 1, sharex=True,
-                           gridspec_kw={"height_ratios": [2.2] + [1] * (len(tiers) - 1)})
+    losses = [e for e in trace.get("losses", []) if e.get("loss") is not None]
+    figure = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] + (LOSS_HEIGHT if losses else 0)), dpi=DPI,
+                    layout="constrained")
+    memory_figure = figure
+    if losses:
+        memory_figure, loss_figure = figure.subfigures(
+            2, 1, height_ratios=[FIGSIZE[1], LOSS_HEIGHT])
+        _draw_losses(loss_figure.subplots(), losses, entry["step"])
+    axes = memory_figure.subplots(len(tiers), 1, sharex=True,
+                                  gridspec_kw={"height_ratios": [2.2] + [1] * (len(tiers) - 1)})
     axes = list(axes) if len(tiers) > 1 else [axes]
     moments = entry["moments"]
     for ax, tier in zip(axes, tiers):
@@ -78,6 +90,29 @@ def render_png(trace: dict, step: int | None = None) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
+
+
+def _draw_losses(ax, losses: list[dict], shown_step: int) -> None:
+    """The loss per optimizer step (and the learning rate on a second axis when recorded)."""
+    steps = [e["step"] for e in losses]
+    ax.plot(steps, [e["loss"] for e in losses], color=LOSS_COLOR, linewidth=1.4, label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(color="#dddddd", linewidth=0.6)
+    ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+    handles, labels = ax.get_legend_handles_labels()
+    with_lr = [e for e in losses if e.get("lr") is not None]
+    if with_lr:
+        lr_ax = ax.twinx()
+        lr_ax.plot([e["step"] for e in with_lr], [e["lr"] for e in with_lr], color=LR_COLOR, linewidth=1.0,
+                   linestyle="--", label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
+        more_handles, more_labels = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.09, 1.0), fontsize=9, frameon=False,
+              title="training", title_fontsize=10, alignment="left")
+    ax.set_title(f"loss per step (the memory above is iteration {shown_step}, 0-based)", fontsize=11)
 
 
 def _draw_tier(ax, tier: str, moments: list[dict], budget: int | None) -> None:

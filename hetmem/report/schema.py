@@ -59,9 +59,14 @@ times are float seconds since the engine was created, unless a key says otherwis
                          "restores": int, "restored_bytes": int,     # moved to host memory and back
                          "late_restores": int, "wait_s": float}}     # (activation_offload="auto")
       ],
+      "non_model_by_module": {str: int},                 # optional: peak non-model bytes per module
+      "losses": [                                        # optional: the training loop's loss per step
+        {"step": int,                                    # 1-based optimizer step, increasing
+         "loss": float | null,                           # null: not finite
+         "lr": float | null}                             # optional: the learning rate it used
+      ],
       "activation_offload": {"min_device_budget": int,          # optional: the smallest device
-                             "min_device_budget_offload": int},  # budget without / with offload
-      "non_model_by_module": {str: int}                  # optional: peak non-model bytes per module
+                             "min_device_budget_offload": int}   # budget without / with offload
     }
 
 KIND is a chunk kind (``CHUNK_KINDS``), TIER a tier name (``TIERS``).  A kind with no bytes
@@ -141,6 +146,22 @@ class _Checker:
                 if not isinstance(name, str):
                     raise ValueError(f"non_model_by_module: expected module names (str) as keys, found {name!r}")
                 self._bytes(value, f"non_model_by_module[{name!r}]")
+        if "losses" in trace:
+            self.losses(self._key(trace, "losses", "", list))
+
+    def losses(self, losses: list) -> None:
+        previous = 0
+        for i, entry in enumerate(losses):
+            path = f"losses[{i}]"
+            self._dict(entry, path)
+            step = self._count(entry.get("step"), f"{path}.step", "an int >= 1 (the optimizer step)")
+            if step <= previous:
+                raise ValueError(f"{path}.step: expected steps in increasing order from 1, found {step} "
+                                 f"after {previous}")
+            previous = step
+            for key in ("loss", "lr"):
+                if entry.get(key) is not None:
+                    self._number(entry[key], f"{path}.{key}", "a finite number or null")
 
     def meta(self, meta: dict) -> None:
         for key in ("hetmem_version", "torch_version", "created", "device"):
@@ -297,9 +318,9 @@ class _Checker:
         return self._count(value, path, expected)
 
     @staticmethod
-    def _number(value: Any, path: str) -> float:
+    def _number(value: Any, path: str, expected: str = "a finite number (seconds)") -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{path}: expected a finite number (seconds), found {_show(value)}")
+            raise ValueError(f"{path}: expected {expected}, found {_show(value)}")
         return value
 
     def _seconds(self, value: Any, path: str) -> float:

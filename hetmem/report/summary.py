@@ -39,6 +39,8 @@ shares fractions in [0, 1]; a tier is "device", "host" or "nvme"; KIND is a chun
   null when the trace does not say), and ``steps``: per recorded step with the trace's optional
   counts, ``step``, ``warmup``, ``offloads``, ``offloaded_bytes``, ``restores``,
   ``restored_bytes``, ``late_restores``, ``wait_s``.
+- ``losses``: the training loop's [{``step``, ``loss``, ``lr``}] per optimizer step, as the trace
+  records them (``hetmem train`` does; [] when absent); ``loss``/``lr`` null when unknown.
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ def summarize(trace: dict, step: int | None = None) -> dict[str, Any]:
         "non_model_by_module": sorted(
             ({"module": name, "bytes": size} for name, size in trace.get("non_model_by_module", {}).items()),
             key=lambda row: (-row["bytes"], row["module"])),
+        "losses": [{"step": e["step"], "loss": e.get("loss"), "lr": e.get("lr")} for e in trace.get("losses", [])],
     }
 
 

@@ -68,7 +68,17 @@ def header_lines(summary: dict[str, Any]) -> list[str]:
         f"nvme {nvme}; chunks of {meta['chunk_elements']:,} elements",
         f"showing {which}",
         f"trace created {meta['created']} by hetmem {meta['hetmem_version']}, torch {meta['torch_version']}",
-    ]
+    ] + loss_lines(summary.get("losses", []))
+
+
+def loss_lines(losses: list[dict[str, Any]]) -> list[str]:
+    """One line on the loss curve: first and last loss, and the lowest."""
+    known = [e for e in losses if e["loss"] is not None]
+    if not known:
+        return []
+    low = min(known, key=lambda e: e["loss"])
+    return [f"loss {known[0]['loss']:.4g} at step {known[0]['step']} -> {known[-1]['loss']:.4g} at step "
+            f"{known[-1]['step']} (lowest {low['loss']:.4g} at step {low['step']}; {len(losses)} steps recorded)"]
 
 
 def report_tables(summary: dict[str, Any]) -> list[Table]:

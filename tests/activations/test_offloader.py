@@ -7,6 +7,7 @@ import gc
 import pytest
 import torch
 
+from hetmem.accelerator import HostAccelerator
 from hetmem.activations import ActivationLink, ActivationOffloader, EntryState
 from hetmem.chunk_manager.mover import Mover
 from hetmem.chunk_manager.states import IllegalTransition
@@ -15,10 +16,11 @@ from hetmem.tracer.probes import CpuProbe
 
 @pytest.fixture
 def parts():
-    mover = Mover(torch.device("cpu"))
+    accelerator = HostAccelerator()
+    mover = Mover(accelerator)
     probe = CpuProbe()
     room = {"bytes": 1 << 30}
-    offloader = ActivationOffloader(ActivationLink(mover, torch.device("cpu"), pin_host=False), probe,
+    offloader = ActivationOffloader(ActivationLink(mover, accelerator), probe,
                                     moment_index=lambda: 0,
                                     host_room=lambda n: offloader.host_bytes + n <= room["bytes"])
     offloader.begin_microstep(recording=True)

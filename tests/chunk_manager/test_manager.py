@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from hetmem.accelerator import HostAccelerator
 from hetmem.chunk_manager.eviction import EvictionPolicy
 from hetmem.chunk_manager.manager import ChunkManager, DeviceBudgetError
 from hetmem.chunk_manager.states import ChunkKind, IllegalTransition, Tier
@@ -16,7 +17,7 @@ def _manager(n_groups=3):
     model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(n_groups)])
     layout = build_layout(model, chunk_elements=4096, max_chunk_elements=4096)
     create_chunks(layout, torch.float32, mixed=False, grad_chunks=False)
-    manager = ChunkManager(layout.groups, torch.device("cpu"), pin_host=False)
+    manager = ChunkManager(layout.groups, HostAccelerator())
     for group in layout.groups:
         for chunk in group.chunks.values():
             manager.place(chunk, Tier.HOST)

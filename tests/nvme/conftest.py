@@ -59,29 +59,26 @@ def _mount(kind: str, target: str, options: list[str]) -> str | None:
     return None if out.returncode == 0 else f"mount -t {kind} is not permitted here: {out.stderr.strip()}"
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (for real ENOSPC); skipped where mounting is not permitted."""
-    target = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+def mounted(tmp_path, kind: str, options: list[str]):
+    """Yield a fresh `kind` mount under tmp_path (unmounted after); skip where not permitted."""
+    target = tmp_path / f"{kind}-{uuid.uuid4().hex[:6]}"
     target.mkdir()
-    reason = _mount("tmpfs", str(target), ["-o", "size=1m"])
+    reason = _mount(kind, str(target), options)
     if reason:
         pytest.skip(reason)
     try:
         yield target
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (for real ENOSPC); skipped where mounting is not permitted."""
+    yield from mounted(tmp_path, "tmpfs", ["-o", "size=1m"])
 
 
 @pytest.fixture
 def ramfs(tmp_path):
     """A ramfs, which refuses O_DIRECT; skipped where mounting is not permitted."""
-    target = tmp_path / f"ramfs-{uuid.uuid4().hex[:6]}"
-    target.mkdir()
-    reason = _mount("ramfs", str(target), [])
-    if reason:
-        pytest.skip(reason)
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
+    yield from mounted(tmp_path, "ramfs", [])
