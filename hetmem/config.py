@@ -23,6 +23,7 @@ from hetmem.units import parse_size
 AUTO = "auto"
 DTYPES = ("fp32", "fp16", "bf16")
 NVME_BACKENDS = ("auto", "io_uring", "linux_aio", "threads")
+ACTIVATION_OFFLOAD = ("auto", "off")
 
 
 def _fail(key: str, value: Any, fix: str) -> None:
@@ -96,6 +97,8 @@ class Config:
     nvme_queue_depth: int = 16
     nvme_threads: int = 1
     nvme_checksum: bool = True               # crc32c on every swap write, verified on read
+    activation_offload: str = AUTO           # "auto": saved activations to host memory when the
+                                             # budget needs it (hetmem/activations); "off": never
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -147,6 +150,9 @@ class Config:
         for key in ("prefetch", "memory_trace", "nvme_checksum"):
             if not isinstance(getattr(self, key), bool):
                 _fail(key, getattr(self, key), "give true or false")
+        if self.activation_offload not in ACTIVATION_OFFLOAD:
+            _fail("activation_offload", self.activation_offload,
+                  "use 'auto' (saved activations go to host memory when the device budget needs it) or 'off'")
         if self.nvme_backend not in NVME_BACKENDS:
             _fail("nvme_backend", self.nvme_backend, f"use one of {', '.join(NVME_BACKENDS)}")
         block = parse_size(self.nvme_block_size, key="nvme_block_size")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hetmem.activations import attach as attach_activation_offload
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import Config
@@ -87,12 +88,14 @@ class Engine:
         self.buffer_bytes = move_buffers(model, self.device,
                                          norm_dtype=self.param_dtype if config.mixed_precision else None)
         self.tracer = MemoryTracer(make_probe(self.accelerator), BudgetPolicy(self.budgets.device, self.budgets.margin))
+        self.activations = attach_activation_offload(config.activation_offload, self.manager, self.tracer,
+                                                     self.budgets.host)  # None when "off"
         if self.recorder is not None:
-            self.recorder.attach(self.manager, self.tracer)
+            self.recorder.attach(self.manager, self.tracer, self.activations)
         self.lifecycle = Lifecycle()                           # where a step is: hetmem/lifecycle.py
         self.scheduler = Scheduler(self.manager, self.tracer, self.layout, prefetch=config.prefetch,
-                                   lifecycle=self.lifecycle,
-                                   recorder=self.recorder)
+                                   lifecycle=self.lifecycle, recorder=self.recorder,
+                                   activations=self.activations)
         self.hooks = ModuleHooks(self.scheduler, self.tracer.probe)
         self.hooks.install(model, self.layout.module_slots)
         self.saved_tensors = SavedTensorHooks(self.scheduler, self.tracer.probe)
@@ -409,6 +412,8 @@ class Engine:
         self.lifecycle.go(Phase.CLOSED)
         self.hooks.remove()
         self.grads.remove()
+        if self.activations is not None:
+            self.activations.close()
         try:
             if keep_weights:
                 self.module_state.give_back_weights()

@@ -9,7 +9,8 @@ Saved-tensor hooks (active during ``engine(...)``): a tensor autograd saves that
 a PARAM chunk is stored as a ``ChunkRef`` (chunk, offset, size, stride) instead of the view,
 so an evicted chunk's memory is really freed and the view is rebuilt from wherever the chunk
 is when backward unpacks it.  Any other saved tensor is non-model memory: counted by the
-probe, and the budget is enforced right then.
+probe, and the budget is enforced right then; with activation offload on, the offloader
+(hetmem/activations) keeps it and may move it to host memory until backward needs it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from hetmem.activations import SavedActivation
 from hetmem.chunk_manager.chunk import Chunk
 from hetmem.chunk_manager.states import ChunkKind, TensorState
 from hetmem.scheduler import Scheduler
@@ -135,7 +137,10 @@ class SavedTensorHooks:
             chunk = self.scheduler.manager.device_storages.get(key[0])
             if chunk is not None and tensor.dtype == chunk.dtype:
                 return ChunkRef(chunk, tensor.storage_offset(), tuple(tensor.size()), tuple(tensor.stride()))
-        packed = self.probe.hold_saved(tensor)
+        activations = self.scheduler.activations
+        packed = activations.pack(tensor) if activations is not None else None
+        if packed is None:
+            packed = self.probe.hold_saved(tensor)
         for listener in self.listeners:
             listener(tensor)
         self.scheduler.on_non_model_growth()
@@ -144,6 +149,8 @@ class SavedTensorHooks:
     def unpack(self, packed) -> torch.Tensor:
         if isinstance(packed, ChunkRef):
             return self._rebuild(packed)
+        if isinstance(packed, SavedActivation):
+            return self.scheduler.activations.unpack(packed)
         return self.probe.unwrap(packed)
 
     def _rebuild(self, ref: ChunkRef) -> torch.Tensor:

@@ -10,7 +10,10 @@ It runs one forward and backward of a copy of the model through hetmem with noth
 - the smallest device budget hetmem needs for this model and batch: the largest moment's
   parameter chunks plus its non-model peak, with a chunk size as small as the largest module
   allows.  ``engine = hetmem.initialize(model, device_budget=result.min_device_budget,
-  chunk_size=result.chunk_elements)`` trains it (a test checks exactly that).
+  chunk_size=result.chunk_elements)`` trains it (a test checks exactly that);
+- the smallest device budget with activation offload (``activation_offload="auto"``): the
+  same, less the saved activations the plan can keep in host memory at each moment
+  (hetmem/activations/policy.py ``floor_with_offload``).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hetmem.activations import floor_with_offload, floor_without_offload
 from hetmem.chunk_manager.chunk import CHUNK_ALIGN
 from hetmem.chunk_manager.sizing import round_up
 from hetmem.config import Config
@@ -43,6 +47,8 @@ class ProfileResult:
     plain_total_bytes: int           # what plain PyTorch needs on the device: model + activations
     min_device_budget: int           # what hetmem needs on the device for this model and batch
     chunk_elements: int              # the chunk size that budget assumes
+    min_device_budget_offload: int = 0  # the same with activation offload (activation_offload="auto")
+    offloadable_bytes: int = 0       # saved-activation bytes that could spend time in host memory
     non_model_by_module: dict[str, int] = field(default_factory=dict)
     moments: list[dict] = field(default_factory=list)  # kind, module, chunk bytes, non-model peak
 
@@ -58,6 +64,9 @@ class ProfileResult:
                  f"device budget needed {format_bytes(self.min_device_budget)} "
                  f"(chunk_size={self.chunk_elements:,}) = "
                  f"{self.plain_total_bytes / max(1, self.min_device_budget):.1f}x less than plain PyTorch",
+                 f"with activation offload: device budget needed {format_bytes(self.min_device_budget_offload)} "
+                 f"= {100 * self.min_device_budget_offload / max(1, self.min_device_budget):.0f}% of the budget "
+                 f"without ({format_bytes(self.offloadable_bytes)} of saved activations can go to host memory)",
                  "", f"activations by module (top {top}):"]
         ranked = sorted(self.non_model_by_module.items(), key=lambda kv: -kv[1])[:top]
         width = max((len(name) for name, _ in ranked), default=10)
@@ -111,7 +120,8 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
     work = copy.deepcopy(model)
     chunk = _smallest_chunk(work)
     engine = initialize(work, Config(device=device, dtype=dtype, chunk_size=chunk, prefetch=False,
-                                     memory_trace=False, gradient_clipping=None), init_fn=init_fn)
+                                     memory_trace=False, gradient_clipping=None, activation_offload="auto"),
+                        init_fn=init_fn)
     attribution = _Attribution(engine.module, engine.saved_tensors)
     try:
         output = _call(engine, batch)
@@ -119,11 +129,14 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
         engine.backward(loss)
         schedule = engine.tracer.store.schedule or []
         chunk_bytes = {c.id: c.nbytes for c in engine.manager.chunks}
-        moments = [{"kind": r.kind.value, "module": r.module,
-                    "chunk_bytes": sum(chunk_bytes[i] for i in r.working_set),
-                    "non_model_peak": r.non_model_peak} for r in schedule]
-        need = max((m["chunk_bytes"] + m["non_model_peak"] for m in moments), default=0)
-        min_budget = engine.accelerator.budget_for(need) + 1  # the engine's own margin rule
+        activations = engine.activations
+        chunks, non_model = activations.moment_needs(schedule, chunk_bytes)
+        moments = [{"kind": r.kind.value, "module": r.module, "chunk_bytes": c, "non_model_peak": n}
+                   for r, c, n in zip(schedule, chunks, non_model)]
+        # the engine's own margin rule
+        min_budget = engine.accelerator.budget_for(floor_without_offload(chunks, non_model)) + 1
+        min_offload = engine.accelerator.budget_for(floor_with_offload(activations.records, chunks, non_model)) + 1
+        offloadable = sum(r.nbytes for r in activations.records if r.window(len(chunks)))
         params = engine.layout.numel
         trainable = engine.layout.trainable_numel
         element = 4 if dtype == "fp32" else 2
@@ -135,7 +148,8 @@ def profile(model: nn.Module, batch, *, dtype: str = "bf16", device: str = "auto
                              device=str(engine.device), plain_model_bytes=plain_model,
                              hetmem_model_bytes=hetmem_model, non_model_peak=peak,
                              plain_total_bytes=plain_model + peak, min_device_budget=min_budget,
-                             chunk_elements=chunk, non_model_by_module=attribution.by_module,
+                             chunk_elements=chunk, min_device_budget_offload=min_offload,
+                             offloadable_bytes=offloadable, non_model_by_module=attribution.by_module,
                              moments=moments)
     finally:
         attribution.remove()

@@ -47,6 +47,8 @@ class Recorder(ChunkEvents):
         # what it reads at each moment; attach() sets them once the engine has built them
         self.manager: "ChunkManager | None" = None
         self.tracer: "MemoryTracer | None" = None
+        self.activations = None             # hetmem/activations' offloader, or None when off
+        self.margin = budgets.margin        # floors in the trace are budgets: usable + margin
         self.t0 = time.perf_counter()       # trace times are seconds since this
         self.steps: list[dict] = []         # finished step records
         self.current: dict | None = None    # the step being recorded
@@ -55,9 +57,10 @@ class Recorder(ChunkEvents):
         self.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._next_index = 0
 
-    def attach(self, manager: "ChunkManager", tracer: "MemoryTracer") -> None:
-        """The chunk manager and tracer this recorder reads (they are built after it)."""
-        self.manager, self.tracer = manager, tracer
+    def attach(self, manager: "ChunkManager", tracer: "MemoryTracer", activations=None) -> None:
+        """The chunk manager, tracer and activation offloader this recorder reads (they are
+        built after it)."""
+        self.manager, self.tracer, self.activations = manager, tracer, activations
 
     def _now(self) -> float:
         return time.perf_counter() - self.t0
@@ -131,6 +134,8 @@ class Recorder(ChunkEvents):
             move["wait_s"] = transfer.waited_s
         self._pending_moves.clear()
         step["t_end"] = now
+        if self.activations is not None:
+            step["activations"] = self.activations.take_stats()
         span = {name: sum(p["t_end"] - p["t_start"] for p in step["phases"] if p["name"] == name)
                 for name in ("forward", "backward", "optimizer")}
         step["time"] = {"forward_s": span["forward"], "backward_s": span["backward"],
@@ -190,8 +195,18 @@ class Recorder(ChunkEvents):
                      "model": {"name": meta["model_name"], "parameters": layout.numel,
                                "trainable_parameters": layout.trainable_numel}},
             "chunks": chunks,
+            **self._activation_floors(),
             "steps": [{**s, "moments": [_moment_dict(m) for m in s["moments"]]} for s in self.steps],
         }
+
+    def _activation_floors(self) -> dict:
+        """The smallest device budgets of the last warm-up, with and without activation offload."""
+        schedule = self.tracer.store.schedule if self.tracer is not None else None
+        if self.activations is None or not schedule:
+            return {}
+        floors = self.activations.floors(schedule, {c.id: c.nbytes for c in self.manager.chunks})
+        return {"activation_offload": {"min_device_budget": floors[0] + self.margin,
+                                       "min_device_budget_offload": floors[1] + self.margin}}
 
     def report(self):
         from hetmem.report import MemoryReport

@@ -34,7 +34,7 @@ READ_AHEAD_SHARE = 0.75  # read ahead only while host memory is below this share
 
 class Scheduler:
     def __init__(self, manager: ChunkManager, tracer: MemoryTracer, layout: Layout, *,
-                 prefetch: bool, recorder=None, lifecycle: Lifecycle | None = None):
+                 prefetch: bool, recorder=None, lifecycle: Lifecycle | None = None, activations=None):
         self.manager = manager
         self.tracer = tracer
         self.layout = layout
@@ -42,6 +42,11 @@ class Scheduler:
         self.prefetch_enabled = prefetch
         self.recorder = recorder                    # the report's recorder, or None
         self.lifecycle = lifecycle or Lifecycle()   # the engine's: where the step is (read only here)
+        # saved activations to host memory and back (hetmem/activations), or None when off
+        self.activations = activations
+        if activations is not None:
+            activations.make_room = self.room_for_activation
+            activations.observe = self.observe
         self._chunks_by_id = {c.id: c for c in manager.chunks}
         self._module_chunks: dict[nn.Module, list[Chunk]] = {}
         # modules inside their forward, innermost last: (module, its chunks, its slots)
@@ -83,8 +88,9 @@ class Scheduler:
     def non_model_now(self) -> int:
         return self.tracer.probe.current(self.device_bytes())
 
-    def chunk_budget(self) -> int:
-        return self.tracer.budget.chunk_budget(self.tracer.current_record(), self.non_model_now())
+    def chunk_budget(self, extra: int = 0) -> int:
+        """Device bytes chunks may use now (``extra``: non-model bytes about to arrive)."""
+        return self.tracer.budget.chunk_budget(self.tracer.current_record(), self.non_model_now() + extra)
 
     def observe(self) -> int:
         """Record the current chunk + non-model device bytes in the peaks; returns it."""
@@ -99,6 +105,8 @@ class Scheduler:
 
     def begin_microstep(self) -> None:
         self.tracer.begin_microstep()
+        if self.activations is not None:
+            self.activations.begin_microstep(self.tracer.recording)
         self.wait_s = 0.0
         self._chunk_bytes_min = self.device_bytes()
 
@@ -112,7 +120,6 @@ class Scheduler:
         """"forward" | "backward" | "optimizer" | "idle", from the engine's lifecycle."""
         state = self.lifecycle.state
         return state.value if state in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER) else "idle"
-
 
     def _drop_forward_stack(self) -> None:
         """Release modules whose forward never reported its end.
@@ -132,6 +139,10 @@ class Scheduler:
         if self.traced:
             self.tracer.end_microstep(self._chunk_bytes_min)
             self._close_recorded_interval()
+            if self.activations is not None:  # after a warm-up: plan from the new schedule
+                self.activations.end_microstep(self.tracer.store.schedule or [],
+                                               {i: c.nbytes for i, c in self._chunks_by_id.items()},
+                                               self.tracer.budget.usable)
 
     def abort(self) -> None:
         """After an exception mid-step: drop every pin so the engine stays usable."""
@@ -147,6 +158,8 @@ class Scheduler:
                 slot.set_state(TensorState.HOLD)
         if self.tracer.recording:
             self.tracer.abandon()
+        if self.activations is not None:
+            self.activations.abort()
         # the failed step's graph is garbage now (an exception's traceback cycles keep it until
         # the collector runs): free it, and forget what the probe counted of it
         gc.collect()
@@ -162,6 +175,8 @@ class Scheduler:
             moment = self.tracer.tick(kind, self.module_name(module), self._chunk_bytes_min)
             self._close_recorded_interval()
         self.manager.poll()
+        if self.activations is not None and moment is not None:
+            self.activations.on_moment(moment.index)
         self._chunk_bytes_min = self.device_bytes()
         self.manager.clock += 1
         return moment
@@ -173,7 +188,9 @@ class Scheduler:
         self.observe()
 
     def _moment_ready(self, moment) -> None:
-        """The moment's chunks are in place: record it."""
+        """The moment's chunks are in place: bring back the activations due, record it."""
+        if self.activations is not None and moment is not None:
+            self.activations.on_moment_ready(moment.index, self._pinned_bytes)
         self.observe()
         if moment is not None and self.recorder is not None:
             self.recorder.on_moment(moment, self)
@@ -249,11 +266,7 @@ class Scheduler:
         # Room for the missing chunks within this interval's chunk budget; evicting here (even
         # when nothing is missing) keeps the interval's activations from having to evict.
         need = sum(c.nbytes for c in missing)
-        self.last_chunk_budget = budget = self.chunk_budget()
-        if self.device_bytes() + need > budget:
-            self.wait_s += self.manager.make_room(
-                need, budget, self.policy, protect=chunks,
-                why=f"{why}; activations {format_bytes(self.non_model_now())}")
+        self.last_chunk_budget = self._make_room(need, chunks, why)
         for chunk in missing:
             self.bring_to_host(chunk)
             self.manager.move(chunk, Tier.DEVICE, cause="fetch")
@@ -280,12 +293,47 @@ class Scheduler:
 
     def on_non_model_growth(self) -> None:
         """A saved tensor or output arrived: evict unpinned chunks if the total went over."""
-        budget = self.chunk_budget()
-        if self.device_bytes() > budget:
-            self.wait_s += self.manager.make_room(
-                0, budget, self.policy, why=f"activations reached {format_bytes(self.non_model_now())}")
+        if self.device_bytes() > self.chunk_budget():
+            self._make_room(0, (), "a saved tensor")
             self._chunk_bytes_min = min(self._chunk_bytes_min, self.device_bytes())
         self.observe()
+
+    def room_for_activation(self, nbytes: int) -> None:
+        """Room for ``nbytes`` of saved activations coming back from host memory."""
+        if self.device_bytes() > self.chunk_budget(nbytes):
+            self._make_room(0, (), f"{format_bytes(nbytes)} of activations coming back", extra=nbytes)
+            self._chunk_bytes_min = min(self._chunk_bytes_min, self.device_bytes())
+
+    def _make_room(self, need: int, protect, why: str, extra: int = 0) -> int:
+        """Evict until ``need`` more chunk bytes fit this interval's chunk budget (with ``extra``
+        non-model bytes about to arrive); returns that budget.  Activations being offloaded land
+        first; saved activations go to host memory only when evicting every unpinned chunk could
+        not make room (hetmem/activations)."""
+        budget = self.chunk_budget(extra)
+        if self.device_bytes() + need <= budget:
+            return budget
+        if self.activations is not None:
+            self.wait_s += self.activations.settle()
+            budget = self.chunk_budget(extra)
+            short = self._held_bytes(protect) + need - budget
+            if short > 0:
+                self.wait_s += self.activations.relieve(short)
+                budget = self.chunk_budget(extra)
+        if self.device_bytes() + need > budget:
+            self.wait_s += self.manager.make_room(
+                need, budget, self.policy, protect=protect,
+                why=f"{why}; activations {format_bytes(self.non_model_now())}")
+        return budget
+
+    def _held_bytes(self, protect) -> int:
+        """Device chunk bytes no eviction can free now: pinned, resident or protected chunks
+        (the rest, transfers still landing included, make_room can reclaim)."""
+        protected = {c.id for c in protect}
+        return sum(c.nbytes for c in self.manager.chunks
+                   if c.tier is Tier.DEVICE and (c.pins or c.resident or c.id in protected))
+
+    def _pinned_bytes(self) -> int:
+        return sum(c.nbytes for c in self.manager.chunks if c.pins and c.tier is Tier.DEVICE)
 
     # -- prefetch ----------------------------------------------------------------------
 

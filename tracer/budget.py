@@ -1,7 +1,8 @@
 """The policy: how many device bytes chunks may use at a moment.
 
 ``chunk budget(t) = device_budget - margin - non_model(t)`` where non_model(t) is the larger
-of the peak the warm-up recorded for moment t's interval and what is live right now.
+of the peak the warm-up recorded for moment t's interval (less what the activation plan keeps
+in host memory then) and what is live right now.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ class BudgetPolicy:
         return self.device_budget - self.margin
 
     def chunk_budget(self, record: MomentRecord | None, current_non_model: int) -> int:
-        recorded = record.non_model_peak if record is not None else 0
+        recorded = record.device_non_model if record is not None else 0
         return self.usable - max(recorded, current_non_model)
 
     def prefetch_budget(self, now: MomentRecord | None, upcoming: MomentRecord | None,
                         current_non_model: int) -> int:
         """Bytes chunks may use while the next moment's chunks arrive during this interval."""
-        peaks = [r.non_model_peak for r in (now, upcoming) if r is not None]
+        peaks = [r.device_non_model for r in (now, upcoming) if r is not None]
         return self.usable - max([current_non_model, *peaks])

@@ -35,6 +35,11 @@ class LiveBytes:
         self._held: dict[int, list[int]] = {}  # storage data_ptr -> [nbytes, holders]
         self.current = 0                       # bytes held now
         self.peak = 0                          # max of current since reset_peak()
+        # saved activations moved to host memory (hetmem/activations): their bytes, and the
+        # peak of current + those bytes, i.e. the peak had nothing been moved (the trace's)
+        self.moved_off = 0
+        self.natural_peak = 0                  # since reset_peak()
+        self.last_natural_peak = 0             # of the interval the last reset_peak() closed
 
     def hold(self, key: tuple[int, int]) -> None:
         ptr, nbytes = key
@@ -45,6 +50,8 @@ class LiveBytes:
                 self.current += nbytes
                 if self.current > self.peak:
                     self.peak = self.current
+                if self.current + self.moved_off > self.natural_peak:
+                    self.natural_peak = self.current + self.moved_off
             else:
                 entry[1] += 1
 
@@ -59,16 +66,24 @@ class LiveBytes:
                 del self._held[ptr]
                 self.current -= entry[0]
 
+    def shift(self, delta: int) -> None:
+        """``delta`` bytes moved off the device (> 0, after their release) or back (< 0, before
+        their new hold), so that ``current + moved_off`` only ever dips, never spikes."""
+        with self._lock:
+            self.moved_off = max(0, self.moved_off + delta)
+
     def reset_peak(self) -> int:
         """The peak since the last reset; the new interval starts at the current level."""
         with self._lock:
             peak, self.peak = self.peak, self.current
+            self.last_natural_peak = self.natural_peak
+            self.natural_peak = self.current + self.moved_off
             return peak
 
     def reset(self) -> None:
         with self._lock:
             self._held.clear()
-            self.current = self.peak = 0
+            self.current = self.peak = self.moved_off = self.natural_peak = self.last_natural_peak = 0
 
 
 class _Holder:
@@ -116,6 +131,15 @@ class CpuProbe:
     def interval_peak(self, chunk_bytes_min: int) -> int:
         return self.live.reset_peak()
 
+    def shift(self, delta: int) -> None:
+        """Saved activations moved to host memory (> 0) or coming back (< 0); hetmem/activations."""
+        self.live.shift(delta)
+
+    @property
+    def last_natural_peak(self) -> int:
+        """The closed interval's peak had no saved activation been moved to host memory."""
+        return self.live.last_natural_peak
+
     def forget(self) -> None:
         """After an aborted step: stop counting what it left behind."""
         self.live.reset()
@@ -139,6 +163,12 @@ class AllocatorProbe:
         self.accelerator = accelerator      # hetmem.accelerator.Accelerator with separate memory
         self._peak = 0                      # largest non-model bytes seen in this interval
         self._chunk_bytes = 0               # chunk bytes at the last sample
+        # saved activations moved to host memory (hetmem/activations): their bytes now; the
+        # largest non-model + moved bytes seen in this interval (moved bytes change only at a
+        # sample, see shift()); that of the interval interval_peak() closed last
+        self.moved_off = 0
+        self._natural_peak = 0
+        self.last_natural_peak = 0
 
     def hold_saved(self, tensor: torch.Tensor) -> object:
         return self.accelerator.hold_saved(tensor)
@@ -153,18 +183,27 @@ class AllocatorProbe:
         risen = self.accelerator.new_peak()
         if risen is not None:  # since the last sample, when min(then, now) chunk bytes were placed
             self._peak = max(self._peak, risen - min(self._chunk_bytes, chunk_bytes))
+            self._natural_peak = max(self._natural_peak, risen - min(self._chunk_bytes, chunk_bytes) + self.moved_off)
 
     def current(self, chunk_bytes: int) -> int:
         self._note_rise(chunk_bytes)
         now = max(0, self.accelerator.memory_allocated() - chunk_bytes)
         self._peak = max(self._peak, now)
+        self._natural_peak = max(self._natural_peak, now + self.moved_off)
         self._chunk_bytes = chunk_bytes
         return now
 
     def interval_peak(self, chunk_bytes_min: int) -> int:
         self._note_rise(self._chunk_bytes)
         peak, self._peak = self._peak, 0
+        self.last_natural_peak, self._natural_peak = self._natural_peak, 0
         return peak
+
+    def shift(self, delta: int) -> None:
+        """Saved activations moved to host memory (> 0, after their release) or coming back
+        (< 0, before their new allocation): a sample closes the segment with the old amount."""
+        self._note_rise(self._chunk_bytes)
+        self.moved_off = max(0, self.moved_off + delta)
 
     def reserved(self) -> int:
         return self.accelerator.memory_reserved()
@@ -172,6 +211,7 @@ class AllocatorProbe:
     def forget(self) -> None:
         """After an aborted step: the accelerator stops counting what it left behind."""
         self.accelerator.forget_activations()
+        self.moved_off = 0
 
 
 def make_probe(accelerator) -> "CpuProbe | AllocatorProbe":

@@ -19,6 +19,14 @@ class MomentRecord:
     module: str
     working_set: set[int] = field(default_factory=set)  # chunk ids accessed in [this moment, next)
     non_model_peak: int = 0                             # peak non-model bytes in that interval
+                                                        # (as if no activation were offloaded)
+    offloaded: int = 0                                  # of those, bytes the activation plan keeps
+                                                        # in host memory then (hetmem/activations)
+
+    @property
+    def device_non_model(self) -> int:
+        """Non-model bytes on the device in the interval when the activation plan is followed."""
+        return self.non_model_peak - self.offloaded
 
     @property
     def key(self) -> tuple[MomentKind, str]:

@@ -99,16 +99,20 @@ class MemoryTracer:
 
     def _close_interval(self, chunk_bytes_min: int) -> None:
         peak = self.probe.interval_peak(chunk_bytes_min)
+        # what the peak would have been with no saved activation moved to host memory
+        # (hetmem/activations): the store keeps that, so a schedule describes the model, not
+        # what the last step chose to offload
+        natural = max(peak, self.probe.last_natural_peak)
         current = self.clock.current
         if current is None:
             return
         self.last_interval = (current.index, peak)
         if self.mode is TracerMode.WARMUP:
-            self.store.note_peak(current.index, peak)
+            self.store.note_peak(current.index, natural)
         elif self.mode is TracerMode.STEADY:
             expected = self.store.expected(current.index)
-            if expected is not None and peak > expected.non_model_peak * GROWTH_FACTOR + GROWTH_SLACK:
-                self._mark_stale(f"non-model peak {peak} B after moment {current.index} exceeds the "
+            if expected is not None and natural > expected.non_model_peak * GROWTH_FACTOR + GROWTH_SLACK:
+                self._mark_stale(f"non-model peak {natural} B after moment {current.index} exceeds the "
                                  f"recorded {expected.non_model_peak} B (input shapes changed?)")
 
     def _mark_stale(self, reason: str) -> None:

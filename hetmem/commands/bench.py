@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scale": "train_scale",
     "throughput": "train_throughput",
     "trace": "trace_overhead",
+    "activations": "activation_offload",
     "nvme-train": "nvme_train",
     "gpu": "gpu_acceptance",
 }

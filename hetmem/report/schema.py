@@ -54,14 +54,19 @@ times are float seconds since the engine was created, unless a key says otherwis
          ],
          "time": {"forward_s": float, "backward_s": float, "optimizer_s": float,
                   "wait_s": float,                       # sum of compute waits on transfers
-                  "total_s": float}}
+                  "total_s": float},
+         "activations": {"offloads": int, "offloaded_bytes": int,   # optional: saved activations
+                         "restores": int, "restored_bytes": int,     # moved to host memory and back
+                         "late_restores": int, "wait_s": float}}     # (activation_offload="auto")
       ],
       "non_model_by_module": {str: int},                 # optional: peak non-model bytes per module
       "losses": [                                        # optional: the training loop's loss per step
         {"step": int,                                    # 1-based optimizer step, increasing
          "loss": float | null,                           # null: not finite
          "lr": float | null}                             # optional: the learning rate it used
-      ]
+      ],
+      "activation_offload": {"min_device_budget": int,          # optional: the smallest device
+                             "min_device_budget_offload": int}   # budget without / with offload
     }
 
 KIND is a chunk kind (``CHUNK_KINDS``), TIER a tier name (``TIERS``).  A kind with no bytes

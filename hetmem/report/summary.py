@@ -34,6 +34,11 @@ shares fractions in [0, 1]; a tier is "device", "host" or "nvme"; KIND is a chun
 - ``evictions``: ``count`` and ``by_kind`` {KIND: count} for the step.
 - ``non_model_by_module``: [{``module``, ``bytes``}] largest first, from the trace's optional
   per-module attribution ([] when absent).
+- ``activations``: saved activations moved to host memory and back: ``min_device_budget`` and
+  ``min_device_budget_offload`` (the smallest device budget without / with activation offload,
+  null when the trace does not say), and ``steps``: per recorded step with the trace's optional
+  counts, ``step``, ``warmup``, ``offloads``, ``offloaded_bytes``, ``restores``,
+  ``restored_bytes``, ``late_restores``, ``wait_s``.
 - ``losses``: the training loop's [{``step``, ``loss``, ``lr``}] per optimizer step, as the trace
   records them (``hetmem train`` does; [] when absent); ``loss``/``lr`` null when unknown.
 """
@@ -88,11 +93,20 @@ def summarize(trace: dict, step: int | None = None) -> dict[str, Any]:
         "top_moments": top_moments(entry),
         "time": time_split(entry),
         "evictions": evictions(entry),
+        "activations": activation_summary(trace),
         "non_model_by_module": sorted(
             ({"module": name, "bytes": size} for name, size in trace.get("non_model_by_module", {}).items()),
             key=lambda row: (-row["bytes"], row["module"])),
         "losses": [{"step": e["step"], "loss": e.get("loss"), "lr": e.get("lr")} for e in trace.get("losses", [])],
     }
+
+
+def activation_summary(trace: dict) -> dict[str, Any]:
+    floors = trace.get("activation_offload", {})
+    return {"min_device_budget": floors.get("min_device_budget"),
+            "min_device_budget_offload": floors.get("min_device_budget_offload"),
+            "steps": [{"step": s["step"], "warmup": s["warmup"], **s["activations"]}
+                      for s in trace["steps"] if "activations" in s]}
 
 
 def moment_bytes(moment: dict, tier: str) -> dict[str, int]:

@@ -85,9 +85,26 @@ def report_tables(summary: dict[str, Any]) -> list[Table]:
     tables = [peak_table(summary), peak_parts_table(summary), moved_table(summary),
               steps_table(summary), moved_per_step_table(summary), padding_table(summary),
               top_moments_table(summary), time_table(summary)]
+    if summary["activations"]["steps"]:
+        tables.append(activations_table(summary))
     if summary["non_model_by_module"]:
         tables.append(by_module_table(summary))
     return tables
+
+
+def activations_table(summary: dict[str, Any]) -> Table:
+    found = summary["activations"]
+    shown, left_out = _elided(found["steps"])
+    rows = [[step_label(s["step"], s["warmup"]), f"{format_bytes(s['offloaded_bytes'])} ({s['offloads']})",
+             f"{format_bytes(s['restored_bytes'])} ({s['restores']})", str(s["late_restores"]),
+             seconds(s["wait_s"])] for s in shown]
+    note = ""
+    if found["min_device_budget"] is not None:
+        note = (f"smallest device budget: {format_bytes(found['min_device_budget'])} without activation "
+                f"offload, {format_bytes(found['min_device_budget_offload'])} with it")
+    return Table("Saved activations moved to host memory and back", ["step", "offloaded", "restored",
+                                                                     "late", "compute wait"],
+                 _with_gap(rows, left_out, 5), "lrrrr", note=note)
 
 
 def _tiers(summary: dict[str, Any]) -> list[str]:

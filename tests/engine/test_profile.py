@@ -18,9 +18,10 @@ def test_profile_reports_a_budget_that_trains_and_is_tight():
     assert sum(result.non_model_by_module.values()) <= result.non_model_peak * 4
     assert all(p.device.type == "cpu" and p.numel() > 0 for p in model.parameters())  # untouched
 
-    def run(budget):
+    def run(budget):  # the budget without activation offload (with it: test_activation_offload.py)
         engine = hetmem.initialize(tiny_gpt(checkpoint=False), hetmem.Config(
-            device="cpu", dtype="bf16", device_budget=budget, chunk_size=result.chunk_elements))
+            device="cpu", dtype="bf16", device_budget=budget, chunk_size=result.chunk_elements,
+            activation_offload="off"))
         train_engine(engine, data)
         return engine
 
