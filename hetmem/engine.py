@@ -235,6 +235,7 @@ class Engine:
                 else:
                     target.backward()
         except BaseException:
+            self.grads.reset_fires()  # the counts are per backward: the next one starts from 0
             self._abort()
             self._drop_after_error("backward")
             raise

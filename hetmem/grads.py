@@ -133,9 +133,11 @@ class GradRouter:
             previous = self.norm_parts.get(id(slot))
             self.norm_parts[id(slot)] = square if previous is None else previous + square.to(previous.device)
         else:
-            # the first gradient is the whole gradient unless another arrived (in this backward
-            # or an earlier one since the step): then the norm is the sum's, where it accumulated
-            source = grad if slot.grad_fires == 1 and not had_grad else target
+            # the first gradient is the whole gradient unless it was added to a pending one (of
+            # this backward or an earlier one since the step): then the norm is the sum's, read
+            # where it accumulated, which that path waited for.  Only then: a first gradient's
+            # target may be a copy still in flight on the copy stream (_offload)
+            source = target if had_grad else grad
             self.norm_parts[id(slot)] = torch.linalg.vector_norm(source, dtype=torch.float32).square()
 
     def _offload(self, chunk, slot: ParamSlot, grad: torch.Tensor) -> torch.Tensor | None:

@@ -268,3 +268,24 @@ def test_step_twice_after_one_backward_counts_one_step():
     assert engine.global_step == 1
     for key, value in engine.state_dict().items():
         assert torch.equal(value, weights[key]), key
+
+
+def test_a_backward_that_raised_in_the_warm_up_counts_no_gradient_arrivals():
+    """Arrival counts are per backward: the failed one's do not make the warm-up see each
+    gradient twice, so the same groups keep their gradients in-slot as without the failure."""
+    data = batches(3, seed=9)
+    in_slot = {}
+    for name in ("failed", "without"):
+        model, fail = gpt_with_failure(2)
+        engine = hetmem.initialize(model, config(device_budget=TIGHT_16, dtype="bf16"))
+        if name == "failed":
+            loss = engine(*data[0])
+            fail.armed = True
+            with pytest.raises(RuntimeError, match="injected failure"):
+                engine.backward(loss)
+        for x, y in data:
+            engine.backward(engine(x, y))
+            assert engine.step()
+        in_slot[name] = [g.grad_in_slot for g in engine.layout.groups if g.trainable]
+    assert any(in_slot["without"])
+    assert in_slot["failed"] == in_slot["without"]
