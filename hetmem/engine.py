@@ -227,7 +227,7 @@ class Engine:
         scale = self.scaler.scale / self.config.gradient_accumulation_steps
         self.lifecycle.go(Phase.BACKWARD)
         try:
-            with torch.profiler.record_function("hetmem::backward"):
+            with self.saved_tensors.context(), torch.profiler.record_function("hetmem::backward"):
                 target = loss * scale if scale != 1.0 else loss
                 if self.recorder is not None:
                     with self.recorder.phase("backward"):

@@ -5,7 +5,9 @@ releases them and registers a hook on the module's outputs; that output hook fir
 gradient reaches the module, which is its pre-backward moment (a tensor hook, not an
 autograd.Function wrapper, so in-place ops on outputs stay legal).
 
-Saved-tensor hooks (active during ``engine(...)``): a tensor autograd saves that is a view of
+Saved-tensor hooks (active during ``engine(...)``, and during ``engine.backward`` for what
+reentrant activation checkpointing recomputes there; non-reentrant checkpointing keeps its
+recomputed tensors in torch's own table, out of their reach): a tensor autograd saves that is a view of
 a PARAM chunk is stored as a ``ChunkRef`` (chunk, offset, size, stride) instead of the view,
 so an evicted chunk's memory is really freed and the view is rebuilt from wherever the chunk
 is when backward unpacks it.  Any other saved tensor is non-model memory: counted by the
