@@ -37,7 +37,7 @@ from hetmem.nvme.fallback import PythonThreadFile
 
 logger = logging.getLogger("hetmem.nvme.aio")
 
-FAULT_KINDS = {"error": 1, "short": 2, "partial": 3, "reap_error": 4}
+FAULT_KINDS = {"error": 1, "short": 2, "partial": 3, "reap_error": 4, "submit_error": 5}
 _SWEEP_EVERY = 64  # submissions between sweeps of finished requests nobody polled
 
 
@@ -260,7 +260,8 @@ class AsyncFile:
             message += "; reading past the end of the file?"
         return OSError(err, message, self.path)
 
-    def inject_fault(self, kind: str, *, after: int = 0, errno: int = errno_module.EIO, short_by: int = 4096) -> None:
+    def inject_fault(self, kind: str, *, after: int = 0, errno: int = errno_module.EIO, short_by: int = 4096,
+                     count: int = 0) -> None:
         """Test hook: after ``after`` more IO completions, make the next one fail.
 
         ``kind``: "error" (it reports -errno), "short" (``short_by`` fewer bytes, final: the
@@ -268,16 +269,24 @@ class AsyncFile:
         the rest and the request succeeds).  One-shot.  "reap_error" (io_uring and linux_aio,
         which have a reaper thread): from now on every wait for completions fails with
         ``errno`` - a persistent kernel error: the IOs in flight and all later ones fail with
-        it, and the reaper exits; ``inject_fault("none")`` disarms it.
+        it, and the reaper exits; ``inject_fault("none")`` disarms it.  "submit_error" (io_uring
+        and linux_aio; the threads backend has no submit syscall): the next ``count``
+        submissions (io_uring_enter / io_submit) fail with ``errno`` before reaching the kernel,
+        every one until ``inject_fault("none")`` when ``count`` is 0.  EAGAIN/EBUSY are retried
+        for about 1 s, then the requests fail with the errno; any other errno fails them at once.
         """
         if kind == "none":
             self._engine.set_fault(0, 0, errno, short_by)
             return
         if kind not in FAULT_KINDS:
             raise ValueError(f"kind={kind!r} must be one of none, {', '.join(FAULT_KINDS)}")
-        if kind == "reap_error" and self.backend not in ("io_uring", "linux_aio"):
-            raise ValueError(f"kind='reap_error' needs a backend with a reaper thread (io_uring, linux_aio), "
-                             f"not {self.backend}")
+        if kind in ("reap_error", "submit_error") and self.backend not in ("io_uring", "linux_aio"):
+            raise ValueError(f"kind={kind!r} needs a backend with a submit syscall and a reaper thread "
+                             f"(io_uring, linux_aio), not {self.backend}")
+        if kind == "submit_error":
+            if count < 0:
+                raise ValueError(f"count={count} must be >= 0 (0: every submission until inject_fault('none'))")
+            after = count
         self._engine.set_fault(FAULT_KINDS[kind], after, errno, short_by)
 
     # -- lifetime --------------------------------------------------------------------------

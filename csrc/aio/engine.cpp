@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include "queue.h"
 
@@ -162,6 +163,11 @@ RequestStatus File::wait(uint64_t id) {
 void File::set_fault(FaultKind kind, uint64_t after, int err, uint64_t short_by) {
   std::lock_guard<std::mutex> lock(mu_);
   if (kind == FaultKind::ReapError || kind == FaultKind::None) reap_fault_err_ = kind == FaultKind::None ? 0 : err;
+  if (kind == FaultKind::SubmitError || kind == FaultKind::None) {
+    submit_fault_err_ = err;
+    submit_fault_left_ = kind == FaultKind::None ? 0 : after == 0 ? ~uint64_t(0) : after;
+    if (kind == FaultKind::SubmitError) return;
+  }
   if (kind == FaultKind::ReapError) {
     for (auto& q : queues_) q->wake();  // a reaper asleep with nothing in flight sees it at its next wait
     return;
@@ -289,17 +295,65 @@ void File::submit_to(Queue* queue, Task** tasks, int n) {
     else tasks[kept++] = tasks[i];
   }
   queue->inflight += n;
-  int err = queue->broken;
-  int accepted = kept > 0 && err == 0 ? queue->submit(tasks, kept, &err) : 0;
-  for (int i = accepted; i < kept; ++i) complete(tasks[i], -int64_t(err ? err : EIO));
+  for (int i = 0; i < kept; ++i) tasks[i]->unissued = true;
+  if (queue->submitting) {  // another thread is backing off on this queue: it issues these too
+    queue->backlog.insert(queue->backlog.end(), tasks, tasks + kept);
+  } else if (kept > 0) {
+    queue->submitting = true;
+    std::vector<Task*> work(tasks, tasks + kept);
+    while (!work.empty()) {
+      issue(queue, work);
+      work.swap(queue->backlog);
+      queue->backlog.clear();
+    }
+    queue->submitting = false;
+  }
   for (Task* t : no_memory) complete(t, -int64_t(ENOMEM));
+}
+
+// Issue `work` to `queue` (called with mu_ held; returns with it held).  EINTR is retried by
+// the queue; EAGAIN/EBUSY after a pause without mu_ (so completions and the reaper go on), at
+// most Queue::kTransientRetries times in a row; then, or on any other error, the tasks not
+// accepted complete with -errno and their requests fail naming it.
+void File::issue(Queue* queue, std::vector<Task*>& work) {
+  size_t done = 0;
+  int transient = 0;
+  int err = queue->broken;
+  while (err == 0 && done < work.size()) {
+    int e = 0;
+    int accepted;
+    if (__builtin_expect(submit_fault_left_ > 0, false)) {
+      accepted = 0;
+      e = submit_fault_err_;
+      if (submit_fault_left_ != ~uint64_t(0)) submit_fault_left_--;
+    } else {
+      accepted = queue->submit(work.data() + done, int(work.size() - done), &e);
+    }
+    for (int i = 0; i < accepted; ++i) work[done + size_t(i)]->unissued = false;
+    done += size_t(accepted);
+    if (accepted > 0) transient = 0;
+    if (e == 0) continue;
+    if ((e == EAGAIN || e == EBUSY) && ++transient <= Queue::kTransientRetries) {
+      mu_.unlock();
+      std::this_thread::sleep_for(Queue::kTransientPause);
+      mu_.lock();
+      err = queue->broken;
+      continue;
+    }
+    err = e;
+  }
+  for (size_t i = done; i < work.size(); ++i) {
+    work[i]->unissued = false;
+    complete(work[i], -int64_t(err ? err : EIO));
+  }
 }
 
 void File::fail_queue(Queue* queue, int err) {
   queue->broken = err;
   std::vector<Task*> lost;  // issued to the kernel, never to be reaped: every busy slot not deferred
   for (auto& t : queue->slots())
-    if (t.req != nullptr && std::find(deferred_.begin(), deferred_.end(), &t) == deferred_.end()) lost.push_back(&t);
+    if (t.req != nullptr && !t.unissued && std::find(deferred_.begin(), deferred_.end(), &t) == deferred_.end())
+      lost.push_back(&t);  // (an unissued one is failed by its submitter, which sees `broken`)
   for (Task* t : lost) complete(t, -int64_t(err));
   fill(queue);  // requests still waiting to be cut fail here too (at once) unless another queue takes them
   done_cv_.notify_all();
@@ -427,6 +481,7 @@ void File::resume_deferred() {
       ++i;
     }
   }
+  for (Task* t : ready) t->unissued = true;  // a submit_to below may back off without mu_
   for (Task* t : ready) submit_to(t->queue, &t, 1);
 }
 

@@ -84,6 +84,8 @@ enum class FaultKind : int {
   Partial = 3,  // it reports `short_by` fewer bytes, the engine resubmits the rest
   ReapError = 4,  // every wait for completions (io_uring_enter / io_getevents) fails with
                   // -err until the fault is set to None: a persistent reaper error
+  SubmitError = 5,  // the next `after` submissions (io_uring_enter / io_submit) fail with
+                    // -err before reaching the kernel; after == 0: every one until None
 };
 
 class Queue;
@@ -140,6 +142,7 @@ class File {
   void finish_task(Task* task);
   void finalize(Request* req);
   void submit_to(Queue* queue, Task** tasks, int n);
+  void issue(Queue* queue, std::vector<Task*>& work);
   void resume_deferred();
   bool idle() const;
   Request* next_pending();
@@ -177,6 +180,8 @@ class File {
   int fault_err_ = 0;
   uint64_t fault_short_by_ = 0;
   int reap_fault_err_ = 0;
+  int submit_fault_err_ = 0;
+  uint64_t submit_fault_left_ = 0;  // submissions still to fail (~0: until disarmed)
 };
 
 // Aligned memory for staging (and for callers who want it): free with aligned_free.

@@ -9,7 +9,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <sched.h>
 
 #include "queue.h"
 
@@ -61,11 +60,8 @@ class LinuxAioQueue final : public Queue {
         submitted += int(r);
         continue;
       }
-      if (r < 0 && (errno == EINTR || errno == EAGAIN)) {
-        sched_yield();
-        continue;
-      }
-      *err = r < 0 ? errno : EIO;  // the iocb at `submitted` was refused
+      if (r < 0 && errno == EINTR) continue;
+      *err = r < 0 ? errno : EIO;  // the iocb at `submitted` was refused (EAGAIN: retried by File::submit_to)
       break;
     }
     if (submitted > 0) wake_.notify_one();

@@ -48,6 +48,7 @@ struct Task {
   uint64_t lock_tail = kNoUnit;
   bool locks_held = false;
   bool final_result = false;   // injected short: do not resubmit
+  bool unissued = false;       // handed to File::submit_to and not yet accepted by the kernel
   char* staging = nullptr;     // this slot's staging buffer, allocated on first use
   void* backend_data = nullptr;  // per-backend slot data (an iocb)
 
@@ -66,8 +67,9 @@ class Queue {
   }
   virtual ~Queue() = default;
 
-  // Issue `n` prepared tasks.  Returns how many were accepted; on a failure sets *err and
-  // the caller completes the rest with -*err.
+  // Issue `n` prepared tasks, once (EINTR is retried).  Returns how many were accepted; when
+  // fewer, sets *err (EAGAIN/EBUSY included: File::submit_to bounds the retries, see
+  // kTransientRetries) and leaves the rest unissued.
   virtual int submit(Task** tasks, int n, int* err) = 0;
   // Start the completion thread(s) / stop them once nothing is in flight.
   virtual void start() = 0;
@@ -78,17 +80,19 @@ class Queue {
   void wake() { wake_.notify_all(); }
   int inflight = 0;  // tasks submitted and not completed (guarded by the File's mutex)
   int broken = 0;    // errno of a persistent reaper error: every IO given to this queue fails with it
+  bool submitting = false;       // a submitter is retrying EAGAIN/EBUSY without the File's mutex
+  std::vector<Task*> backlog;    // tasks given to this queue meanwhile: that submitter issues them
 
   // The reaper's wait for completions failed with `err` (called without the File's mutex).
-  // EINTR is retried at once, EAGAIN/EBUSY after a 1 ms pause up to kTransientRetries times
-  // in a row; any other errno, or transient ones that do not stop, are persistent: the
+  // EINTR is retried at once, EAGAIN/EBUSY after a kTransientPause pause up to
+  // kTransientRetries times in a row (about 1 s; submission is bounded the same way); any other errno, or transient ones that do not stop, are persistent: the
   // queue's IOs fail with an OSError naming the errno and the reaper exits.  Returns true
   // when the reaper must exit.  (Kernel IOs still in flight then finish or are cancelled
   // when the queue is torn down at close(); their requests are already reported failed.)
   bool reap_failed(int err) {
     if (err == EINTR) return false;
     if ((err == EAGAIN || err == EBUSY) && ++transient_errors_ <= kTransientRetries) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      std::this_thread::sleep_for(kTransientPause);
       return false;
     }
     std::lock_guard<std::mutex> lock(file_.mutex());
@@ -97,6 +101,7 @@ class Queue {
   }
   void reaped() { transient_errors_ = 0; }
   static constexpr int kTransientRetries = 1000;
+  static constexpr std::chrono::milliseconds kTransientPause{1};
 
  protected:
   File& file_;

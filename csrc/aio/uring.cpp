@@ -10,7 +10,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <sched.h>
 
 #include "queue.h"
 
@@ -84,11 +83,9 @@ class UringQueue final : public Queue {
         submitted += r;
         continue;
       }
-      if (errno == EINTR || errno == EAGAIN || errno == EBUSY) {
-        sched_yield();
-        continue;
-      }
-      // Nothing of this call was consumed: take the rest back out of the ring.
+      if (errno == EINTR) continue;
+      // Nothing of this call was consumed: take the rest back out of the ring (EAGAIN and
+      // EBUSY too: File::submit_to retries them, bounded).
       *err = errno;
       __atomic_store_n(sq_tail_, tail - unsigned(n - submitted), __ATOMIC_RELEASE);
       break;

@@ -55,6 +55,19 @@ def main(case: str, backend: str, folder: str) -> dict:
         while threads() >= before:  # the reaper exits (the caller's timeout bounds this loop)
             os.sched_yield()
         out["reaper_exited"] = True
+    elif case == "submit_eagain":  # io_uring_enter / io_submit keep failing with EAGAIN
+        f.pwrite(data, 0).wait()
+        f.inject_fault("submit_error", errno=errno.EAGAIN)  # persistent
+        out["first"] = wait_error(f.pwrite(data, 1 << 20))
+        f.inject_fault("none")  # the condition clears: the file works again
+        back = torch.empty_like(data)
+        f.pwrite(data.flip(0), 1 << 20).wait()
+        f.pread(back, 1 << 20).wait()
+        out["later_exact"] = torch.equal(back, data.flip(0))
+        f.inject_fault("submit_error", errno=errno.EAGAIN, count=3)  # transient
+        f.pwrite(data, 2 << 20).wait()
+        f.pread(back, 2 << 20).wait()
+        out["transient_exact"] = torch.equal(back, data)
     try:
         f.close()
         out["closed"] = True

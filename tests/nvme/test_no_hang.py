@@ -1,9 +1,10 @@
-"""IO that cannot hang: every worker exception and a persistent reaper error fail the request.
+"""IO that cannot hang: every worker exception and a persistent reaper or submit error fail the request.
 
 The cases run in one subprocess with a hard timeout (tests/nvme/hang_worker.py): before these
 fixes the python_threads backend swallowed a non-OSError worker exception and ``wait()``
 blocked forever, and a C++ reaper whose ``io_uring_enter``/``io_getevents`` kept failing spun
-at 100% CPU while ``close()`` waited for it.
+at 100% CPU while ``close()`` waited for it; a submitter whose ``io_uring_enter``/``io_submit``
+kept failing with EAGAIN retried forever holding the file's mutex.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ REAPERS = ("io_uring", "linux_aio")  # the backends with a reaper thread
 def _specs() -> list[str]:
     works = [b for b in ALL_BACKENDS if probed()[b] == "ok"]
     specs = [f"huge_offset:{b}" for b in works] + [f"reap_error:{b}" for b in REAPERS if b in works]
+    specs += [f"submit_eagain:{b}" for b in REAPERS if b in works]
     return specs + ["worker_exception:python_threads"]  # last: it breaks the fallback for the process
 
 
@@ -80,3 +82,27 @@ def test_a_persistent_reaper_error_fails_the_requests_and_the_reaper_exits(reape
         assert got[key]["errno"] == errno.EBADF, got
         assert "Bad file descriptor during pwrite" in got[key]["message"]
     assert got["reaper_exited"] is True and got["closed"] is True
+
+
+@pytest.mark.parametrize("submitter", REAPERS)  # the threads backend has no submit syscall
+def test_a_persistent_submit_eagain_fails_the_request_and_a_transient_one_is_retried(submitter, results):
+    if probed()[submitter] != "ok":
+        pytest.skip(f"backend {submitter} does not work here: {probed()[submitter]}")
+    got = result(results, f"submit_eagain:{submitter}")
+    first = got["first"]
+    assert first["errno"] == errno.EAGAIN, got
+    assert os.strerror(errno.EAGAIN) in first["message"], first
+    assert f"during pwrite of {1 << 20} B at offset {1 << 20}" in first["message"], first
+    assert first["filename"].endswith("f.bin")
+    assert got["later_exact"] is True and got["transient_exact"] is True and got["closed"] is True
+
+
+def test_submit_error_needs_a_backend_with_a_submit_syscall(tmp_path):
+    from hetmem.nvme import AsyncFile
+
+    f = AsyncFile(str(tmp_path / "f.bin"), backend="threads")
+    try:
+        with pytest.raises(ValueError, match="kind='submit_error' needs a backend with a submit syscall"):
+            f.inject_fault("submit_error", errno=errno.EAGAIN)
+    finally:
+        f.close()
