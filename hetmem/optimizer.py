@@ -263,14 +263,7 @@ class ChunkedAdam:
             groups = [g for g in self.layout.groups if g.trainable]
         touched = 0
         for group in groups:
-            in_slot = [s for s in group.slots if s.state is TensorState.GRAD_IN_SLOT]
-            if in_slot:
-                param = group.chunks[ChunkKind.PARAM]
-                p_payload = self.manager.payload_in_memory(param)
-                m_payload = self.manager.payload_in_memory(group.chunks[ChunkKind.MASTER])
-                self.manager.mark_dirty(param)
-                for slot in in_slot:
-                    p_payload.narrow(0, slot.offset, slot.numel).copy_(m_payload.narrow(0, slot.offset, slot.numel))
+            in_slot = self._restore_in_slot(group, group.slots)
             if in_slot or any(s.has_grad or s.state is not TensorState.HOLD for s in group.slots):
                 self._finish_group(group, stepped=False)
                 touched += 1
@@ -303,16 +296,22 @@ class ChunkedAdam:
     def _drop_grads(self, group: ChunkGroup, slots: list[ParamSlot]) -> None:
         """Parameters in no param group are not trained (as in torch): their gradients are
         dropped, and in-slot gradients give their slots back to the master weights."""
+        self._restore_in_slot(group, slots)
+        for slot in slots:
+            slot.has_grad = False
+
+    def _restore_in_slot(self, group: ChunkGroup, slots: list[ParamSlot]) -> list[ParamSlot]:
+        """Overwrite the in-slot gradients among ``slots`` with the fp32 master weights (cast to
+        the compute dtype: what the last step wrote there); returns those slots."""
         in_slot = [s for s in slots if s.state is TensorState.GRAD_IN_SLOT]
         if in_slot:
             param = group.chunks[ChunkKind.PARAM]
-            master = self.manager.payload_in_memory(group.chunks[ChunkKind.MASTER])
-            payload = self.manager.payload_in_memory(param)
+            p_payload = self.manager.payload_in_memory(param)
+            m_payload = self.manager.payload_in_memory(group.chunks[ChunkKind.MASTER])
             self.manager.mark_dirty(param)
             for slot in in_slot:
-                payload.narrow(0, slot.offset, slot.numel).copy_(master.narrow(0, slot.offset, slot.numel))
-        for slot in slots:
-            slot.has_grad = False
+                p_payload.narrow(0, slot.offset, slot.numel).copy_(m_payload.narrow(0, slot.offset, slot.numel))
+        return in_slot
 
     def _operand_chunks(self, group: ChunkGroup) -> dict:
         names = {"param": group.chunks[ChunkKind.PARAM], "grad": self._grad_chunk(group),
