@@ -371,7 +371,7 @@ class Engine:
         from hetmem.checkpoint import CheckpointParts
 
         return CheckpointParts(self.layout, self.manager, self.module, self.scaler, self.config, self.optimizer,
-                               self.global_step, self.micro_step, self._awaiting_backward)
+                               self.global_step, self.micro_step, self.lifecycle.state is Phase.FORWARD)
 
     def memory_report(self):
         self._check_open()
@@ -387,11 +387,6 @@ class Engine:
         """Bytes the swap space holds for chunks; None while the NVMe tier is off."""
         self._check_open()
         return None if self.manager.nvme is None else self.manager.nvme.nbytes
-
-    @property
-    def _awaiting_backward(self) -> bool:
-        """A forward ran and its backward has not (read by hetmem/checkpoint.py)."""
-        return self.lifecycle.state is Phase.FORWARD
 
     @property
     def _closed(self) -> bool:

@@ -35,7 +35,7 @@ def test_a_step_walks_the_phases_and_the_scheduler_reads_them():
     x, y = batches(1)[0]
     assert engine.lifecycle.state is Phase.IDLE
     loss = engine(x, y)
-    assert engine.lifecycle.state is Phase.FORWARD and engine._awaiting_backward
+    assert engine.lifecycle.state is Phase.FORWARD
     assert seen[0] == (Phase.FORWARD, True, "forward")
     with pytest.raises(RuntimeError, match="call engine.backward\\(loss\\) first"):
         engine.step()
