@@ -99,12 +99,25 @@ def padding_share(layout) -> float:
 
 
 def engine_parts(engine) -> dict[str, int]:
-    """hetmem's own bytes in memory now: chunks per kind, free buffers its pool keeps, the module's
-    buffers, and the peak non-model bytes the tracer measured (activations, temporaries)."""
+    """hetmem's own bytes in memory now (between steps): chunks per kind, the free buffers its
+    pool keeps, the module's buffers.  Activations are gone between steps; their peak is
+    ``engine.tracer.store.peak_non_model`` (what a step adds on top, with its temporaries)."""
     parts = {f"chunks.{kind}": nbytes for kind, nbytes in chunk_bytes_by_kind(engine.manager).items()}
     parts["pool_free_buffers"] = engine.manager.pool.cached_bytes
     parts["module_buffers"] = engine.buffer_bytes
-    parts["activations_peak"] = engine.tracer.store.peak_non_model
+    return parts
+
+
+def process_parts(baseline_smaps: dict[str, int]) -> dict[str, int]:
+    """What the process holds that is nobody's state: file-backed pages mapped since the baseline
+    (the C++ ops' libraries, torch's lazily loaded code) and free bytes glibc keeps in its heaps
+    (resident once touched: an upper bound)."""
+    now = smaps_rollup()
+    parts = {"files_mapped_since_baseline": max(0, (now["Rss"] - now["Anonymous"])
+                                                - (baseline_smaps["Rss"] - baseline_smaps["Anonymous"]))}
+    heap = malloc_stats()
+    if heap is not None:
+        parts["glibc_free_heap"] = heap["heap_free"]
     return parts
 
 

@@ -109,7 +109,8 @@ def run_hetmem(spec: dict) -> dict:
     import torch
 
     import hetmem
-    from hetmem.benchmarks.memory_accounting import engine_parts, padding_share, rss_breakdown, status_bytes
+    from hetmem.benchmarks.memory_accounting import (engine_parts, padding_share, process_parts, rss_breakdown,
+                                                      smaps_rollup, status_bytes)
     from hetmem.models.gpt import GPT
 
     cfg, batches = _setup(spec)
@@ -117,7 +118,7 @@ def run_hetmem(spec: dict) -> dict:
                            nvme_dir=os.path.join(spec["dir"], "hetmem"), dtype="bf16", memory_trace=False,
                            nvme_block_size=spec["block_size_io"], nvme_queue_depth=spec["queue_depth"],
                            nvme_threads=spec["threads"], optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
-    baseline = status_bytes()["VmRSS"]
+    baseline, baseline_smaps = status_bytes()["VmRSS"], smaps_rollup()
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = GPT(cfg)
@@ -133,10 +134,12 @@ def run_hetmem(spec: dict) -> dict:
         return loss.item()
 
     out = _timed_steps(batches, step)
-    breakdown = rss_breakdown(status_bytes()["VmRSS"], baseline, engine_parts(engine))
+    breakdown = rss_breakdown(status_bytes()["VmRSS"], baseline,
+                                  {**engine_parts(engine), **process_parts(baseline_smaps)})
     out.update({"framework": "hetmem", "init_s": init_s, "parameters": engine.layout.numel,
                 "optimizer_io_bytes_per_step": statistics.median(io_bytes[1:] or io_bytes),
-                "chunk_padding": padding_share(engine.layout), "rss_breakdown_at_end": breakdown})
+                "chunk_padding": padding_share(engine.layout), "rss_breakdown_at_end": breakdown,
+                "activations_peak_bytes": engine.tracer.store.peak_non_model})
     engine.close(keep_weights=False)
     return out
 
@@ -312,7 +315,8 @@ def table(result: dict) -> str:
     hetmem_runs = [r for r in result["runs"]["hetmem"] if r["ok"]]
     if hetmem_runs:
         lines.append("hetmem at the end of its last run: " + format_breakdown(hetmem_runs[-1]["rss_breakdown_at_end"])
-                     + f"; chunk padding {hetmem_runs[-1]['chunk_padding']:.1%}")
+                     + f"; activations' peak {hetmem_runs[-1]['activations_peak_bytes'] / 2**20:.0f} MiB; chunk padding "
+                     f"{hetmem_runs[-1]['chunk_padding']:.1%}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "trace": "trace_overhead",
     "activations": "activation_offload",
     "nvme-train": "nvme_train",
+    "vs-deepspeed": "nvme_vs_deepspeed",
     "gpu": "gpu_acceptance",
 }
 

@@ -18,7 +18,7 @@ def test_breakdown_adds_up_exactly():
 
 
 def test_breakdown_may_be_negative_when_parts_claim_more_than_is_resident():
-    assert acc.rss_breakdown(500, 200, {"activations_peak": 400})["unaccounted"] == -100
+    assert acc.rss_breakdown(500, 200, {"chunks.param": 400})["unaccounted"] == -100
 
 
 def test_breakdown_rejects_negative_inputs():
@@ -46,5 +46,6 @@ def test_engine_parts_are_the_managers_chunk_bytes():
         expected = sum(c.nbytes for c in engine.manager.chunks if c.kind is ChunkKind.MASTER and c.tier is not None)
         assert parts["chunks.master"] == expected
         assert acc.padding_share(engine.layout) >= 0.0
+        assert set(acc.process_parts(acc.smaps_rollup())) <= {"files_mapped_since_baseline", "glibc_free_heap"}
     finally:
         engine.close()
