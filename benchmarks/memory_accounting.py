@@ -110,15 +110,12 @@ def engine_parts(engine) -> dict[str, int]:
 
 def process_parts(baseline_smaps: dict[str, int]) -> dict[str, int]:
     """What the process holds that is nobody's state: file-backed pages mapped since the baseline
-    (the C++ ops' libraries, torch's lazily loaded code) and free bytes glibc keeps in its heaps
-    (resident once touched: an upper bound)."""
+    (the C++ ops' libraries, torch's lazily loaded code).  glibc's free heap bytes are not a part:
+    ``malloc_stats()`` counts pages malloc_trim gave back as free too, so they are reported beside
+    the breakdown, not inside it."""
     now = smaps_rollup()
-    parts = {"files_mapped_since_baseline": max(0, (now["Rss"] - now["Anonymous"])
-                                                - (baseline_smaps["Rss"] - baseline_smaps["Anonymous"]))}
-    heap = malloc_stats()
-    if heap is not None:
-        parts["glibc_free_heap"] = heap["heap_free"]
-    return parts
+    return {"files_mapped_since_baseline": max(0, (now["Rss"] - now["Anonymous"])
+                                               - (baseline_smaps["Rss"] - baseline_smaps["Anonymous"]))}
 
 
 def rss_breakdown(rss: int, baseline: int, parts: dict[str, int]) -> dict:

@@ -46,8 +46,8 @@ def run(spec: dict) -> dict:
     import torch
 
     import hetmem
-    from hetmem.benchmarks.memory_accounting import (engine_parts, padding_share, process_parts, rss_breakdown,
-                                                     smaps_rollup, status_bytes)
+    from hetmem.benchmarks.memory_accounting import (engine_parts, malloc_stats, padding_share, process_parts,
+                                                     rss_breakdown, smaps_rollup, status_bytes)
     from hetmem.corpus import load_corpus, random_batch
     from hetmem.models.gpt import GPT, GPTConfig
     from hetmem.train_job import state_bytes
@@ -67,7 +67,8 @@ def run(spec: dict) -> dict:
 
     def snapshot(stage: str) -> dict:
         parts = {**engine_parts(engine), **process_parts(baseline_smaps)}
-        return {"stage": stage, "peak_rss_so_far": status_bytes()["VmHWM"],
+        heap = malloc_stats() or {}
+        return {"stage": stage, "peak_rss_so_far": status_bytes()["VmHWM"], "glibc_free_heap": heap.get("heap_free"),
                 **rss_breakdown(status_bytes()["VmRSS"], baseline, parts)}
 
     stages = [snapshot("after initialize")]
@@ -110,7 +111,10 @@ def table(result: dict) -> str:
                      f"(parameters + master + Adam moments), chunk padding {r['chunk_padding']:.1%}, activations' "
                      f"peak {r['activations_peak'] / MiB:.0f} MiB, peak RSS {r['peak_rss_bytes'] / MiB:.0f} MiB")
         for s in r["stages"]:
-            lines.append(f"  {s['stage']:>22s}: {format_breakdown(s)}; peak so far {s['peak_rss_so_far'] / MiB:.0f}")
+            heap = "" if s["glibc_free_heap"] is None else \
+                f"; glibc heap free {s['glibc_free_heap'] / MiB:.0f} MiB (resident unless trimmed)"
+            lines.append(f"  {s['stage']:>22s}: {format_breakdown(s)}; peak so far {s['peak_rss_so_far'] / MiB:.0f}"
+                         + heap)
     return "\n".join(lines)
 
 
