@@ -317,7 +317,7 @@ def table(result: dict) -> str:
         lines.append("hetmem at the end of its last run: " + format_breakdown(hetmem_runs[-1]["rss_breakdown_at_end"])
                      + f"; activations' peak {hetmem_runs[-1]['activations_peak_bytes'] / 2**20:.0f} MiB; chunk padding "
                      f"{hetmem_runs[-1]['chunk_padding']:.1%}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
