@@ -257,8 +257,8 @@ def table(result: dict) -> str:
                  + (" (a lower bound: hetmem trained every rung tried)" if result.get("ratio_is_lower_bound") else ""))
     top = largest(result["hetmem"])
     if top and "rss_breakdown_at_end" in top:
-        lines.append(f"hetmem {top['parameters']:,} at the end: " + format_breakdown(top["rss_breakdown_at_end"])
-                     + f"; between steps. Peak RSS {top['peak_rss_bytes'] / 2**20:.0f} MiB; activations' peak "
+        lines.append(f"hetmem {top['parameters']:,} after its last step: " + format_breakdown(top["rss_breakdown_at_end"])
+                     + f"; peak RSS {top['peak_rss_bytes'] / 2**20:.0f} MiB; activations' peak "
                      f"{top['activations_peak_bytes'] / 2**20:.0f} MiB; chunk padding {top['chunk_padding']:.1%}")
     return "\n".join(lines)
 
