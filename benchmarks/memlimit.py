@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import resource
 import signal
@@ -32,7 +33,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+logger = logging.getLogger("hetmem.benchmarks.memlimit")
+
 RESULT_MARK = "HETMEM-CHILD-RESULT "
+PREFER = ("cgroup", "rlimit")
 _counter = itertools.count()
 # the child loads this file by path, so it starts without importing hetmem (or torch) itself
 _CHILD_BOOT = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('hetmem_memlimit_child', "
@@ -86,6 +90,8 @@ def _write(path: Path, value: str) -> None:
 
 def make_limit(nbytes: int | None, *, prefer: str = "cgroup") -> Limit:
     """A limit of ``nbytes`` for one child: a fresh cgroup under ours if we may make one, else RLIMIT_AS."""
+    if prefer not in PREFER:
+        raise ValueError(f"prefer={prefer!r} is not a limit kind; use one of {', '.join(PREFER)}")
     if nbytes is None:
         return Limit("none", None)
     if prefer == "cgroup":
@@ -93,7 +99,8 @@ def make_limit(nbytes: int | None, *, prefer: str = "cgroup") -> Limit:
             folder = own / f"hetmem-limit-{os.getpid()}-{next(_counter)}"
             try:
                 folder.mkdir()
-            except OSError:
+            except OSError as exc:
+                logger.info("cannot make a %s memory cgroup under %s (%s); trying the next way", version, own, exc)
                 continue
             try:
                 if version == "cgroup2":
@@ -105,8 +112,10 @@ def make_limit(nbytes: int | None, *, prefer: str = "cgroup") -> Limit:
                     if (folder / "memory.memsw.limit_in_bytes").exists():
                         _write(folder / "memory.memsw.limit_in_bytes", str(nbytes))
                 return Limit(version, nbytes, str(folder))
-            except OSError:
+            except OSError as exc:
+                logger.info("cannot set a limit in %s (%s); trying the next way", folder, exc)
                 folder.rmdir()
+        logger.info("no writable memory cgroup: the child gets RLIMIT_AS (address space, stricter than RSS)")
     return Limit("rlimit_as", nbytes)
 
 

@@ -58,3 +58,8 @@ def test_parse_child_output_cases():
 def test_a_child_past_its_time_is_a_timeout():
     result = memlimit.run_limited(TARGETS, "sleep", {"seconds": 30}, limit_bytes=None, timeout_s=1)
     assert result["outcome"] == "timeout" and not result["ok"]
+
+
+def test_an_unknown_limit_kind_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"prefer='cgroups' is not a limit kind; use one of cgroup, rlimit"):
+        memlimit.make_limit(1 << 30, prefer="cgroups")
