@@ -52,3 +52,14 @@ def test_summary_and_ratios_skip_the_warmup_step():
     assert r["disk_bytes_per_step"] == 0.8 and r["peak_rss"] == 0.25
     assert r["target_met"]
     assert not nvme_vs_deepspeed.summarize([{"ok": False, "error": "x"}])["ok"]
+
+
+def test_the_accelerator_path_runs_on_the_simulated_device(monkeypatch):
+    monkeypatch.setenv("HETMEM_DEVICE", "sim")
+    monkeypatch.setattr(train_scale, "ACCELERATOR_LADDER", [(64, 2)])
+    args = train_scale.build_parser().parse_args(["--device-budget", "16MiB", "--block-size", "32", "--steps", "2"])
+    result = train_scale.measure(args)
+    assert result["measurement"].startswith("device memory: 16MiB")
+    assert [r["ok"] for r in result["plain"] + result["hetmem"]] == [True, True]
+    assert result["largest"]["hetmem"] == result["largest"]["plain"] == train_scale.gpt(64, 2, 32).parameters
+    assert result["hetmem"][0]["within_device_budget"]
