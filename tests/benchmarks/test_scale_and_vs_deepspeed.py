@@ -63,3 +63,16 @@ def test_the_accelerator_path_runs_on_the_simulated_device(monkeypatch):
     assert [r["ok"] for r in result["plain"] + result["hetmem"]] == [True, True]
     assert result["largest"]["hetmem"] == result["largest"]["plain"] == train_scale.gpt(64, 2, 32).parameters
     assert result["hetmem"][0]["within_device_budget"]
+
+
+def test_without_deepspeed_it_says_so_and_runs_hetmem_alone(monkeypatch, tmp_path):
+    monkeypatch.setattr(nvme_vs_deepspeed, "deepspeed_available", lambda: False)
+    args = nvme_vs_deepspeed.build_parser().parse_args(
+        ["--dir", str(tmp_path), "--d-model", "128", "--layers", "4", "--block-size", "32", "--rounds", "1",
+         "--steps", "1", "--device-budget", "2MiB", "--host-budget", "6MiB"])
+    result = nvme_vs_deepspeed.measure(args)
+    assert not result["deepspeed_available"] and list(result["runs"]) == ["hetmem"]
+    assert result["summary"]["hetmem"]["ok"], result["runs"]
+    assert result["summary"]["hetmem"]["disk_bytes_per_step"] > 0  # the state really is on NVMe
+    assert "ratios" not in result
+    assert "DeepSpeed is not importable" in nvme_vs_deepspeed.table(result)
