@@ -18,6 +18,7 @@ BENCHMARKS = {
     "activations": "activation_offload",
     "nvme-train": "nvme_train",
     "vs-deepspeed": "nvme_vs_deepspeed",
+    "memory": "memory_overhead",
     "gpu": "gpu_acceptance",
 }
 
