@@ -8,10 +8,9 @@ group by the fused CPU Adam, which reads the (low-precision) gradient, divides o
 and clipping in the same pass, and writes the new low-precision parameters into the PARAM
 chunk.
 
-With state on NVMe the step is a pipeline over groups: while group i is updated, group i+1
-is read from NVMe and groups already updated are written back (the host budget makes room by
-spilling them first: ``_spill_order``), so three groups are in host memory at a time and the
-CPU Adam hides behind the IO.
+The step is decided at ``engine.step()`` (``start``: norm, skip, clipping, loss scale) and
+applied group by group by hetmem/step_pipeline.py: at once, or overlapped with the next
+forward (``overlap_step``), which waits per group for that group's update.
 """
 from __future__ import annotations
 
@@ -24,12 +23,12 @@ import torch
 
 from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
-from hetmem.chunk_manager.spill import KIND_ORDER
 from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
 from hetmem.config import Config
 from hetmem.grads import GradRouter
 from hetmem.layout import Layout
 from hetmem.loss_scaler import LossScaler
+from hetmem.step_pipeline import READ_AHEAD_GROUPS, PendingStep, StepPipeline
 
 logger = logging.getLogger("hetmem.optimizer")
 
@@ -44,6 +43,7 @@ class StepResult:
     compute_s: float = 0.0     # of which in the Adam kernels
     io_bytes: int = 0          # bytes read + written by NVMe and device transfers during the step
     reason: str | None = None  # why the step was skipped (None when it was applied)
+    overlapped: bool = False   # applied by the next forward; ``seconds`` counts the work, not the wait
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
 
 class ChunkedAdam:
     def __init__(self, layout: Layout, manager: ChunkManager, config: Config, device: torch.device,
-                 scaler: LossScaler, grads: GradRouter):
+                 scaler: LossScaler, grads: GradRouter, *, overlap: bool = False):
         self.layout = layout
         self.manager = manager
         self.config = config
@@ -118,23 +118,43 @@ class ChunkedAdam:
         self.grads = grads
         self.mixed = config.mixed_precision
         self.last_norm: float | None = None
-        self._pending_norm: float | None = None  # the norm of a step that raised part-way, for its retry
+        # apply steps group by group during the next forward (config.overlap_step; the engine
+        # turns it off when distributed)
+        self.overlap = overlap
+        # late-bound, so a patched _step_group (tests inject IO errors) is the one called
+        self.pipeline = StepPipeline(manager, lambda group, scale: self._step_group(group, scale),
+                                     self._operand_chunks)
+        # the step decided at engine.step() and not applied to every group yet (overlapped, or
+        # interrupted by an IO error); None otherwise
+        self.pending: PendingStep | None = None
+        self.last_result: StepResult | None = None  # the last finished step's figures
         self._compute_s = 0.0
 
     # -- the step ------------------------------------------------------------------------
 
-    def step(self) -> StepResult:
-        """Update every group that has gradients; skip the whole step on a non-finite norm.
+    def step(self) -> StepResult | None:
+        """Decide the step and apply it (``overlap`` off), or leave it pending for the next
+        forward (returns None then; ``finish_pending`` applies the rest).  A step that an IO
+        error interrupted is resumed instead: calling it again applies the rest, exactly.
 
         Non-finite gradients (docs: README "Reliability"): the squared norms taken as gradients
         arrived (hetmem/grads.py) are summed with one host sync in every dtype; when the sum is
         not finite the step changes nothing - weights, Adam moments, per-parameter step counts -
         and the pending gradients are dropped, in-slot ones replaced by the master weights again
         (``drop_gradients``).  fp16 also lowers its loss scale.  The result says why.
-
-        A step that raised part-way (an IO error) keeps the gradients of the groups it did not
-        reach and the norm it computed: calling it again applies the rest, exactly.
         """
+        if self.pending is None:
+            skipped = self.start()
+            if skipped is not None:
+                self.last_result = skipped
+                return skipped
+            if self.pending.overlapped:
+                return None
+        return self.finish_pending()
+
+    def start(self) -> StepResult | None:
+        """Decide the step from the gradients (all arrived) and the hyperparameters now; start
+        reading its first groups.  Returns the result of a skipped step, else None (pending)."""
         started = time.perf_counter()
         groups = [g for g in self.layout.groups if g.trainable]
         squares = self._sum_of_squares(groups)
@@ -142,64 +162,62 @@ class ChunkedAdam:
             reason = self._skip(groups, squares)
             return StepResult(True, math.inf if squares == math.inf else math.nan, self.scaler.scale,
                               time.perf_counter() - started, reason=reason)
-        norm = self._pending_norm
-        if norm is None and (self.config.gradient_clipping is not None or not self.grads.accumulating):
+        norm = None
+        if self.config.gradient_clipping is not None or not self.grads.accumulating:
             norm = self._global_norm(groups, squares)
-        self._pending_norm = norm  # until the step completes (a retry after an error reuses it)
         grad_scale = self.scaler.scale
         clip = self.config.gradient_clipping
         if clip is not None and norm is not None:
             coef = clip / (norm + 1e-6)
             if coef < 1.0:
                 grad_scale = grad_scale / coef
-        blocked_before, moved_before = self.manager.blocked_s, self._moved_bytes()
-        self._compute_s = 0.0
-        for i, group in enumerate(groups):
-            try:
-                with self.manager.spill_order(self._spill_order(groups, i)):
-                    if i + 1 < len(groups):
-                        self._read_ahead(groups[i + 1])
-                    self._step_group(group, grad_scale)
-            except OSError as exc:
-                raise OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {i} of "
-                                         f"{len(groups)} chunk groups ({exc}); no bytes were lost, but this step is "
-                                         f"only partly applied: call engine.step() again to apply the rest "
-                                         f"(exact), or load the last checkpoint",
-                              getattr(exc, "filename", None)) from exc
         self.grads.norm_parts.clear()
-        self._pending_norm = None
         self.scaler.update(overflow=False)
         self.last_norm = norm
-        return StepResult(False, norm, self.scaler.scale, time.perf_counter() - started,
-                          io_wait_s=self.manager.blocked_s - blocked_before, compute_s=self._compute_s,
-                          io_bytes=self._moved_bytes() - moved_before)
+        self.pending = PendingStep(groups, grad_scale, norm, self.scaler.scale, overlapped=self.overlap,
+                                   issued_at=started)
+        self.pipeline.issue(self.pending)
+        self.pending.work_s = time.perf_counter() - started
+        return None
+
+    def apply_through(self, chunks) -> None:
+        """The scheduler is about to place ``chunks``: apply the pending step to their groups
+        (and every group before them) first.  A no-op when nothing is pending."""
+        pending = self.pending
+        if pending is not None:
+            self._advance(pending, pending.last_needed(chunks))
+
+    def read_state_early(self, chunks) -> None:
+        """Backward reached ``chunks``' modules: when they are among the first groups, start
+        reading the first groups' optimizer state for the coming step (overlap on, NVMe)."""
+        if not self.overlap or self.pending is not None or self.manager.nvme is None:
+            return
+        first = [g for g in self.layout.groups if g.trainable][:1 + READ_AHEAD_GROUPS]
+        if any(c.group in first for c in chunks):
+            self.pipeline.read_state_early(first)
+
+    def finish_pending(self) -> StepResult | None:
+        """Apply the rest of the pending step; its figures (None when nothing was pending)."""
+        pending = self.pending
+        if pending is None:
+            return None
+        self._advance(pending, len(pending.groups) - 1)
+        return self.last_result
+
+    def _advance(self, pending: PendingStep, through: int) -> None:
+        compute_before = self._compute_s
+        try:
+            self.pipeline.advance(pending, through)
+        finally:
+            pending.compute_s += self._compute_s - compute_before
+        if pending.done:
+            self.pending = None
+            self.last_result = StepResult(False, pending.norm, pending.loss_scale, pending.work_s,
+                                          io_wait_s=pending.blocked_s, compute_s=pending.compute_s,
+                                          io_bytes=pending.moved_bytes, overlapped=pending.overlapped)
 
     def _moved_bytes(self) -> int:
         return self.manager.moved_bytes
-
-    @staticmethod
-    def _spill_order(groups: list[ChunkGroup], current: int):
-        """While group ``current`` is updated: spill updated groups first (their next use is the
-        next step), then those furthest ahead; the current and next groups last."""
-        position = {g.index: i for i, g in enumerate(groups)}
-
-        def key(chunk) -> tuple:
-            at = position.get(chunk.group.index, -1)
-            if at < current:
-                rank, distance = 0, 0          # already updated (or frozen)
-            elif at > current + 1:
-                rank, distance = 1, -at        # needed later in this step: the latest first
-            else:
-                rank, distance = 2, 0          # being updated or read ahead
-            return (rank, KIND_ORDER[chunk.kind], distance, not chunk.nvme_valid, chunk.last_use)
-
-        return key
-
-    def _read_ahead(self, group: ChunkGroup) -> None:
-        """Start reading the next group's chunks from NVMe (returns at once)."""
-        for chunk in set(self._operand_chunks(group).values()):
-            if chunk.tier is Tier.NVME and chunk.transfer is None:
-                self.manager.move(chunk, Tier.HOST, cause="optimizer")
 
     def _grad_chunk(self, group: ChunkGroup):
         return group.chunks[ChunkKind.PARAM] if group.grad_in_slot else group.chunks[ChunkKind.GRAD]
@@ -259,6 +277,12 @@ class ChunkedAdam:
         weights cast to the compute dtype - the value the last step wrote there.  Groups with
         nothing pending are not touched (no chunk moves).
         """
+        if self.pending is not None:
+            if not self.pending.interrupted:
+                return 0  # its gradients were consumed at engine.step(); the next forward applies them
+            logger.warning("the rest of the step an IO error interrupted (%d of %d chunk groups) is dropped",
+                           len(self.pending.groups) - self.pending.next, len(self.pending.groups))
+            self.pending = None
         if groups is None:
             groups = [g for g in self.layout.groups if g.trainable]
         touched = 0
@@ -268,7 +292,6 @@ class ChunkedAdam:
                 self._finish_group(group, stepped=False)
                 touched += 1
         self.grads.norm_parts.clear()
-        self._pending_norm = None
         return touched
 
     def _on_device(self, group: ChunkGroup) -> bool:

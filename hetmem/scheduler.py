@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -62,6 +63,11 @@ class Scheduler:
         self.peak_total = 0
         self.interval_peak_total = 0
         self.last_chunk_budget: int | None = None   # the chunk budget the last moment was placed with
+        # the optimizer step overlapped with the next forward (hetmem/step_pipeline.py): applied to
+        # chunks' groups before they are placed or prefetched; the first groups' optimizer state
+        # read when backward reaches them.  No-ops until the engine sets them.
+        self.apply_step: Callable[[Iterable[Chunk]], None] = lambda chunks: None
+        self.read_state_early: Callable[[Iterable[Chunk]], None] = lambda chunks: None
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -196,6 +202,7 @@ class Scheduler:
             self.recorder.on_moment(moment, self)
 
     def pre_forward(self, module: nn.Module) -> None:
+        self.apply_step(self.module_chunks(module))
         slots = self.layout.module_slots.get(module, [])
         for slot in slots:
             if slot.state is TensorState.GRAD_IN_SLOT and self.phase != "backward":
@@ -226,6 +233,7 @@ class Scheduler:
         self._drop_forward_stack()
         moment = self._moment(MomentKind.PRE_BACKWARD, module)
         chunks = self.module_chunks(module)
+        self.read_state_early(chunks)
         self._acquire(chunks, why=f"backward of {self.module_name(module)!r}")
         self._moment_chunks.extend(chunks)
         for slot in self.layout.module_slots.get(module, []):
@@ -258,6 +266,7 @@ class Scheduler:
 
     def _acquire(self, chunks: list[Chunk], why: str) -> None:
         """Make ``chunks`` resident and usable on the device, and pin them."""
+        self.apply_step(chunks)
         clock = self.manager.clock
         for chunk in chunks:
             chunk.last_use = clock
@@ -354,6 +363,8 @@ class Scheduler:
         budget = self.tracer.budget.prefetch_budget(self.tracer.current_record(), upcoming,
                                                     self.non_model_now())
         wanted = sorted((self._chunks_by_id[i] for i in upcoming.working_set), key=lambda c: c.id)
+        if any(c.tier is not Tier.DEVICE for c in wanted):
+            self.apply_step(wanted)  # the update comes first, while this moment computes
         for chunk in wanted:
             if chunk.tier is Tier.DEVICE:
                 continue
