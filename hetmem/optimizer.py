@@ -192,9 +192,13 @@ class ChunkedAdam:
         reading the first groups' optimizer state for the coming step (overlap on, NVMe)."""
         if not self.overlap or self.pending is not None or self.manager.nvme is None:
             return
-        first = [g for g in self.layout.groups if g.trainable][:1 + READ_AHEAD_GROUPS]
-        if any(c.group in first for c in chunks):
-            self.pipeline.read_state_early(first)
+        groups = [g for g in self.layout.groups if g.trainable]
+        first = 1 + READ_AHEAD_GROUPS
+        if any(c.group in groups[:first] for c in chunks):
+            if self.manager.spill_preference is None:  # until the step is applied (_advance)
+                self.manager.spill_preference = self.pipeline.spill_between_steps(
+                    groups, lambda: 0 if self.pending is None else self.pending.next)
+            self.pipeline.read_state_early(groups, first)
 
     def finish_pending(self) -> StepResult | None:
         """Apply the rest of the pending step; its figures (None when nothing was pending)."""
@@ -212,6 +216,7 @@ class ChunkedAdam:
             pending.compute_s += self._compute_s - compute_before
         if pending.done:
             self.pending = None
+            self.manager.spill_preference = None  # set by read_state_early
             self.last_result = StepResult(False, pending.norm, pending.loss_scale, pending.work_s,
                                           io_wait_s=pending.blocked_s, compute_s=pending.compute_s,
                                           io_bytes=pending.moved_bytes, overlapped=pending.overlapped)

@@ -48,8 +48,6 @@ logger = logging.getLogger("hetmem.step_pipeline")
 # groups read from NVMe ahead of the one being updated (engine.PIPELINE_GROUPS - 2: one group
 # being written back, one updated, these read)
 READ_AHEAD_GROUPS = 1
-# read optimizer state early (during backward) only while host memory is below this share
-EARLY_READ_SHARE = 0.75
 # the optimizer's own chunks of a group: read early, before the gradients are complete
 STATE_KINDS = (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)
 
@@ -143,35 +141,53 @@ class StepPipeline:
                 if chunk.tier is Tier.NVME and chunk.transfer is None:
                     self.manager.move(chunk, Tier.HOST, cause="optimizer")
 
-    def read_state_early(self, groups: list[ChunkGroup]) -> None:
-        """Start reading ``groups``' master weights and Adam moments from NVMe while there is
-        host room without spilling anything (during backward: the next step's first groups)."""
+    def read_state_early(self, groups: list[ChunkGroup], first: int) -> None:
+        """Start reading ``groups[:first]``' master weights and Adam moments from NVMe (during
+        backward: the coming step's first groups).  Room comes only from spilling the
+        optimizer state of later groups, which the coming step would write back anyway before
+        it reads them; the step's spill order stays in force until the step is applied
+        (``spill_between_steps``), so backward's own fetches spill those first too."""
         manager = self.manager
         if manager.nvme is None:
             return
-        for group in groups:
+        spillable = sum(c.nbytes for g in groups[first:] for k in STATE_KINDS
+                        if (c := g.chunks.get(k)) is not None and c.tier is Tier.HOST and not c.pins
+                        and c.transfer is None)
+        for group in groups[:first]:
             for kind in STATE_KINDS:
                 chunk = group.chunks.get(kind)
                 if chunk is None or chunk.tier is not Tier.NVME or chunk.transfer is not None:
                     continue
-                if manager.bytes_on(Tier.HOST) + chunk.nbytes > manager.host_limit * EARLY_READ_SHARE:
+                short = manager.bytes_on(Tier.HOST) + chunk.nbytes - manager.host_limit
+                if short > spillable:
                     return
+                spillable -= max(0, short)
                 manager.move(chunk, Tier.HOST, cause="optimizer")
 
-    @staticmethod
-    def _spill_order(groups: list[ChunkGroup], current: int):
-        """While group ``current`` is updated: spill updated groups first (their next use is the
-        next step), then those furthest ahead; the current and read-ahead groups last."""
+    def spill_between_steps(self, groups: list[ChunkGroup], current: Callable[[], int]):
+        """A spill order for the time between the early reads and the step's end: the step's
+        order (``_spill_order``) at the group it will update next (``current()``)."""
         position = {g.index: i for i, g in enumerate(groups)}
 
         def key(chunk) -> tuple:
-            at = position.get(chunk.group.index, -1)
-            if at < current:
-                rank, distance = 0, 0          # already updated (or frozen)
-            elif at > current + READ_AHEAD_GROUPS:
-                rank, distance = 1, -at        # needed later in this step: the latest first
-            else:
-                rank, distance = 2, 0          # being updated or read ahead
-            return (rank, KIND_ORDER[chunk.kind], distance, not chunk.nvme_valid, chunk.last_use)
+            return self._rank(position, current(), chunk)
 
         return key
+
+    @classmethod
+    def _spill_order(cls, groups: list[ChunkGroup], current: int):
+        """While group ``current`` is updated: spill updated groups first (their next use is the
+        next step), then those furthest ahead; the current and read-ahead groups last."""
+        position = {g.index: i for i, g in enumerate(groups)}
+        return lambda chunk: cls._rank(position, current, chunk)
+
+    @staticmethod
+    def _rank(position: dict[int, int], current: int, chunk) -> tuple:
+        at = position.get(chunk.group.index, -1)
+        if at < current:
+            rank, distance = 0, 0          # already updated (or frozen)
+        elif at > current + READ_AHEAD_GROUPS:
+            rank, distance = 1, -at        # needed later in this step: the latest first
+        else:
+            rank, distance = 2, 0          # being updated or read ahead
+        return (rank, KIND_ORDER[chunk.kind], distance, not chunk.nvme_valid, chunk.last_use)
