@@ -104,8 +104,9 @@ class Engine:
                                 accumulation_steps=config.gradient_accumulation_steps,
                                 on_schedule_change=self._on_schedule_change)
         self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads,
-                                overlap=config.overlap_step)  # hetmem/step_pipeline.py
+                                overlap=config.overlap_step and config.nvme_dir is not None)  # step_pipeline.py
         self.scheduler.apply_step = self.adam.apply_through          # the next forward waits per group
+        self.scheduler.ready_for_prefetch = self.adam.ready_for_prefetch
         self.scheduler.read_state_early = self.adam.read_state_early  # during backward
         self.module_state.before_access = self.adam.finish_pending
         # a torch.optim.Optimizer over the user's groups; its step() is this engine's step

@@ -28,7 +28,7 @@ from hetmem.config import Config
 from hetmem.grads import GradRouter
 from hetmem.layout import Layout
 from hetmem.loss_scaler import LossScaler
-from hetmem.step_pipeline import READ_AHEAD_GROUPS, PendingStep, StepPipeline
+from hetmem.step_pipeline import PendingStep, StepPipeline
 
 logger = logging.getLogger("hetmem.optimizer")
 
@@ -187,18 +187,35 @@ class ChunkedAdam:
         if pending is not None:
             self._advance(pending, pending.last_needed(chunks))
 
+    def ready_for_prefetch(self, chunks: list) -> list:
+        """The scheduler would prefetch ``chunks``: apply the pending step to their groups as far
+        as the groups' operands have arrived (never waiting for the disk); returns the chunks
+        whose groups are updated (the rest is fetched, and updated, when its moment comes)."""
+        pending = self.pending
+        if pending is None:
+            return chunks
+        through = pending.last_needed(chunks)
+        while pending.next <= through and self._arrived(pending.groups[pending.next]):
+            self._advance(pending, pending.next)
+        if self.pending is None:
+            return chunks
+        return [c for c in chunks if pending.position.get(c.group.index, -1) < pending.next]
+
+    def _arrived(self, group: ChunkGroup) -> bool:
+        """Every chunk the group's update reads is in memory with no transfer in flight (a query)."""
+        return all(c.tier is not Tier.NVME and (c.transfer is None or c.transfer.done())
+                   for c in self._operand_chunks(group).values())
+
     def read_state_early(self, chunks) -> None:
-        """Backward reached ``chunks``' modules: when they are among the first groups, start
-        reading the first groups' optimizer state for the coming step (overlap on, NVMe)."""
+        """A backward moment: start reading the coming step's optimizer state from NVMe, first
+        groups first, as far as host room allows (overlap on; hetmem/step_pipeline.py)."""
         if not self.overlap or self.pending is not None or self.manager.nvme is None:
             return
         groups = [g for g in self.layout.groups if g.trainable]
-        first = 1 + READ_AHEAD_GROUPS
-        if any(c.group in groups[:first] for c in chunks):
-            if self.manager.spill_preference is None:  # until the step is applied (_advance)
-                self.manager.spill_preference = self.pipeline.spill_between_steps(
-                    groups, lambda: 0 if self.pending is None else self.pending.next)
-            self.pipeline.read_state_early(groups, first)
+        if self.manager.spill_preference is None:  # until the step is applied (_advance)
+            self.manager.spill_preference = self.pipeline.spill_between_steps(
+                groups, lambda: 0 if self.pending is None else self.pending.next)
+        self.pipeline.read_state_early(groups)
 
     def finish_pending(self) -> StepResult | None:
         """Apply the rest of the pending step; its figures (None when nothing was pending)."""

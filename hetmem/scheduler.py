@@ -64,9 +64,11 @@ class Scheduler:
         self.interval_peak_total = 0
         self.last_chunk_budget: int | None = None   # the chunk budget the last moment was placed with
         # the optimizer step overlapped with the next forward (hetmem/step_pipeline.py): applied to
-        # chunks' groups before they are placed or prefetched; the first groups' optimizer state
-        # read when backward reaches them.  No-ops until the engine sets them.
+        # chunks' groups before they are placed (waiting for it), before they are prefetched as far
+        # as it can without waiting (the chunks it could not reach are not prefetched); the first
+        # groups' optimizer state read when backward reaches them.  No-ops until the engine sets them.
         self.apply_step: Callable[[Iterable[Chunk]], None] = lambda chunks: None
+        self.ready_for_prefetch: Callable[[list[Chunk]], list[Chunk]] = lambda chunks: chunks
         self.read_state_early: Callable[[Iterable[Chunk]], None] = lambda chunks: None
 
     # -- helpers -----------------------------------------------------------------------
@@ -363,11 +365,7 @@ class Scheduler:
         budget = self.tracer.budget.prefetch_budget(self.tracer.current_record(), upcoming,
                                                     self.non_model_now())
         wanted = sorted((self._chunks_by_id[i] for i in upcoming.working_set), key=lambda c: c.id)
-        if any(c.tier is not Tier.DEVICE for c in wanted):
-            self.apply_step(wanted)  # the update comes first, while this moment computes
-        for chunk in wanted:
-            if chunk.tier is Tier.DEVICE:
-                continue
+        for chunk in self.ready_for_prefetch([c for c in wanted if c.tier is not Tier.DEVICE]):
             if not self._room_for_prefetch(chunk, budget, protect=wanted):
                 break
             self.bring_to_host(chunk)

@@ -48,6 +48,9 @@ logger = logging.getLogger("hetmem.step_pipeline")
 # groups read from NVMe ahead of the one being updated (engine.PIPELINE_GROUPS - 2: one group
 # being written back, one updated, these read)
 READ_AHEAD_GROUPS = 1
+# backward's early reads of optimizer state fill at most this share of host_budget (with what
+# spilling later groups' state would free); the rest stays for backward's own reads
+EARLY_READ_SHARE = 0.75
 # the optimizer's own chunks of a group: read early, before the gradients are complete
 STATE_KINDS = (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)
 
@@ -141,36 +144,44 @@ class StepPipeline:
                 if chunk.tier is Tier.NVME and chunk.transfer is None:
                     self.manager.move(chunk, Tier.HOST, cause="optimizer")
 
-    def read_state_early(self, groups: list[ChunkGroup], first: int) -> None:
-        """Start reading ``groups[:first]``' master weights and Adam moments from NVMe (during
-        backward: the coming step's first groups).  Room comes only from spilling the
-        optimizer state of later groups, which the coming step would write back anyway before
-        it reads them; the step's spill order stays in force until the step is applied
-        (``spill_between_steps``), so backward's own fetches spill those first too."""
+    def read_state_early(self, groups: list[ChunkGroup]) -> None:
+        """Start reading the coming step's master weights and Adam moments from NVMe, first
+        groups first, as far as host room allows (called at backward's moments).  Room comes
+        only from spilling the optimizer state of later groups, which the step would write back
+        before reading those anyway: the disk's work moves into backward, no byte is added."""
         manager = self.manager
         if manager.nvme is None:
             return
-        spillable = sum(c.nbytes for g in groups[first:] for k in STATE_KINDS
-                        if (c := g.chunks.get(k)) is not None and c.tier is Tier.HOST and not c.pins
-                        and c.transfer is None)
-        for group in groups[:first]:
+        # spillable[i]: optimizer-state bytes of groups[i:] in host memory that a spill may take
+        spillable = [0] * (len(groups) + 1)
+        for i in range(len(groups) - 1, -1, -1):
+            spillable[i] = spillable[i + 1] + sum(
+                c.nbytes for k in STATE_KINDS if (c := groups[i].chunks.get(k)) is not None
+                and c.tier is Tier.HOST and not c.pins and c.transfer is None)
+        taken = 0
+        for i, group in enumerate(groups):
             for kind in STATE_KINDS:
                 chunk = group.chunks.get(kind)
                 if chunk is None or chunk.tier is not Tier.NVME or chunk.transfer is not None:
                     continue
-                short = manager.bytes_on(Tier.HOST) + chunk.nbytes - manager.host_limit
-                if short > spillable:
-                    return
-                spillable -= max(0, short)
+                after = manager.bytes_on(Tier.HOST) + chunk.nbytes
+                if after - (spillable[i + 1] - taken) > manager.host_limit * EARLY_READ_SHARE:
+                    return  # the rest of host memory stays for backward's own reads
+                taken += max(0, after - manager.host_limit)
                 manager.move(chunk, Tier.HOST, cause="optimizer")
 
-    def spill_between_steps(self, groups: list[ChunkGroup], current: Callable[[], int]):
-        """A spill order for the time between the early reads and the step's end: the step's
-        order (``_spill_order``) at the group it will update next (``current()``)."""
+    @staticmethod
+    def spill_between_steps(groups: list[ChunkGroup], current: Callable[[], int]):
+        """The spill order from backward's early reads until the step is applied: groups the
+        step updated already first (``current()``: the next it updates), then the furthest
+        groups' optimizer state (the step reads it last), parameters last."""
         position = {g.index: i for i, g in enumerate(groups)}
 
         def key(chunk) -> tuple:
-            return self._rank(position, current(), chunk)
+            at = position.get(chunk.group.index, -1)
+            updated = at < current()
+            return (not updated, chunk.kind is ChunkKind.PARAM, 0 if updated else -at, KIND_ORDER[chunk.kind],
+                    not chunk.nvme_valid, chunk.last_use)
 
         return key
 
