@@ -225,6 +225,18 @@ class ChunkedAdam:
         self._advance(pending, len(pending.groups) - 1)
         return self.last_result
 
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The last step's gradient norm, known at ``engine.step()`` (a query: finishes nothing)."""
+        if self.pending is not None:
+            return self.pending.norm
+        return None if self.last_result is None else self.last_result.grad_norm
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last step was skipped (decided at ``engine.step()``; a pending one was not)."""
+        return self.pending is None and self.last_result is not None and self.last_result.skipped
+
     def _advance(self, pending: PendingStep, through: int) -> None:
         compute_before = self._compute_s
         try:
@@ -249,8 +261,8 @@ class ChunkedAdam:
 
         Without gradient accumulation it is the squared global norm; with accumulation, the sum
         over micro-steps (hetmem/grads.py), finite exactly when every gradient was finite.
-        Summed in float64 in layout order over the slots still holding a gradient entry, so a
-        retried step sees the same value.
+        Summed in float64 in layout order over the slots holding a gradient entry (a retried
+        step resumes its ``PendingStep``, which keeps the norm it was decided with).
         """
         parts = [self.grads.norm_parts[id(s)] for g in groups for s in g.slots if id(s) in self.grads.norm_parts]
         return float(_sum_in_order(parts)) if parts else 0.0

@@ -9,25 +9,34 @@ next ``READ_AHEAD_GROUPS`` groups are read from NVMe and the groups already upda
 written back as the host budget makes room (``_spill_order``), so ``engine.PIPELINE_GROUPS``
 groups are in host memory at a time.
 
-Synchronous (``overlap_step: false``, or distributed): ``engine.step()`` runs the pipeline to
-the end.  Overlapped (the default): ``engine.step()`` only issues the first groups' reads;
-the next forward waits per group for that group's update, like any other transfer: the
-scheduler (hetmem/scheduler.py) calls ``ChunkedAdam.apply_through`` before it places a
-module's chunks (or prefetches them), which advances the pipeline through that module's
-groups while the reads and write-backs of later groups stay in flight on the async IO
-engine.  Everything else that observes weights or optimizer state (state dicts, checkpoints,
-a forward without gradients, backward, close, ``engine.last_step``) finishes the pending step
-first.  One thread: the chunk manager is not thread-safe, and the pipeline advances only
-from the main thread's hooks and calls.
+Synchronous (``overlap_step: false``, no NVMe tier, or distributed): ``engine.step()`` runs
+the pipeline to the end.  Overlapped (the default with the NVMe tier): ``engine.step()`` only
+issues the first groups' reads; the next forward waits per group for that group's update,
+like any other transfer.  The scheduler (hetmem/scheduler.py) calls
+``ChunkedAdam.apply_through`` before it places a module's chunks, which advances the pipeline
+through that module's groups (waiting for their reads), and ``ready_for_prefetch`` before it
+prefetches the next moment's, which advances only as far as the reads have landed: the
+module's compute then runs while the next group's reads and the earlier groups' write-backs
+are in flight on the async IO engine.  Everything else that observes weights or optimizer
+state (state dicts, checkpoints, a forward without gradients, backward, close,
+``engine.last_step``) finishes the pending step first; ``zero_grad()`` keeps it (its
+gradients were consumed by ``step()``) unless an IO error interrupted it (then, as without
+overlap, the rest is dropped).  One thread: the chunk manager is not thread-safe, and the
+pipeline advances only from the main thread's hooks and calls.
+
+During backward (``read_state_early``), the coming step's master weights and Adam moments are
+read first groups first, within ``EARLY_READ_SHARE`` of host_budget, room made by spilling
+the furthest groups' state (which the step would write back before reading them anyway), so
+part of the step's disk work moves into backward without adding a byte.
 
 Why the update waits for the end of backward instead of speculating during it: every step is
 global, because a non-finite gradient anywhere skips the whole step (README "Reliability"),
 and clipping / fp16 scaling need the global norm.  An update started during backward would
-need an exact rollback: keeping the pre-update master weights and Adam moments of every
-speculatively updated group (12 bytes per parameter) until the norm is known, in the host
-memory the pipeline is already bounded by.  Instead, the first groups' optimizer state is read
-during the last moments of backward (``read_state_early``), so the next forward's first
-updates do not wait for the disk.  README "Overlapped optimizer step" has the measurements.
+need an exact rollback: the pre-update master weights and Adam moments of every
+speculatively updated group (12 bytes per parameter) kept until the norm is known - not in
+the host memory the pipeline is bounded by, so in a second NVMe copy of the state (written
+instead of the first until the step commits), which the swap space does not have yet.
+README "Overlapped optimizer step" has the measurements and what waiting costs.
 """
 from __future__ import annotations
 
