@@ -181,20 +181,27 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
     return out
 
 
+def engine_pair(cfg: GPTConfig, config: hetmem.Config, first_batch, key: str) -> dict:
+    """Two engines from scratch with the boolean config ``key`` on and off (each in its own swap
+    folder), after their warm-up step."""
+    engines = {}
+    for on in (True, False):
+        with torch.device("meta"):
+            model = GPT(cfg)
+        folder = os.path.join(config.nvme_dir, f"{key}-{'on' if on else 'off'}")
+        engines[on] = hetmem.initialize(model, config.replace(**{key: on}, nvme_dir=folder),
+                                        init_fn=model.init_weights)
+        step_once(engines[on], *first_batch)  # the warm-up step
+    return engines
+
+
 def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, progress) -> dict:
     """Swap checksums' cost: two engines, checksums on and off, stepped in turn on the same
     batches (the order alternating), so a load change hits both: the median of the paired step
     time ratios on/off, and the crc time the swap space counts as a share of the 'on' steps."""
     if repeats <= 0:
         return {}
-    engines = {}
-    for on in (True, False):
-        with torch.device("meta"):
-            model = GPT(cfg)
-        folder = os.path.join(config.nvme_dir, "checksums-on" if on else "checksums-off")
-        engines[on] = hetmem.initialize(model, config.replace(nvme_checksum=on, nvme_dir=folder),
-                                        init_fn=model.init_weights)
-        step_once(engines[on], *batches[0])  # the warm-up step
+    engines = engine_pair(cfg, config, batches[0], "nvme_checksum")
     ratios, shares = [], []
     for r in range(repeats):
         for i, (x, y) in enumerate(batches[1:]):
@@ -225,14 +232,7 @@ def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, d
     of each; the synchronous step's disk time is its bytes over the disk's mixed rate."""
     if repeats <= 0:
         return {}
-    engines = {}
-    for on in (True, False):
-        with torch.device("meta"):
-            model = GPT(cfg)
-        folder = os.path.join(config.nvme_dir, "overlap-on" if on else "overlap-off")
-        engines[on] = hetmem.initialize(model, config.replace(overlap_step=on, nvme_dir=folder),
-                                        init_fn=model.init_weights)
-        step_once(engines[on], *batches[0])  # the warm-up step
+    engines = engine_pair(cfg, config, batches[0], "overlap_step")
     rows = {True: [], False: []}
     for r in range(repeats):
         for i, (x, y) in enumerate(batches[1:]):
