@@ -206,7 +206,7 @@ class ChunkedAdam:
         return all(c.tier is not Tier.NVME and (c.transfer is None or c.transfer.done())
                    for c in self._operand_chunks(group).values())
 
-    def read_state_early(self, chunks) -> None:
+    def read_state_early(self) -> None:
         """A backward moment: start reading the coming step's optimizer state from NVMe, first
         groups first, as far as host room allows (overlap on; hetmem/step_pipeline.py)."""
         if not self.overlap or self.pending is not None or self.manager.nvme is None:

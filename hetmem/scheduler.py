@@ -65,11 +65,11 @@ class Scheduler:
         self.last_chunk_budget: int | None = None   # the chunk budget the last moment was placed with
         # the optimizer step overlapped with the next forward (hetmem/step_pipeline.py): applied to
         # chunks' groups before they are placed (waiting for it), before they are prefetched as far
-        # as it can without waiting (the chunks it could not reach are not prefetched); the first
-        # groups' optimizer state read when backward reaches them.  No-ops until the engine sets them.
+        # as it can without waiting (the chunks it could not reach are not prefetched); at each backward
+        # moment the coming step's optimizer state read ahead.  No-ops until the engine sets them.
         self.apply_step: Callable[[Iterable[Chunk]], None] = lambda chunks: None
         self.ready_for_prefetch: Callable[[list[Chunk]], list[Chunk]] = lambda chunks: chunks
-        self.read_state_early: Callable[[Iterable[Chunk]], None] = lambda chunks: None
+        self.read_state_early: Callable[[], None] = lambda: None
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -235,7 +235,6 @@ class Scheduler:
         self._drop_forward_stack()
         moment = self._moment(MomentKind.PRE_BACKWARD, module)
         chunks = self.module_chunks(module)
-        self.read_state_early(chunks)
         self._acquire(chunks, why=f"backward of {self.module_name(module)!r}")
         self._moment_chunks.extend(chunks)
         for slot in self.layout.module_slots.get(module, []):
@@ -243,6 +242,7 @@ class Scheduler:
                 self._use_weights(slot)
                 self._moment_slots.append(slot)
         self._prefetch()
+        self.read_state_early()  # after this moment's own reads
         self._moment_ready(moment)
 
     def _release_moment(self) -> None:
