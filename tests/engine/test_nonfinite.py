@@ -197,13 +197,14 @@ def test_an_error_in_backward_leaves_the_engine_training(dtype):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
-def test_a_step_that_raised_part_way_is_finished_exactly_by_the_next_step(monkeypatch, overlap):
+def test_a_step_that_raised_part_way_is_finished_exactly_by_the_next_step(monkeypatch, tmp_path, overlap):
     data = batches(6, seed=8)
     runs = {}
     for name in ("interrupted", "plain"):
         _, model = pair(seed=3)
         engine = hetmem.initialize(model, config(device_budget=TIGHT_16, dtype="bf16", gradient_clipping=0.5,
-                                                 overlap_step=overlap))
+                                                 overlap_step=overlap, nvme_dir=str(tmp_path / name)))
+        assert engine.adam.overlap is overlap  # the NVMe tier on: overlap applies
         if name == "interrupted":
             real = engine.adam._step_group
             calls = {"n": 0}

@@ -12,6 +12,7 @@ import torch
 
 import hetmem
 from hetmem.chunk_manager.states import ChunkKind, Tier
+from tests.engine.checkpoint_state import training_state
 from tests.engine.helpers import assert_no_pins, batches, config, pair
 
 HOST = "900KiB"  # a third of the model's chunk bytes: most state lives on NVMe (tests/engine/test_nvme.py)
@@ -117,3 +118,35 @@ def test_what_observes_weights_finishes_the_pending_step_first(tmp_path):
             engine.step()
     engine.close()
     assert engine.adam.pending is None
+
+
+def test_zero_grad_drops_the_rest_of_an_interrupted_overlapped_step(tmp_path, monkeypatch):
+    engine = _engine(tmp_path, "swap", dtype="bf16")
+    data = batches(4, seed=4)
+    for x, y in data[:2]:
+        engine.backward(engine(x, y))
+        engine.step()
+    engine.backward(engine(*data[2]))
+    engine.step()
+    real, calls = engine.adam._step_group, {"n": 0}
+
+    def flaky(group, grad_scale):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(5, "injected IO error")
+        return real(group, grad_scale)
+
+    monkeypatch.setattr(engine.adam, "_step_group", flaky)
+    with pytest.raises(OSError, match=r"after updating 1 of \d+ chunk groups"):
+        engine(*data[3])
+    assert engine.adam.pending is not None and engine.adam.pending.interrupted
+    engine.zero_grad()  # drops the rest, as after a synchronous step that raised
+    assert engine.adam.pending is None
+    assert not any(s.has_grad for s in engine.layout.slots)
+    state = training_state(engine)
+    for slot in engine.layout.slots:  # in-slot gradients gave the weights back: the master, rounded
+        assert torch.equal(state[(slot.name, "PARAM")], state[(slot.name, "MASTER")].to(torch.bfloat16)), slot.name
+    engine.backward(engine(*data[3]))
+    assert engine.step()
+    assert_no_pins(engine)
+    engine.close()
