@@ -254,7 +254,8 @@ def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, d
         engine.close(keep_weights=False)
     fwd_bwd, disk = median(rows[False], "fwd_bwd_s"), bytes_per_step / disk_rate
     ratios = [a["total_s"] / b["total_s"] for a, b in zip(rows[True], rows[False])]
-    return {"pairs": len(ratios), "step_s_on": median(rows[True], "total_s"), "step_s_off": median(rows[False], "total_s"),
+    return {"pairs": len(ratios), "step_s_on": median(rows[True], "total_s"),
+            "step_s_off": median(rows[False], "total_s"),
             "fwd_bwd_s_off": fwd_bwd, "optimizer_s_off": median(rows[False], "step_call_s"),
             "fwd_bwd_s_on": median(rows[True], "fwd_bwd_s"), "step_call_s_on": median(rows[True], "step_call_s"),
             "disk_s": disk, "disk_bytes_per_step": bytes_per_step, "ratio_on_off_median": statistics.median(ratios),

@@ -105,6 +105,7 @@ class Engine:
                                 on_schedule_change=self._on_schedule_change)
         self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads,
                                 overlap=config.overlap_step and config.nvme_dir is not None)  # step_pipeline.py
+        self.adam.pipeline.read_ahead = PIPELINE_GROUPS - 2             # write back, update, read ahead
         self.scheduler.apply_step = self.adam.apply_through          # the next forward waits per group
         self.scheduler.ready_for_prefetch = self.adam.ready_for_prefetch
         self.scheduler.read_state_early = self.adam.read_state_early  # during backward

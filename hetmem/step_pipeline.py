@@ -5,9 +5,9 @@ gradient norm, non-finite skip, clipping coefficient, loss scale and every param
 hyperparameters are fixed then.  What is left is a ``PendingStep``: the chunk groups to
 update, in layout order (which is module order, the order the next forward uses them), and
 how far it got.  ``StepPipeline`` applies it group by group: while group i is updated, the
-next ``READ_AHEAD_GROUPS`` groups are read from NVMe and the groups already updated are
-written back as the host budget makes room (``_spill_order``), so ``engine.PIPELINE_GROUPS``
-groups are in host memory at a time.
+next ``read_ahead`` groups are read from NVMe and the groups already updated are written
+back as the host budget makes room (``_spill_order``), so ``engine.PIPELINE_GROUPS`` groups
+are in host memory at a time (the engine sets ``read_ahead = PIPELINE_GROUPS - 2``).
 
 Synchronous (``overlap_step: false``, no NVMe tier, or distributed): ``engine.step()`` runs
 the pipeline to the end.  Overlapped (the default with the NVMe tier): ``engine.step()`` only
@@ -54,8 +54,8 @@ from hetmem.chunk_manager.states import ChunkKind, Tier
 
 logger = logging.getLogger("hetmem.step_pipeline")
 
-# groups read from NVMe ahead of the one being updated (engine.PIPELINE_GROUPS - 2: one group
-# being written back, one updated, these read)
+# groups read from NVMe ahead of the one being updated, unless the engine sets another
+# (engine.PIPELINE_GROUPS - 2: one group being written back, one updated, these read)
 READ_AHEAD_GROUPS = 1
 # backward's early reads of optimizer state fill at most this share of host_budget (with what
 # spilling later groups' state would free); the rest stays for backward's own reads
@@ -102,11 +102,12 @@ class StepPipeline:
         self.manager = manager
         self.update_group = update_group      # ChunkedAdam._step_group: one group's update
         self.operand_chunks = operand_chunks  # the chunks a group's update reads and writes
+        self.read_ahead = READ_AHEAD_GROUPS   # groups read ahead of the one being updated
 
     def issue(self, pending: PendingStep) -> None:
         """Start reading the first groups' chunks (returns at once)."""
         groups = pending.groups
-        self._work(pending, lambda: self._read_ahead_from(groups, 0, 1 + READ_AHEAD_GROUPS))
+        self._work(pending, lambda: self._read_ahead_from(groups, 0, 1 + self.read_ahead))
 
     def advance(self, pending: PendingStep, through: int) -> None:
         """Update ``pending.groups[next:through + 1]`` in order (blocking on their reads)."""
@@ -121,7 +122,7 @@ class StepPipeline:
             i = pending.next
             try:
                 with self.manager.spill_order(self._spill_order(groups, i)):
-                    self._read_ahead_from(groups, i + 1, i + 1 + READ_AHEAD_GROUPS)
+                    self._read_ahead_from(groups, i + 1, i + 1 + self.read_ahead)
                     self.update_group(groups[i], pending.grad_scale)
             except OSError as exc:
                 pending.interrupted = True
@@ -136,6 +137,7 @@ class StepPipeline:
                 raise
             pending.interrupted = False
             pending.next = i + 1
+            logger.debug("step applied to chunk group %d (%d of %d)", groups[i].index, i + 1, len(groups))
 
     def _work(self, pending: PendingStep, body: Callable[[], None]) -> None:
         """Run ``body``, counting its time, blocked time and bytes moved into ``pending``."""
@@ -194,20 +196,20 @@ class StepPipeline:
 
         return key
 
-    @classmethod
-    def _spill_order(cls, groups: list[ChunkGroup], current: int):
+    def _spill_order(self, groups: list[ChunkGroup], current: int):
         """While group ``current`` is updated: spill updated groups first (their next use is the
         next step), then those furthest ahead; the current and read-ahead groups last."""
         position = {g.index: i for i, g in enumerate(groups)}
-        return lambda chunk: cls._rank(position, current, chunk)
+        ahead = self.read_ahead
 
-    @staticmethod
-    def _rank(position: dict[int, int], current: int, chunk) -> tuple:
-        at = position.get(chunk.group.index, -1)
-        if at < current:
-            rank, distance = 0, 0          # already updated (or frozen)
-        elif at > current + READ_AHEAD_GROUPS:
-            rank, distance = 1, -at        # needed later in this step: the latest first
-        else:
-            rank, distance = 2, 0          # being updated or read ahead
-        return (rank, KIND_ORDER[chunk.kind], distance, not chunk.nvme_valid, chunk.last_use)
+        def key(chunk) -> tuple:
+            at = position.get(chunk.group.index, -1)
+            if at < current:
+                rank, distance = 0, 0          # already updated (or frozen)
+            elif at > current + ahead:
+                rank, distance = 1, -at        # needed later in this step: the latest first
+            else:
+                rank, distance = 2, 0          # being updated or read ahead
+            return (rank, KIND_ORDER[chunk.kind], distance, not chunk.nvme_valid, chunk.last_use)
+
+        return key
