@@ -173,7 +173,9 @@ class Engine:
         return_freed_buffers_to_os()  # else glibc keeps freed buffers and RSS passes host_budget
         tier = NvmeTier(self.manager.chunks, config.nvme_dir, backend=config.nvme_backend,
                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
-                        threads=config.nvme_threads, checksum=config.nvme_checksum)
+                        threads=config.nvme_threads, checksum=config.nvme_checksum, host_limit=self.budgets.host,
+                        lock=config.nvme_lock_buffers, pin=self.accelerator.pin_host,
+                        manager=self.manager)
         self.manager.attach_nvme(tier, host_limit=self.budgets.host)
 
     def _on_schedule_change(self, reason: str) -> None:
