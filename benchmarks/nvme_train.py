@@ -39,6 +39,7 @@ import hetmem
 from hetmem.corpus import load_corpus, random_batch
 from hetmem.models.gpt import GPT, GPTConfig
 from hetmem.nvme.bench import measure_mixed
+from hetmem.nvme.io_pool import IoBufferPool
 from hetmem.train_job import state_bytes
 from hetmem.units import format_bytes, parse_size
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
     p.add_argument("--checksum-repeats", type=int, default=1,
                    help="passes over the batches comparing checksums on and off step by step; 0: none")
+    p.add_argument("--chunk-size", default="auto", help="chunk_size: the NVMe pipeline's unit (elements, bytes, 'auto')")
+    p.add_argument("--pipeline-depth", default="auto", help="nvme_pipeline_depth: groups the step reads ahead")
+    p.add_argument("--lock-buffers", default="auto", choices=("auto", "required", "off"), help="nvme_lock_buffers")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -81,19 +85,27 @@ class RssSampler(threading.Thread):
 
 
 def disk_mixed(directory: str, config: hetmem.Config, chunk_bytes: int, total: int) -> dict:
+    """The disk's mixed read+write rate through buffers of the kind the engine's IO pool hands out
+    (an IoBufferPool with the engine's settings: the same memory properties, not the same bytes)."""
     chunk_bytes = max(1 << 20, chunk_bytes)
     total = max(total // chunk_bytes, 4) * chunk_bytes
-    return measure_mixed(directory, total_bytes=total, chunk_bytes=chunk_bytes, backend=config.nvme_backend,
-                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
-                         threads=config.nvme_threads)
+    pool = IoBufferPool(3 * chunk_bytes, lock=config.nvme_lock_buffers)
+    buffers = [pool.take(chunk_bytes) for _ in range(3)]
+    result = measure_mixed(directory, total_bytes=total, chunk_bytes=chunk_bytes, backend=config.nvme_backend,
+                           block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
+                           threads=config.nvme_threads, buffers=buffers)
+    return {**result, "buffer_kind": pool.kind}
 
 
 def measure(args, progress=None) -> dict:
     directory = args.dir or tempfile.mkdtemp(prefix="hetmem-nvme-train-")
     cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
                     d_model=args.d_model, checkpoint=True)
+    chunk_size = int(args.chunk_size) if args.chunk_size.isdigit() else args.chunk_size
+    depth = int(args.pipeline_depth) if args.pipeline_depth.isdigit() else args.pipeline_depth
     config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
-                           nvme_dir=directory, dtype=args.dtype, memory_trace=False,
+                           nvme_dir=directory, dtype=args.dtype, memory_trace=False, chunk_size=chunk_size,
+                           nvme_pipeline_depth=depth, nvme_lock_buffers=args.lock_buffers,
                            optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
     data = load_corpus()
     gen = torch.Generator().manual_seed(0)
@@ -141,6 +153,7 @@ def measure(args, progress=None) -> dict:
                  "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
         "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
         "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
+        "io_buffers": run["io_buffers"], "pipeline": run["pipeline"],
         "checksum": checksums,
         "steps": steps,
     }
@@ -167,7 +180,10 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
             progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
                      f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
     out = {"steps": steps, "init_s": init_s, "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
-           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks)}
+           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks),
+           "io_buffers": engine.manager.nvme.buffer_stats(),
+           "pipeline": {"depth": engine.pipeline.depth, "group_bytes": engine.pipeline.group_bytes,
+                        "groups": len(engine.layout.groups), "reason": engine.pipeline.reason}}
     engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
     return out
 
@@ -225,9 +241,14 @@ def table(r: dict) -> str:
         f"{format_bytes(mem['rss_above_baseline'])} above baseline for {format_bytes(mem['budgets_bytes'])} of "
         f"budgets (overhead {format_bytes(mem['overhead_bytes'])})",
         f"time: init {t['init_s']:.1f} s, {t['step_s_median']:.2f} s/step, optimizer {t['optimizer_s_median']:.2f} s",
-        f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s; disk mixed read+write "
-        f"{r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s (median of before/after) -> "
-        f"{r['optimizer_vs_disk_mixed']:.0%} of the disk",
+        f"pipeline: {r['pipeline']['groups']} chunk groups of up to {format_bytes(r['pipeline']['group_bytes'])}, "
+        f"{r['pipeline']['depth']} read ahead ({r['pipeline']['reason']})",
+        f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s [{r['io_buffers']['kind']}]; disk mixed "
+        f"read+write {r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s [{r['disk']['mixed_before']['buffer_kind']}] "
+        f"(median of before/after) -> {r['optimizer_vs_disk_mixed']:.0%} of the disk",
+        f"IO buffer pool: {format_bytes(r['io_buffers']['capacity'])}, peak {format_bytes(r['io_buffers']['peak_in_use'])}"
+        f" in use, {r['io_buffers']['takes']} payloads handed out, {r['io_buffers']['defragment_spills']} "
+        f"defragmenting spills, {r['io_buffers']['outside_pool']} outside the pool",
         checksum_line(r["checksum"]),
     ])
 

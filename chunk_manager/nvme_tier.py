@@ -70,13 +70,19 @@ def pool_bytes(chunks: list[Chunk], host_limit: int) -> int:
     return min(host_limit, sum(padded)) + 2 * max(padded)
 
 
+def large_payload(chunks: list[Chunk]) -> int:
+    """Payloads this large or larger (fp32 states, beside half-size low-precision parameters and
+    gradients) are kept apart from the smaller ones in the IO pool."""
+    return max(round_up(c.nbytes) for c in chunks) // 2 + 1
+
+
 class NvmeTier:
     def __init__(self, chunks: list[Chunk], directory: str, *, backend: str, block_size: int, queue_depth: int,
                  threads: int, checksum: bool, host_limit: int, lock: str = "auto", pin: bool = False,
                  manager=None):
         check_nvme_dir(directory)
         # every NVMe-backed host payload, for the whole run (see the module docstring)
-        self.pool = IoBufferPool(pool_bytes(chunks, host_limit), lock=lock, pin=pin)
+        self.pool = IoBufferPool(pool_bytes(chunks, host_limit), lock=lock, pin=pin, large=large_payload(chunks))
         self.outside_pool = 0  # payloads allocated outside the pool (no range, nothing to spill), in total
         self.spills = 0        # host chunks spilled to make a free range, in total
         self.manager = manager  # the ChunkManager whose host chunks it may spill to defragment the pool
@@ -113,18 +119,24 @@ class NvmeTier:
         return aligned_tensor(numel, dtype)
 
     def _spill_for(self, nbytes: int) -> bool:
-        """Spill one host chunk to make a free range of ``nbytes``; False when none can go."""
+        """Free pool ranges towards one of ``nbytes``: wait for a store in flight (its payload is
+        freed when it lands: no new IO), else spill the host chunk whose range would close the gap
+        (or the first in spill order); False when nothing can go."""
         manager = self.manager
-        candidates = [c for c in manager.chunks if c.tier is Tier.HOST and c.pins == 0 and not c.resident
-                      and c.transfer is None and c.payload is not None and self.pool.owns(c.payload)]
-        if not candidates:
-            return False
-        closing = [c for c in candidates if self.pool.run_if_freed(c.payload) >= nbytes]
-        victim = min(closing or candidates, key=manager.spill_preference or spill_key)
-        self.spills += 1
-        manager.move(victim, Tier.NVME, cause="spill (IO pool fragmented)")
-        manager.wait(victim)
-        manager.pool.trim(Tier.HOST)  # the spilled payload went to the manager's free list
+        landing = [c for c in manager.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
+        if landing:
+            manager.wait(landing[0])
+        else:
+            candidates = [c for c in manager.chunks if c.tier is Tier.HOST and c.pins == 0 and not c.resident
+                          and c.transfer is None and c.payload is not None and self.pool.owns(c.payload)]
+            if not candidates:
+                return False
+            closing = [c for c in candidates if self.pool.run_if_freed(c.payload) >= nbytes]
+            victim = min(closing or candidates, key=manager.spill_preference or spill_key)
+            self.spills += 1
+            manager.move(victim, Tier.NVME, cause="spill (IO pool fragmented)")
+            manager.wait(victim)
+        manager.pool.trim(Tier.HOST)  # a landed store's payload went to the manager's free list
         return True
 
     def store(self, chunk: Chunk, payload: torch.Tensor):

@@ -120,6 +120,7 @@ class ChunkedAdam:
         self.last_norm: float | None = None
         self._pending_norm: float | None = None  # the norm of a step that raised part-way, for its retry
         self._compute_s = 0.0
+        self.read_ahead = 1  # chunk groups read from NVMe ahead of the one updated (hetmem/nvme/pipeline_plan.py)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -156,9 +157,9 @@ class ChunkedAdam:
         self._compute_s = 0.0
         for i, group in enumerate(groups):
             try:
-                with self.manager.spill_order(self._spill_order(groups, i)):
-                    if i + 1 < len(groups):
-                        self._read_ahead(groups[i + 1])
+                with self.manager.spill_order(self._spill_order(groups, i, self.read_ahead)):
+                    for ahead in groups[i + 1:i + 1 + self.read_ahead]:
+                        self._read_ahead(ahead)
                     self._step_group(group, grad_scale)
             except OSError as exc:
                 raise OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {i} of "
@@ -178,16 +179,16 @@ class ChunkedAdam:
         return self.manager.moved_bytes
 
     @staticmethod
-    def _spill_order(groups: list[ChunkGroup], current: int):
+    def _spill_order(groups: list[ChunkGroup], current: int, read_ahead: int = 1):
         """While group ``current`` is updated: spill updated groups first (their next use is the
-        next step), then those furthest ahead; the current and next groups last."""
+        next step), then those furthest ahead; the current and read-ahead groups last."""
         position = {g.index: i for i, g in enumerate(groups)}
 
         def key(chunk) -> tuple:
             at = position.get(chunk.group.index, -1)
             if at < current:
                 rank, distance = 0, 0          # already updated (or frozen)
-            elif at > current + 1:
+            elif at > current + read_ahead:
                 rank, distance = 1, -at        # needed later in this step: the latest first
             else:
                 rank, distance = 2, 0          # being updated or read ahead

@@ -83,7 +83,7 @@ class IoBufferPool:
     docstring."""
 
     def __init__(self, capacity: int, *, prefault: bool = True, huge: bool = True, lock: str = "auto",
-                 pin: bool = False):
+                 pin: bool = False, large: int | None = None):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity={capacity!r} must be a positive number of bytes")
         if lock not in LOCK_MODES:
@@ -116,6 +116,9 @@ class IoBufferPool:
         self.peak_in_use = 0                      # the most bytes handed out at once
         self.takes = 0                            # blocks handed out, in total
         self.refusals = 0                         # takes no free range could serve (full or fragmented)
+        # blocks of at least this many bytes are carved from the top of the region, smaller ones
+        # from the bottom, so the two kinds do not interleave (fewer ranges too small for either)
+        self.large = large
 
     @property
     def kind(self) -> str:
@@ -143,9 +146,13 @@ class IoBufferPool:
             if not fits:
                 self.refusals += 1
                 return None
-            entry = min(fits, key=lambda e: e[1])  # best fit: the big ranges stay whole
-            offset = entry[0]
-            entry[0] += length
+            if self.large is not None and length >= self.large:
+                entry = fits[-1]                   # the highest range, carved from its end
+                offset = entry[0] + entry[1] - length
+            else:
+                entry = min(fits, key=lambda e: e[1])  # best fit: the big ranges stay whole
+                offset = entry[0]
+                entry[0] += length
             entry[1] -= length
             if entry[1] == 0:
                 self._free.remove(entry)
