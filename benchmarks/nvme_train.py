@@ -5,11 +5,14 @@ for a few steps with nvme_dir set.  In the same run:
 
 - the disk's mixed read+write throughput (reads of one region while another is written, as
   the pipelined step does) is measured with hetmem's NVMe benchmark core, before and after
-  training, at the engine's IO settings and chunk size;
+  training, at the engine's IO settings and chunk size, through buffers of the kind the engine's
+  IO pool hands out (hetmem/nvme/io_pool.py; the kind is printed next to both figures);
 - the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
   peak above that baseline can be compared with the budgets;
 - each optimizer step's bytes read + written over its duration is compared with the disk's
-  mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO);
+  mixed figure (the goal: >= 90%, the CPU Adam hidden behind the IO);
+- the IO pool's figures (payloads handed out, spills to defragment it) and the pipeline's plan
+  (``--pipeline-depth``, ``--chunk-size``: its unit) are reported;
 - swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
   stepped in turn on the same batches: the median of the paired step-time ratios on/off, and
   the crc32c time the swap space counts as a share of the step (``--checksum-repeats`` passes).

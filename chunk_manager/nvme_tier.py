@@ -162,7 +162,10 @@ class NvmeTier:
         return self.swap.nbytes
 
     def close(self) -> None:
-        self.swap.close()
+        try:
+            self.swap.close()
+        finally:
+            self.pool.close()  # the region goes with the last payload viewing it
 
 
 class _CopyOut:

@@ -142,7 +142,7 @@ class IoBufferPool:
         range is large enough."""
         length = round_up(max(numel * dtype.itemsize, 1))
         with self._mutex:
-            fits = [entry for entry in self._free if entry[1] >= length]
+            fits = [entry for entry in self._free if entry[1] >= length and self._array is not None]
             if not fits:
                 self.refusals += 1
                 return None
@@ -204,6 +204,13 @@ class IoBufferPool:
     def largest_free(self) -> int:
         with self._mutex:
             return max((length for _, length in self._free), default=0)
+
+    def close(self) -> None:
+        """Drop the pool's own hold on the region: it is unmapped once no block is viewed any more
+        (take() then returns None)."""
+        with self._mutex:
+            self._free.clear()
+        self._array = self._owner = None
 
     def stats(self) -> dict:
         with self._mutex:

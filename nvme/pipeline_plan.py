@@ -15,23 +15,22 @@ small share of the step.  Measured on the development VM (``benchmarks/nvme_trai
 --chunk-size`` / ``--pipeline-depth``, README "NVMe pipeline"), smaller units than "auto" did not
 make the step faster.
 
-Depth, ``nvme_pipeline_depth``: an int >= 1, or "auto".  Reading one group ahead already keeps
-the disk busy whenever it is the bottleneck (the read of group i+1 and the writes of updated
-groups are in flight while group i computes; the CPU Adam ran at 5-10x the disk's rate on the
-development VM); a deeper read-ahead only adds host memory, and measured no faster.  "auto" is
-therefore the depth that lets the CPU Adam hide behind the reads: ``ceil(adam_time /
-read_time)`` of one group from the disk and Adam rates when they are known (at most
-``AUTO_MAX_DEPTH``), else 1 - and never more than the host budget holds.
+Depth, ``nvme_pipeline_depth``: an int >= 1, or "auto", which is 1.  Reading one group ahead
+keeps the disk busy whenever it is the bottleneck: the read of group i+1 and the writes of updated
+groups are in flight while group i computes, and the CPU Adam ran at about 7x the disk's mixed
+rate on the development VM.  When the CPU is the bottleneck instead, the disk idles whatever the
+depth.  A deeper read-ahead only holds more groups in host memory, which displaces others: on the
+development VM (README "NVMe tier", ``benchmarks/nvme_train.py --pipeline-depth``) depths 2 and 3
+moved 10-15% more bytes per step and were no faster.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from hetmem._core.units import format_bytes
 
 AUTO = "auto"
-AUTO_MAX_DEPTH = 4       # "auto" never reads further ahead than this
+AUTO_DEPTH = 1           # what "auto" reads ahead (see the module docstring)
 GROUPS_BESIDE_READS = 2  # the group being updated and the one being written back
 
 
@@ -61,25 +60,12 @@ def check_depth_setting(value) -> None:
                          f"the bottleneck)")
 
 
-def plan_pipeline(group_bytes: int, host_budget: int, setting: int | str = AUTO, *,
-                  read_bytes_per_s: float | None = None, adam_bytes_per_s: float | None = None) -> PipelinePlan:
-    """The plan for groups of up to ``group_bytes`` under ``host_budget``.
-
-    ``read_bytes_per_s`` / ``adam_bytes_per_s``: the disk's read rate and the CPU Adam's rate (bytes
-    of state per second), when measured; "auto" uses them, else reads one group ahead.  Raises
-    ValueError naming the value and the fix when the host budget cannot hold the plan."""
+def plan_pipeline(group_bytes: int, host_budget: int, setting: int | str = AUTO) -> PipelinePlan:
+    """The plan for groups of up to ``group_bytes`` under ``host_budget``; ValueError naming the
+    value and the fix when the host budget cannot hold it."""
     check_depth_setting(setting)
-    room = host_budget // group_bytes - GROUPS_BESIDE_READS  # groups that can be read ahead
     if setting == AUTO:
-        if read_bytes_per_s and adam_bytes_per_s:
-            wanted = max(1, math.ceil(read_bytes_per_s / adam_bytes_per_s))
-            reason = (f"auto: the CPU Adam ({adam_bytes_per_s / 1e9:.2f} GB/s) hides behind {wanted} group read(s) "
-                      f"at {read_bytes_per_s / 1e9:.2f} GB/s")
-        else:
-            wanted, reason = 1, "auto: one group ahead keeps the disk busy"
-        depth = min(wanted, AUTO_MAX_DEPTH, max(room, 1))
-        if depth < min(wanted, AUTO_MAX_DEPTH):
-            reason += f", limited to {depth} by host_budget={format_bytes(host_budget)}"
+        depth, reason = AUTO_DEPTH, "auto: one group ahead keeps the disk busy"
     else:
         depth, reason = setting, "nvme_pipeline_depth"
     plan = PipelinePlan(depth, group_bytes, reason)

@@ -92,8 +92,6 @@ def test_pipeline_depth_is_checked_against_the_host_budget():
     plan = plan_pipeline(100, 1000, "auto")
     assert plan == PipelinePlan(1, 100, plan.reason) and plan.host_bytes == 300
     assert plan_pipeline(100, 1000, 3).host_groups == 5
-    assert plan_pipeline(100, 1000, "auto", read_bytes_per_s=3e9, adam_bytes_per_s=1e9).depth == 3
-    assert plan_pipeline(100, 350, "auto", read_bytes_per_s=3e9, adam_bytes_per_s=1e9).depth == 1
     with pytest.raises(ValueError, match=r"keeps 11 chunk groups .* 9 read ahead: nvme_pipeline_depth=9\); raise "
                                          r"host_budget to at least 1.07 KiB, lower nvme_pipeline_depth, or lower"):
         plan_pipeline(100, 1000, 9)
