@@ -23,7 +23,8 @@ import os
 import torch
 
 from hetmem.nvme import SwapSpace, aligned_tensor
-from hetmem.nvme.io_pool import IoBufferPool, round_up
+from hetmem._core.units import format_bytes
+from hetmem.nvme.io_pool import IoBufferPool, MemlockError, round_up
 
 from .chunk import Chunk
 from .spill import spill_key
@@ -82,7 +83,16 @@ class NvmeTier:
                  manager=None):
         check_nvme_dir(directory)
         # every NVMe-backed host payload, for the whole run (see the module docstring)
-        self.pool = IoBufferPool(pool_bytes(chunks, host_limit), lock=lock, pin=pin, large=large_payload(chunks))
+        size = pool_bytes(chunks, host_limit)
+        try:
+            self.pool = IoBufferPool(size, lock=lock, pin=pin, large=large_payload(chunks))
+        except (OSError, RuntimeError) as exc:  # mmap / pinned allocation refused (MemlockError passes)
+            if isinstance(exc, MemlockError):
+                raise
+            raise ValueError(f"the NVMe IO buffer pool ({format_bytes(size)}: host_budget="
+                             f"{format_bytes(host_limit)}, at most every chunk, plus two of the largest) cannot be "
+                             f"allocated ({exc}); lower host_budget so it fits the memory this process may "
+                             f"use") from exc
         self.outside_pool = 0  # payloads allocated outside the pool (no range, nothing to spill), in total
         self.spills = 0        # host chunks spilled to make a free range, in total
         self.manager = manager  # the ChunkManager whose host chunks it may spill to defragment the pool

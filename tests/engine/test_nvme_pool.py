@@ -105,3 +105,17 @@ def test_pipeline_depth_is_checked_against_the_host_budget():
 def test_an_engine_names_a_depth_its_host_budget_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"host_budget=900.00 KiB is too small .*nvme_pipeline_depth=40"):
         _engine(tmp_path, nvme_pipeline_depth=40)
+
+
+def test_a_pool_that_cannot_be_mapped_names_host_budget(tmp_path, monkeypatch):
+    import errno
+
+    from hetmem.chunk_manager import nvme_tier
+
+    def refuse(capacity, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(nvme_tier, "IoBufferPool", refuse)
+    with pytest.raises(ValueError, match=r"NVMe IO buffer pool .* cannot be allocated .*lower host_budget"):
+        _engine(tmp_path)
+    assert not list((tmp_path / "swap").glob("*.swap")), "no swap file is left behind"

@@ -175,3 +175,4 @@ def test_io_through_pool_blocks_is_byte_exact(tmp_path, nbytes):
         plain = torch.zeros(nbytes, dtype=torch.uint8)  # a buffer from elsewhere still reads exactly
         swap.load("b", into=plain).wait()
         assert torch.equal(plain, data)
+
