@@ -130,8 +130,7 @@ class NvmeTier:
 
     def _spill_for(self, nbytes: int) -> bool:
         """Free pool ranges towards one of ``nbytes``: wait for a store in flight (its payload is
-        freed when it lands: no new IO), else spill the host chunk whose range would close the gap
-        (or the first in spill order); False when nothing can go."""
+        freed when it lands: no new IO), else spill a host chunk; False when nothing can go."""
         manager = self.manager
         landing = [c for c in manager.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
         if landing:
@@ -141,8 +140,11 @@ class NvmeTier:
                           and c.transfer is None and c.payload is not None and self.pool.owns(c.payload)]
             if not candidates:
                 return False
-            closing = [c for c in candidates if self.pool.run_if_freed(c.payload) >= nbytes]
-            victim = min(closing or candidates, key=manager.spill_preference or spill_key)
+            order = manager.spill_preference or spill_key
+            # a chunk whose range closes the gap first, and one whose blob is current (spilling it
+            # writes nothing) before one that must be written; then the manager's spill order
+            victim = min(candidates, key=lambda c: (self.pool.run_if_freed(c.payload) < nbytes, not c.nvme_valid,
+                                                    order(c)))
             self.spills += 1
             manager.move(victim, Tier.NVME, cause="spill (IO pool fragmented)")
             manager.wait(victim)

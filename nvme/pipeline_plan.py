@@ -6,14 +6,15 @@ already updated are written back (the host budget spills them first).  So the st
 ``depth + 2`` groups in host memory at once: one being written back, one being updated, ``depth``
 being read.
 
-The unit is one chunk group.  The chunk manager keeps whole chunks resident (a chunk's payload
-is one buffer, its tier one state), so the pipeline cannot read part of a group; the unit's size
-is set through ``chunk_size`` (a group holds ``chunk_size`` parameters of every kind).  "auto"
-chunk sizing gives several groups per device budget, which with state on NVMe is also many
-groups per step: the pipeline's fill (the first group's read) and drain (the last write) are a
-small share of the step.  Measured on the development VM (``benchmarks/nvme_train.py
---chunk-size`` / ``--pipeline-depth``, README "NVMe pipeline"), smaller units than "auto" did not
-make the step faster.
+The unit is one chunk group.  Splitting a group into sub-group slices for IO is not done: the
+chunk manager keeps whole chunks resident (a chunk's payload is one buffer, its tier one state),
+so the unit's size is set through ``chunk_size`` (a group holds ``chunk_size`` parameters of every
+kind; a parameter larger than that gets a group of its own).  "auto" chunk sizing already gives
+many groups per step (73 for the 151.5M GPT of ``benchmarks/nvme_train.py``, each at most 72 MiB
+of state: about 4.7M parameters, below DeepSpeed's best ``sub_group_size`` of 2e7 on this kind of
+machine), so the pipeline's fill (the first group's read) and drain (the last write) are a small
+share of the step.  Measured there (README "NVMe tier"): ``chunk_size`` 2M elements moved 44%
+more bytes per step and was slower; 8M elements needs a host budget of 3 x 144 MiB.
 
 Depth, ``nvme_pipeline_depth``: an int >= 1, or "auto", which is 1.  Reading one group ahead
 keeps the disk busy whenever it is the bottleneck: the read of group i+1 and the writes of updated
