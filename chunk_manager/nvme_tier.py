@@ -140,11 +140,10 @@ class NvmeTier:
                           and c.transfer is None and c.payload is not None and self.pool.owns(c.payload)]
             if not candidates:
                 return False
+            # a chunk whose range closes the gap first, then the manager's spill order (preferring
+            # chunks whose blob is current measured worse: they are the ones read back soonest)
             order = manager.spill_preference or spill_key
-            # a chunk whose range closes the gap first, and one whose blob is current (spilling it
-            # writes nothing) before one that must be written; then the manager's spill order
-            victim = min(candidates, key=lambda c: (self.pool.run_if_freed(c.payload) < nbytes, not c.nvme_valid,
-                                                    order(c)))
+            victim = min(candidates, key=lambda c: (self.pool.run_if_freed(c.payload) < nbytes, order(c)))
             self.spills += 1
             manager.move(victim, Tier.NVME, cause="spill (IO pool fragmented)")
             manager.wait(victim)
