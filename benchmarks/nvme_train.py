@@ -5,11 +5,14 @@ for a few steps with nvme_dir set.  In the same run:
 
 - the disk's mixed read+write throughput (reads of one region while another is written, as
   the pipelined step does) is measured with hetmem's NVMe benchmark core, before and after
-  training, at the engine's IO settings and chunk size;
+  training, at the engine's IO settings and chunk size, through buffers of the kind the engine's
+  IO pool hands out (hetmem/nvme/io_pool.py; the kind is printed next to both figures);
 - the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
   peak above that baseline can be compared with the budgets;
 - each optimizer step's bytes read + written over its duration is compared with the disk's
-  mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO);
+  mixed figure (the goal: >= 90%, the CPU Adam hidden behind the IO);
+- the IO pool's figures (payloads handed out, spills to defragment it) and the pipeline's plan
+  (``--pipeline-depth``, ``--chunk-size``: its unit) are reported;
 - swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
   stepped in turn on the same batches: the median of the paired step-time ratios on/off, and
   the crc32c time the swap space counts as a share of the step (``--checksum-repeats`` passes);
@@ -43,6 +46,7 @@ import hetmem
 from hetmem.corpus import load_corpus, random_batch
 from hetmem.models.gpt import GPT, GPTConfig
 from hetmem.nvme.bench import measure_mixed
+from hetmem.nvme.io_pool import IoBufferPool
 from hetmem.train_job import state_bytes
 from hetmem.units import format_bytes, parse_size
 
@@ -63,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes over the batches comparing checksums on and off step by step; 0: none")
     p.add_argument("--overlap-repeats", type=int, default=1,
                    help="passes over the batches comparing overlap_step on and off step by step; 0: none")
+    p.add_argument("--chunk-size", default="auto", help="chunk_size: the NVMe pipeline's unit (elements, bytes, 'auto')")
+    p.add_argument("--pipeline-depth", default="auto", help="nvme_pipeline_depth: groups the step reads ahead")
+    p.add_argument("--lock-buffers", default="auto", choices=("auto", "required", "off"), help="nvme_lock_buffers")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -87,19 +94,27 @@ class RssSampler(threading.Thread):
 
 
 def disk_mixed(directory: str, config: hetmem.Config, chunk_bytes: int, total: int) -> dict:
+    """The disk's mixed read+write rate through buffers of the kind the engine's IO pool hands out
+    (an IoBufferPool with the engine's settings: the same memory properties, not the same bytes)."""
     chunk_bytes = max(1 << 20, chunk_bytes)
     total = max(total // chunk_bytes, 4) * chunk_bytes
-    return measure_mixed(directory, total_bytes=total, chunk_bytes=chunk_bytes, backend=config.nvme_backend,
-                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
-                         threads=config.nvme_threads)
+    pool = IoBufferPool(3 * chunk_bytes, lock=config.nvme_lock_buffers)
+    buffers = [pool.take(chunk_bytes) for _ in range(3)]
+    result = measure_mixed(directory, total_bytes=total, chunk_bytes=chunk_bytes, backend=config.nvme_backend,
+                           block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
+                           threads=config.nvme_threads, buffers=buffers)
+    return {**result, "buffer_kind": pool.kind}
 
 
 def measure(args, progress=None) -> dict:
     directory = args.dir or tempfile.mkdtemp(prefix="hetmem-nvme-train-")
     cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
                     d_model=args.d_model, checkpoint=True)
+    chunk_size = int(args.chunk_size) if args.chunk_size.isdigit() else args.chunk_size
+    depth = int(args.pipeline_depth) if args.pipeline_depth.isdigit() else args.pipeline_depth
     config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
-                           nvme_dir=directory, dtype=args.dtype, memory_trace=False,
+                           nvme_dir=directory, dtype=args.dtype, memory_trace=False, chunk_size=chunk_size,
+                           nvme_pipeline_depth=depth, nvme_lock_buffers=args.lock_buffers,
                            overlap_step=False,  # the main run times the step alone (overlap_gain: both)
                            optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
     data = load_corpus()
@@ -149,6 +164,7 @@ def measure(args, progress=None) -> dict:
                  "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
         "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
         "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
+        "io_buffers": run["io_buffers"], "pipeline": run["pipeline"],
         "checksum": checksums,
         "overlap": overlap,
         "steps": steps,
@@ -176,7 +192,10 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
             progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
                      f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
     out = {"steps": steps, "init_s": init_s, "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
-           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks)}
+           "chunk_bytes": max(c.nbytes for c in engine.manager.chunks),
+           "io_buffers": engine.manager.nvme.buffer_stats(),
+           "pipeline": {"depth": engine.nvme_plan.depth, "group_bytes": engine.nvme_plan.group_bytes,
+                        "groups": len(engine.layout.groups), "reason": engine.nvme_plan.reason}}
     engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
     return out
 
@@ -282,9 +301,14 @@ def table(r: dict) -> str:
         f"{format_bytes(mem['rss_above_baseline'])} above baseline for {format_bytes(mem['budgets_bytes'])} of "
         f"budgets (overhead {format_bytes(mem['overhead_bytes'])})",
         f"time: init {t['init_s']:.1f} s, {t['step_s_median']:.2f} s/step, optimizer {t['optimizer_s_median']:.2f} s",
-        f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s; disk mixed read+write "
-        f"{r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s (median of before/after) -> "
-        f"{r['optimizer_vs_disk_mixed']:.0%} of the disk",
+        f"pipeline: {r['pipeline']['groups']} chunk groups of up to {format_bytes(r['pipeline']['group_bytes'])}, "
+        f"{r['pipeline']['depth']} read ahead ({r['pipeline']['reason']})",
+        f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s [{r['io_buffers']['kind']}]; disk mixed "
+        f"read+write {r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s [{r['disk']['mixed_before']['buffer_kind']}] "
+        f"(median of before/after) -> {r['optimizer_vs_disk_mixed']:.0%} of the disk",
+        f"IO buffer pool: {format_bytes(r['io_buffers']['capacity'])}, peak {format_bytes(r['io_buffers']['peak_in_use'])}"
+        f" in use, {r['io_buffers']['takes']} payloads handed out, {r['io_buffers']['defragment_spills']} "
+        f"defragmenting spills, {r['io_buffers']['outside_pool']} outside the pool",
         checksum_line(r["checksum"]),
         overlap_line(r["overlap"]),
     ])

@@ -2,9 +2,17 @@
 
 Every chunk gets a blob of its size when the engine starts (so free space is checked and the
 file preallocated before training, never mid-run).  A chunk moves host -> NVMe by a store
-from its payload and NVMe -> host by a load into an aligned (pinned on GPU machines) host
-buffer, so O_DIRECT needs no staging copy.  ``nvme_valid`` on a chunk says its blob holds its
-current bytes: spilling such a chunk writes nothing.
+from its payload and NVMe -> host by a load into its host payload, so O_DIRECT needs no staging
+copy.  Those host payloads come from ONE ``IoBufferPool`` (hetmem/nvme/io_pool.py), filled when the
+tier starts (the buffers the first host_budget of chunks, in group order, will take) and kept for
+the whole run: page-aligned, huge pages asked for, faulted in, locked (``nvme_lock_buffers``) or
+pinned by the accelerator.  Its cap is the host bytes chunks may hold (host_budget, at most every
+chunk) plus two of the largest chunks of headroom (payloads kept alive by a view past their
+chunk's accounting, and a staging buffer for the checkpoint's reads and writes from buffers of
+its own).  Past the cap a payload is allocated outside the pool, logged once and counted
+(``buffer_stats()["outside_pool"]``).
+``nvme_valid`` on a chunk says its blob holds its current bytes: spilling such a chunk writes
+nothing.
 """
 from __future__ import annotations
 
@@ -15,8 +23,12 @@ import os
 import torch
 
 from hetmem.nvme import SwapSpace, aligned_tensor
+from hetmem._core.units import format_bytes
+from hetmem.nvme.io_pool import IoBufferPool, MemlockError, round_up
 
 from .chunk import Chunk
+from .spill import spill_key
+from .states import Tier
 
 logger = logging.getLogger("hetmem.chunk_manager.nvme_tier")
 
@@ -52,35 +64,129 @@ def check_nvme_dir(directory: str) -> None:
         raise _unusable(directory, "this process may not create files in it")
 
 
+def pool_bytes(chunks: list[Chunk], host_limit: int) -> int:
+    """The IO pool's cap: the host bytes chunks may hold (at most all of them, page-padded) and
+    two of the largest chunks of headroom."""
+    padded = [round_up(c.nbytes) for c in chunks]
+    return min(host_limit, sum(padded)) + 2 * max(padded)
+
+
+def large_payload(chunks: list[Chunk]) -> int:
+    """Payloads this large or larger (fp32 states, beside half-size low-precision parameters and
+    gradients) are kept apart from the smaller ones in the IO pool."""
+    return max(round_up(c.nbytes) for c in chunks) // 2 + 1
+
+
 class NvmeTier:
     def __init__(self, chunks: list[Chunk], directory: str, *, backend: str, block_size: int, queue_depth: int,
-                 threads: int, checksum: bool):
+                 threads: int, checksum: bool, host_limit: int, lock: str = "auto", pin: bool = False,
+                 manager=None):
         check_nvme_dir(directory)
+        # every NVMe-backed host payload, for the whole run (see the module docstring)
+        size = pool_bytes(chunks, host_limit)
+        try:
+            self.pool = IoBufferPool(size, lock=lock, pin=pin, large=large_payload(chunks))
+        except (OSError, RuntimeError) as exc:  # mmap / pinned allocation refused (MemlockError passes)
+            if isinstance(exc, MemlockError):
+                raise
+            raise ValueError(f"the NVMe IO buffer pool ({format_bytes(size)}: host_budget="
+                             f"{format_bytes(host_limit)}, at most every chunk, plus two of the largest) cannot be "
+                             f"allocated ({exc}); lower host_budget so it fits the memory this process may "
+                             f"use") from exc
+        self.outside_pool = 0  # payloads allocated outside the pool (no range, nothing to spill), in total
+        self.spills = 0        # host chunks spilled to make a free range, in total
+        self.manager = manager  # the ChunkManager whose host chunks it may spill to defragment the pool
         try:
             self.swap = SwapSpace(directory, {blob_key(c): c.nbytes for c in chunks}, backend=backend,
                                   block_size=block_size, queue_depth=queue_depth, threads=threads,
-                                  checksum=checksum)
+                                  checksum=checksum, owned_bytes=self.pool.owned_bytes)
         except OSError as exc:
             if exc.errno not in _DIR_ERRORS:
                 raise  # no space (the message says how much is needed), in use by another run, ...
             raise _unusable(directory, f"{_DIR_ERRORS[exc.errno]} ({exc})") from exc
-        logger.info("NVMe tier: %d chunk blobs, %d bytes in %s (%s)", len(chunks), self.swap.nbytes,
-                    self.swap.path, self.swap.file.backend)
+        logger.info("NVMe tier: %d chunk blobs, %d bytes in %s (%s); IO buffers: %s", len(chunks),
+                    self.swap.nbytes, self.swap.path, self.swap.file.backend, self.pool)
 
-    @staticmethod
-    def host_buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A host payload buffer O_DIRECT can use as is (4 KiB aligned; pinned on accelerator machines)."""
+    def host_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A host payload buffer from the IO pool (aligned, faulted in, locked or pinned).  When no
+        free range is large enough (the pool is fragmented: host accounting counts bytes, not
+        ranges), the manager's cached free buffers are dropped, then host chunks are spilled (the
+        one whose range would close the gap first); a buffer outside the pool is the last resort."""
+        nbytes = numel * dtype.itemsize
+        buffer = self.pool.take(numel, dtype)
+        if buffer is None and self.manager is not None:
+            if self.manager.pool.trim(Tier.HOST):  # cached free buffers hold pool ranges
+                buffer = self.pool.take(numel, dtype)
+            while buffer is None and self._spill_for(nbytes):
+                buffer = self.pool.take(numel, dtype)
+        if buffer is not None:
+            return buffer
+        self.outside_pool += 1
+        log = logger.warning if self.outside_pool == 1 else logger.debug
+        log("the NVMe IO buffer pool (%s) has no free range of %d B and no host chunk can be spilled: this "
+            "payload is allocated outside it, as a plain aligned buffer (%d so far)", self.pool, nbytes,
+            self.outside_pool)
         return aligned_tensor(numel, dtype)
 
+    def _spill_for(self, nbytes: int) -> bool:
+        """Free pool ranges towards one of ``nbytes``: wait for a store in flight (its payload is
+        freed when it lands: no new IO), else spill a host chunk; False when nothing can go."""
+        manager = self.manager
+        landing = [c for c in manager.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
+        if landing:
+            manager.wait(landing[0])
+        else:
+            candidates = [c for c in manager.chunks if c.tier is Tier.HOST and c.pins == 0 and not c.resident
+                          and c.transfer is None and c.payload is not None and self.pool.owns(c.payload)]
+            if not candidates:
+                return False
+            # a chunk whose range closes the gap first, then the manager's spill order (preferring
+            # chunks whose blob is current measured worse: they are the ones read back soonest)
+            order = manager.spill_preference or spill_key
+            victim = min(candidates, key=lambda c: (self.pool.run_if_freed(c.payload) < nbytes, order(c)))
+            self.spills += 1
+            manager.move(victim, Tier.NVME, cause="spill")  # to defragment the IO pool (self.spills)
+            manager.wait(victim)
+        manager.pool.trim(Tier.HOST)  # a landed store's payload went to the manager's free list
+        return True
+
     def store(self, chunk: Chunk, payload: torch.Tensor):
+        if not self.pool.owns(payload):  # a caller's buffer (checkpoint load): stage it in the pool
+            staged = self.pool.take(payload.numel(), payload.dtype)
+            if staged is not None:
+                payload = staged.copy_(payload)  # the request holds ``staged`` until it completes
         return self.swap.store(blob_key(chunk), payload)
 
     def load(self, chunk: Chunk, into: torch.Tensor):
+        if not self.pool.owns(into):  # a caller's buffer (checkpoint save): read via the pool
+            staged = self.pool.take(into.numel(), into.dtype)
+            if staged is not None:
+                return _CopyOut(self.swap.load(blob_key(chunk), into=staged), staged, into)
         return self.swap.load(blob_key(chunk), into=into)
+
+    def buffer_stats(self) -> dict:
+        """The IO pool's figures (kind, cap, bytes mapped and in use, allocations) and the payloads outside it."""
+        return {**self.pool.stats(), "outside_pool": self.outside_pool, "defragment_spills": self.spills}
 
     @property
     def nbytes(self) -> int:
         return self.swap.nbytes
 
     def close(self) -> None:
-        self.swap.close()
+        try:
+            self.swap.close()
+        finally:
+            self.pool.close()  # the region goes with the last payload viewing it
+
+
+class _CopyOut:
+    """A load into a pool buffer whose ``wait()`` then copies the bytes to the caller's tensor."""
+
+    def __init__(self, request, staged: torch.Tensor, into: torch.Tensor):
+        self._request, self._staged, self._into = request, staged, into
+
+    def wait(self) -> None:
+        self._request.wait()
+        if self._staged is not None:
+            self._into.copy_(self._staged)
+            self._staged = None  # the buffer goes back to the pool

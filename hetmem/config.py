@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 from hetmem.accelerator import validate_device_name
+from hetmem.nvme.io_pool import LOCK_MODES  # nvme_lock_buffers values
+from hetmem.nvme.pipeline_plan import check_depth_setting
 from hetmem.units import parse_size
 
 AUTO = "auto"
 DTYPES = ("fp32", "fp16", "bf16")
+
 NVME_BACKENDS = ("auto", "io_uring", "linux_aio", "threads")
 ACTIVATION_OFFLOAD = ("auto", "off")
 
@@ -99,6 +102,8 @@ class Config:
     nvme_queue_depth: int = 16
     nvme_threads: int = 1
     nvme_checksum: bool = True               # crc32c on every swap write, verified on read
+    nvme_lock_buffers: str = "auto"          # mlock the IO buffers: "auto" (warn if refused) | "required" | "off"
+    nvme_pipeline_depth: int | str = AUTO    # chunk groups the NVMe optimizer step reads ahead: "auto" | int >= 1
     activation_offload: str = AUTO           # "auto": saved activations to host memory when the
                                              # budget needs it (hetmem/activations); "off": never
 
@@ -155,6 +160,10 @@ class Config:
         if self.activation_offload not in ACTIVATION_OFFLOAD:
             _fail("activation_offload", self.activation_offload,
                   "use 'auto' (saved activations go to host memory when the device budget needs it) or 'off'")
+        if self.nvme_lock_buffers not in LOCK_MODES:
+            _fail("nvme_lock_buffers", self.nvme_lock_buffers,
+                  "use 'auto' (lock, or warn and go on unlocked), 'required' (an error when mlock is refused) or 'off'")
+        check_depth_setting(self.nvme_pipeline_depth)
         if self.nvme_backend not in NVME_BACKENDS:
             _fail("nvme_backend", self.nvme_backend, f"use one of {', '.join(NVME_BACKENDS)}")
         block = parse_size(self.nvme_block_size, key="nvme_block_size")

@@ -34,6 +34,7 @@ from hetmem.lifecycle import Lifecycle, Phase
 from hetmem.loss_scaler import LossScaler
 from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
 from hetmem.module_state import ModuleStateHooks
+from hetmem.nvme.pipeline_plan import PipelinePlan, plan_pipeline
 from hetmem.optimizer import ChunkedAdam, StepResult
 from hetmem.optimizer_groups import HetmemOptimizer, config_group, resolve_user_groups
 from hetmem.placement import place_all_if_it_fits, release_residency
@@ -48,8 +49,6 @@ logger = logging.getLogger("hetmem.engine")
 
 # a chunk is at most this share of the usable device budget, so a moment holds several
 CHUNKS_PER_BUDGET = 8
-# chunk groups the NVMe optimizer pipeline keeps in host memory: write back, update, read ahead
-PIPELINE_GROUPS = 3
 
 
 class Engine:
@@ -73,6 +72,7 @@ class Engine:
                         [(config_group(config.optimizer), [s for s in self.layout.slots if s.trainable])])
         self.module_state = ModuleStateHooks(model, self.layout)  # module.state_dict() reads the chunks
         create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True)
+        self.nvme_plan: PipelinePlan | None = None  # the NVMe step's shape, set by the check below
         self._check_fits_at_all()
         self.recorder = None
         if config.memory_trace:
@@ -105,7 +105,8 @@ class Engine:
                                 on_schedule_change=self._on_schedule_change)
         self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads,
                                 overlap=config.overlap_step and config.nvme_dir is not None)  # step_pipeline.py
-        self.adam.pipeline.read_ahead = PIPELINE_GROUPS - 2             # write back, update, read ahead
+        if self.nvme_plan is not None:  # groups read from NVMe ahead of the one updated
+            self.adam.pipeline.read_ahead = self.nvme_plan.depth
         self.scheduler.apply_step = self.adam.apply_through          # the next forward waits per group
         self.scheduler.ready_for_prefetch = self.adam.ready_for_prefetch
         self.scheduler.read_state_early = self.adam.read_state_early  # during backward
@@ -159,16 +160,9 @@ class Engine:
                 + (f" (host_budget='auto' is what device_budget={format_bytes(self.budgets.device)} leaves of host "
                    f"memory: lower device_budget)" if self.config.host_budget == "auto" and self.device.type == "cpu"
                    else ""))
-        if self.config.nvme_dir is not None:
-            # the optimizer pipeline holds three groups in host memory: one being written back,
-            # one being updated, one being read (see hetmem/optimizer.py)
+        if self.config.nvme_dir is not None:  # the optimizer step's pipeline (hetmem/nvme/pipeline_plan.py)
             group_bytes = max(sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups)
-            need = PIPELINE_GROUPS * group_bytes
-            if self.budgets.host < need:
-                raise ValueError(
-                    f"host_budget={format_bytes(self.budgets.host)} is too small for the NVMe pipeline: it "
-                    f"keeps {PIPELINE_GROUPS} chunk groups of up to {format_bytes(group_bytes)} in host memory; "
-                    f"raise host_budget to at least {format_bytes(need)} or lower chunk_size")
+            self.nvme_plan = plan_pipeline(group_bytes, self.budgets.host, self.config.nvme_pipeline_depth)
 
     def _attach_nvme(self) -> None:
         """Chunks past host_budget live in a swap space under nvme_dir (chunk_manager/nvme_tier.py)."""
@@ -178,7 +172,9 @@ class Engine:
         return_freed_buffers_to_os()  # else glibc keeps freed buffers and RSS passes host_budget
         tier = NvmeTier(self.manager.chunks, config.nvme_dir, backend=config.nvme_backend,
                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
-                        threads=config.nvme_threads, checksum=config.nvme_checksum)
+                        threads=config.nvme_threads, checksum=config.nvme_checksum, host_limit=self.budgets.host,
+                        lock=config.nvme_lock_buffers, pin=self.accelerator.pin_host,
+                        manager=self.manager)
         self.manager.attach_nvme(tier, host_limit=self.budgets.host)
 
     def _on_schedule_change(self, reason: str) -> None:

@@ -6,8 +6,9 @@ hyperparameters are fixed then.  What is left is a ``PendingStep``: the chunk gr
 update, in layout order (which is module order, the order the next forward uses them), and
 how far it got.  ``StepPipeline`` applies it group by group: while group i is updated, the
 next ``read_ahead`` groups are read from NVMe and the groups already updated are written
-back as the host budget makes room (``_spill_order``), so ``engine.PIPELINE_GROUPS`` groups
-are in host memory at a time (the engine sets ``read_ahead = PIPELINE_GROUPS - 2``).
+back as the host budget makes room (``_spill_order``), so ``read_ahead + 2`` groups are in
+host memory at a time (the engine sets ``read_ahead`` from ``nvme_pipeline_depth``:
+hetmem/nvme/pipeline_plan.py).
 
 Synchronous (``overlap_step: false``, no NVMe tier, or distributed): ``engine.step()`` runs
 the pipeline to the end.  Overlapped (the default with the NVMe tier): ``engine.step()`` only
@@ -55,7 +56,7 @@ from hetmem.chunk_manager.states import ChunkKind, Tier
 logger = logging.getLogger("hetmem.step_pipeline")
 
 # groups read from NVMe ahead of the one being updated, unless the engine sets another
-# (engine.PIPELINE_GROUPS - 2: one group being written back, one updated, these read)
+# (the NVMe pipeline plan's depth: one group being written back, one updated, these read)
 READ_AHEAD_GROUPS = 1
 # backward's early reads of optimizer state fill at most this share of host_budget (with what
 # spilling later groups' state would free); the rest stays for backward's own reads

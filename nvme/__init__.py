@@ -8,6 +8,10 @@ Public API:
   manager.  (hetmem/nvme/aio.py)
 - ``aligned_empty(numel, dtype)`` / ``release_buffer(t)`` / ``BufferPool``: aligned,
   host buffers pinned on accelerator machines, reused.  (buffers.py)
+- ``IoBufferPool(capacity, *, prefault, huge, lock, pin)``: the NVMe tier's one long-lived region
+  of IO buffers (aligned, huge pages, faulted in, locked or pinned).  (io_pool.py)
+- ``plan_pipeline(group_bytes, host_budget, depth)``: the NVMe optimizer step's read-ahead plan.
+  (pipeline_plan.py)
 - ``SwapSpace(dir, blobs, ...)`` with ``store(key, t)`` / ``load(key, into=t)`` /
   ``reserve(blobs)`` / ``close()``, and ``SwapChecksumError``.  (swap.py)
 - ``probe_io(dir)``: which backends and O_DIRECT work there.  (probe.py)
@@ -21,6 +25,8 @@ from hetmem.nvme.aio import AsyncFile, Request
 from hetmem.nvme.buffers import BufferPool, aligned_empty, aligned_tensor, padded_nbytes, release_buffer
 from hetmem.nvme.checksum import crc32c
 from hetmem.nvme.config import CONFIG_KEYS, IOConfig, load_io_config, write_io_config
+from hetmem.nvme.io_pool import IoBufferPool, MemlockError
+from hetmem.nvme.pipeline_plan import PipelinePlan, plan_pipeline
 from hetmem.nvme.probe import probe_io
 from hetmem.nvme.swap import BlobState, SwapChecksumError, SwapSpace
 
@@ -28,5 +34,6 @@ __all__ = [
     "AsyncFile", "Request", "BufferPool", "aligned_empty", "aligned_tensor", "padded_nbytes", "release_buffer",
     "crc32c",
     "CONFIG_KEYS", "IOConfig", "load_io_config", "write_io_config", "probe_io", "BlobState",
+    "IoBufferPool", "MemlockError", "PipelinePlan", "plan_pipeline",
     "SwapChecksumError", "SwapSpace",
 ]

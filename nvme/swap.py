@@ -36,7 +36,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -171,7 +171,7 @@ class SwapSpace:
     def __init__(self, directory: str | os.PathLike, blobs: Mapping[str, int] | None = None, *,
                  name: str = "hetmem", backend: str = DEFAULT_BACKEND, block_size: int | str = DEFAULT_BLOCK_SIZE,
                  queue_depth: int = DEFAULT_QUEUE_DEPTH, threads: int = DEFAULT_THREADS, direct: bool = True,
-                 checksum: bool = False):
+                 checksum: bool = False, owned_bytes: Callable[[torch.Tensor], int | None] | None = None):
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"name={name!r} must be a plain file name stem such as 'hetmem'")
         self.directory = Path(directory)
@@ -180,6 +180,9 @@ class SwapSpace:
         self.lock_path = self.directory / f"{name}.swap.lock"  # flock'ed, holds our pid
         self.slot_alignment = max(SLOT_ALIGNMENT, os.statvfs(self.directory).f_bsize)
         self.checksum = bool(checksum)
+        # bytes a buffer owns from its start (aligned padding included), None if unknown: buffers
+        # owning their whole slot move it whole (no staging of a partial last page)
+        self._owned_bytes = owned_bytes or padded_nbytes
         # (name, function(ptr, nbytes)) of the blob checksum; crc32c unless the op is missing
         self.checksum_algorithm, self._checksum_fn = blob_checksum() if checksum else ("off", None)
         self._lock = threading.RLock()          # guards _blobs, _size and the blob states
@@ -320,9 +323,9 @@ class SwapSpace:
         return blob
 
     def _io_bytes(self, tensor: torch.Tensor, blob: _Blob) -> int:
-        """The whole aligned slot when the tensor is an aligned_empty buffer owning that much."""
+        """The whole aligned slot when the tensor is a buffer owning that much (``owned_bytes``)."""
         whole = _round_up(blob.nbytes, SLOT_ALIGNMENT)
-        owned = padded_nbytes(tensor)
+        owned = self._owned_bytes(tensor)
         return whole if owned is not None and owned >= whole else blob.nbytes
 
     def _settle(self, blob: _Blob) -> None:

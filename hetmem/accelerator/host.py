@@ -21,6 +21,11 @@ class FutureEvent:
         self._future.result()   # raises what the copy raised
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` returning nothing: a finished future must not keep ``dst`` alive."""
+    dst.copy_(src)
+
+
 class WorkerStream:
     """One worker thread that runs copies in order (copies release the GIL)."""
 
@@ -38,7 +43,7 @@ class HostAccelerator(Accelerator):
         return WorkerStream()
 
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, stream: WorkerStream, label: str = "") -> CopyEvent:
-        return FutureEvent(stream.pool.submit(dst.copy_, src))
+        return FutureEvent(stream.pool.submit(_copy, dst, src))
 
     def close_stream(self, stream: WorkerStream) -> None:
         stream.pool.shutdown(wait=True)
