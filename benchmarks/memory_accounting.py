@@ -100,11 +100,15 @@ def padding_share(layout) -> float:
 
 def engine_parts(engine) -> dict[str, int]:
     """hetmem's own bytes in memory now (between steps): chunks per kind, the free buffers its
-    pool keeps, the module's buffers.  Activations are gone between steps; their peak is
+    pool keeps, the module's buffers, the unused part of the NVMe tier's IO region.  Activations are gone between steps; their peak is
     ``engine.tracer.store.peak_non_model`` (what a step adds on top, with its temporaries)."""
     parts = {f"chunks.{kind}": nbytes for kind, nbytes in chunk_bytes_by_kind(engine.manager).items()}
     parts["pool_free_buffers"] = engine.manager.pool.cached_bytes
     parts["module_buffers"] = engine.buffer_bytes
+    io_pool = getattr(engine.manager.nvme, "pool", None)  # the NVMe tier's IO region (nvme/io_pool.py)
+    if io_pool is not None:
+        stats = io_pool.stats()  # its blocks in use are chunk payloads, counted above; the rest is faulted in
+        parts["io_pool_unused"] = max(0, stats["capacity"] - stats["in_use"])
     return parts
 
 

@@ -51,3 +51,15 @@ def test_engine_parts_are_the_managers_chunk_bytes():
         assert heap is None or heap["heap"] >= heap["heap_free"] >= 0
     finally:
         engine.close()
+
+
+def test_engine_parts_count_the_io_regions_unused_bytes_with_nvme(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(12)])
+    engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget="1MiB", host_budget="4MiB",
+                                                    nvme_dir=str(tmp_path), dtype="bf16", memory_trace=False))
+    try:
+        parts = acc.engine_parts(engine)
+        stats = engine.manager.nvme.pool.stats()
+        assert parts["io_pool_unused"] == stats["capacity"] - stats["in_use"] >= 0
+    finally:
+        engine.close()
