@@ -25,6 +25,7 @@ from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import Config
 from hetmem.device import Budgets, resolve_budgets, resolve_device
+from hetmem.distributed import DataParallel
 from hetmem.fit_hints import fit_advice
 from hetmem.grads import GradRouter
 from hetmem.host_memory import return_freed_buffers_to_os
@@ -58,6 +59,7 @@ class Engine:
         started = time.perf_counter()
         self.config = config
         self.module = model                                   # the user's model, hooks installed
+        self.data_parallel = DataParallel.from_torch()        # None: one process (hetmem/distributed/)
         self.accelerator = resolve_device(config)                # the seam: hetmem/accelerator/
         self.device = self.accelerator.device
         self.budgets: Budgets = resolve_budgets(config, self.accelerator)
@@ -72,7 +74,8 @@ class Engine:
         param_groups = (resolve_user_groups(optimizer, self.layout) if optimizer is not None else
                         [(config_group(config.optimizer), [s for s in self.layout.slots if s.trainable])])
         self.module_state = ModuleStateHooks(model, self.layout)  # module.state_dict() reads the chunks
-        create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True)
+        owned = None if self.data_parallel is None else self.data_parallel.plan(self.layout, config, param_groups)
+        create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True, owned=owned)
         self._check_fits_at_all()
         self.recorder = None
         if config.memory_trace:
@@ -102,8 +105,10 @@ class Engine:
         self.scaler = LossScaler(config.loss_scale if config.uses_loss_scaling else None)
         self.grads = GradRouter(self.layout, self.manager, mixed=config.mixed_precision,
                                 accumulation_steps=config.gradient_accumulation_steps,
-                                on_schedule_change=self._on_schedule_change)
-        self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads)
+                                on_schedule_change=self._on_schedule_change, in_slot=self.data_parallel is None)
+        self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads,
+                                shard=None if self.data_parallel is None else
+                                self.data_parallel.sharded_step(self.manager, lambda: self.tracer.store.schedule))
         # a torch.optim.Optimizer over the user's groups; its step() is this engine's step
         self.optimizer = HetmemOptimizer(param_groups, layout=self.layout, manager=self.manager, adam=self.adam,
                                          run_step=self._step, drop_gradients=self.zero_grad)
@@ -171,7 +176,8 @@ class Engine:
 
         config = self.config
         return_freed_buffers_to_os()  # else glibc keeps freed buffers and RSS passes host_budget
-        tier = NvmeTier(self.manager.chunks, config.nvme_dir, backend=config.nvme_backend,
+        folder = config.nvme_dir if self.data_parallel is None else self.data_parallel.ctx.rank_folder(config.nvme_dir)
+        tier = NvmeTier(self.manager.chunks, folder, backend=config.nvme_backend,
                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
                         threads=config.nvme_threads, checksum=config.nvme_checksum)
         self.manager.attach_nvme(tier, host_limit=self.budgets.host)
@@ -342,6 +348,8 @@ class Engine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full-precision weights and buffers under the model's own keys (CPU tensors)."""
         self._check_open()
+        if self.data_parallel is not None:
+            return self.data_parallel.full_state_dict(self.module_state, self.layout, self.manager)
         return state_io.full_state_dict(self)
 
     def load_state_dict(self, state_dict, strict: bool = True):
@@ -354,6 +362,9 @@ class Engine:
         from hetmem.checkpoint import save_checkpoint
 
         self._check_open()
+        if self.data_parallel is not None:
+            return self.data_parallel.save_checkpoint(self._checkpoint_parts(), directory, tag=tag,
+                                                      client_state=client_state, keep=keep, lr_scheduler=lr_scheduler)
         return save_checkpoint(self._checkpoint_parts(), directory, tag=tag, client_state=client_state, keep=keep,
                                lr_scheduler=lr_scheduler)
 
@@ -377,7 +388,8 @@ class Engine:
         self._check_open()
         if self.recorder is None:
             raise RuntimeError("memory_report() needs memory_trace=True in the config")
-        return self.recorder.report()
+        report = self.recorder.report()
+        return report if self.data_parallel is None else self.data_parallel.rank_report(report)
 
     @property
     def loss_scale(self) -> float:

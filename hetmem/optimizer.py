@@ -101,8 +101,11 @@ def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
 
 class ChunkedAdam:
     def __init__(self, layout: Layout, manager: ChunkManager, config: Config, device: torch.device,
-                 scaler: LossScaler, grads: GradRouter):
+                 scaler: LossScaler, grads: GradRouter, shard=None):
         self.layout = layout
+        # data parallel (hetmem/distributed/sharded_step.py): which groups this rank updates,
+        # the reduced gradients' norm, the updated parameters' broadcast; None in one process
+        self.shard = shard
         self.manager = manager
         self.config = config
         # Param groups: id(slot) -> group index, and each group's hyperparameters for the
@@ -137,13 +140,17 @@ class ChunkedAdam:
         """
         started = time.perf_counter()
         groups = [g for g in self.layout.groups if g.trainable]
-        squares = self._sum_of_squares(groups)
+        squares = self._sum_of_squares(groups) if self.shard is None else self.shard.reduce_gradients(groups)
         if not math.isfinite(squares):
+            if self.shard is not None:
+                self.shard.skip()
             reason = self._skip(groups, squares)
             return StepResult(True, math.inf if squares == math.inf else math.nan, self.scaler.scale,
                               time.perf_counter() - started, reason=reason)
         norm = self._pending_norm
-        if norm is None and (self.config.gradient_clipping is not None or not self.grads.accumulating):
+        if self.shard is not None:  # the reduced gradients' norm, the same on every rank
+            norm = math.sqrt(squares) / self.scaler.scale
+        elif norm is None and (self.config.gradient_clipping is not None or not self.grads.accumulating):
             norm = self._global_norm(groups, squares)
         self._pending_norm = norm  # until the step completes (a retry after an error reuses it)
         grad_scale = self.scaler.scale
@@ -154,18 +161,28 @@ class ChunkedAdam:
                 grad_scale = grad_scale / coef
         blocked_before, moved_before = self.manager.blocked_s, self._moved_bytes()
         self._compute_s = 0.0
-        for i, group in enumerate(groups):
+        updated = groups if self.shard is None else [g for g in groups if self.shard.owns(g)]
+        for i, group in enumerate(updated):
             try:
-                with self.manager.spill_order(self._spill_order(groups, i)):
-                    if i + 1 < len(groups):
-                        self._read_ahead(groups[i + 1])
+                with self.manager.spill_order(self._spill_order(updated, i)):
+                    if i + 1 < len(updated):
+                        self._read_ahead(updated[i + 1])
+                    if self.shard is not None:
+                        self.shard.publish_until(group.index - 1)
                     self._step_group(group, grad_scale)
+                    if self.shard is not None:
+                        self.shard.publish_until(group.index)
             except OSError as exc:
                 raise OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {i} of "
                                          f"{len(groups)} chunk groups ({exc}); no bytes were lost, but this step is "
                                          f"only partly applied: call engine.step() again to apply the rest "
                                          f"(exact), or load the last checkpoint",
                               getattr(exc, "filename", None)) from exc
+        if self.shard is not None:
+            self.shard.finish()
+            for group in groups:
+                if not self.shard.owns(group):  # updated by its owner: the step counts follow
+                    self._step_group(group, grad_scale, update=False)
         self.grads.norm_parts.clear()
         self._pending_norm = None
         self.scaler.update(overflow=False)
@@ -275,12 +292,12 @@ class ChunkedAdam:
         return self.manager.accelerator.separate_memory and all(
             c.tier is Tier.DEVICE for c in group.chunks.values() if c.tier is not None)
 
-    def _step_group(self, group: ChunkGroup, grad_scale: float) -> None:
+    def _step_group(self, group: ChunkGroup, grad_scale: float, update: bool = True) -> None:
         runs = grad_runs(group, self.group_of)
         ungrouped = [s for s in group.slots if s.has_grad and id(s) not in self.group_of]
         if ungrouped:
             self._drop_grads(group, ungrouped)
-        if runs:
+        if runs and update:
             chunks = self._operands(group)  # in memory and pinned
             for chunk in set(chunks.values()):
                 self.manager.mark_dirty(chunk)

@@ -1,0 +1,157 @@
+"""One rank of a distributed test: ``python -m tests.distributed.worker SCENARIO OUT [key=value ...]``
+with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set (tests/distributed/launcher.py, or torchrun).
+Each rank trains on its slice of every batch and writes its results to OUT/rank<R>.pt."""
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import hetmem
+from hetmem.distributed import memory_summary
+from hetmem.distributed import optimizer_state_bytes
+from tests.engine.helpers import batches, config, steady_steps, tiny_gpt
+
+TIGHT = "2304KiB"
+
+
+def shard(batch, rank: int, world: int):
+    x, y = batch
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def mean_loss(loss: torch.Tensor) -> float:
+    value = loss.detach().double().reshape(1).clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def engine_config(opts: dict) -> hetmem.Config:
+    overrides = dict(device_budget=opts.get("budget", TIGHT), dtype=opts.get("dtype", "fp32"),
+                     gradient_accumulation_steps=int(opts.get("accumulation", 1)))
+    if "clip" in opts:
+        overrides["gradient_clipping"] = float(opts["clip"])
+    if opts.get("dtype", "fp32") != "fp32":
+        overrides["optimizer"] = dict(lr=1e-3, weight_decay=0.0)
+    return config(**overrides)
+
+
+def train(engine, data, rank, world):
+    losses = []
+    for batch in data:
+        x, y = shard(batch, rank, world)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(mean_loss(loss))
+    return losses
+
+
+def train_ddp(model, data, rank, world, *, clip=None, accumulation=1):
+    """DistributedDataParallel + torch.optim.AdamW, the reference."""
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.1)
+    losses = []
+    for i, batch in enumerate(data):
+        x, y = shard(batch, rank, world)
+        loss = ddp(x, y)
+        (loss / accumulation).backward()
+        losses.append(mean_loss(loss))
+        if (i + 1) % accumulation == 0:
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+    return losses
+
+
+def scenario_parity(rank, world, opts):
+    steps = int(opts.get("steps", 8))
+    data = batches(steps, batch_size=4, seed=int(opts.get("seed", 0)))
+    model = tiny_gpt(0, bias=True)
+    reference = copy.deepcopy(model)
+    engine = hetmem.initialize(model, engine_config(opts))
+    losses = train(engine, data, rank, world)
+    result = {"losses": losses, "state": engine.state_dict(), "module_state": engine.module.state_dict(),
+              "evictions": [len(s["evictions"]) for s in steady_steps(engine)],
+              "fetches": [sum(m["cause"] in ("fetch", "prefetch") for m in s["moves"]) for s in steady_steps(engine)],
+              "optimizer_state_bytes": optimizer_state_bytes(engine.manager),
+              "owners": engine.data_parallel.owners, "summary": memory_summary(engine),
+              "report_meta": engine.memory_report().trace["meta"]["data_parallel"],
+              "norm": engine.adam.last_norm, "global_step": engine.global_step,
+              "group_bytes": {g.index: g.capacity * 4 for g in engine.layout.groups if g.trainable}}
+    engine.close()
+    if opts.get("ddp", "1") == "1":
+        result["ddp_losses"] = train_ddp(reference, data, rank, world, clip=float(opts["clip"]) if "clip" in opts
+                                         else None, accumulation=int(opts.get("accumulation", 1)))
+        result["ddp_state"] = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    return result
+
+
+def scenario_resume(rank, world, opts):
+    """Train ``first`` steps (or load ``load``), save to ``save``, train ``then`` more steps."""
+    data = batches(int(opts["total"]), batch_size=4, seed=5)
+    engine = hetmem.initialize(tiny_gpt(0), engine_config(opts))
+    start = 0
+    if "load" in opts:
+        engine.load_checkpoint(opts["load"])
+        start = engine.global_step
+    first = int(opts.get("first", 0))
+    losses = train(engine, data[start:start + first], rank, world)
+    if "save" in opts:
+        engine.save_checkpoint(opts["save"])
+    losses += train(engine, data[start + first:start + first + int(opts.get("then", 0))], rank, world)
+    result = {"losses": losses, "state": engine.state_dict()}
+    engine.close()
+    return result
+
+
+def scenario_die(rank, world, opts):
+    """Rank 1 dies after the first step; the others go on training."""
+    data = batches(6, batch_size=4, seed=6)
+    engine = hetmem.initialize(tiny_gpt(0), engine_config(opts))
+    for i, batch in enumerate(data):
+        if rank == 1 and i == 1:
+            os._exit(3)
+        x, y = shard(batch, rank, world)
+        engine.backward(engine(x, y))
+        engine.step()
+    return {}
+
+
+def scenario_mismatch(rank, world, opts):
+    """Rank 1 builds a wider model, or passes another config."""
+    what = opts["what"]
+    model = tiny_gpt(0, d_model=96 if what == "model" and rank == 1 else 64)
+    cfg = engine_config(opts)
+    if what == "config" and rank == 1:
+        cfg = cfg.replace(gradient_clipping=2.0)
+    if what == "world":
+        cfg = cfg.replace(chunk_size=1 << 20)
+    try:
+        hetmem.initialize(model, cfg)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    opts = dict(a.split("=", 1) for a in sys.argv[3:])
+    timeout = datetime.timedelta(seconds=float(opts.get("timeout", 60)))
+    dist.init_process_group("gloo", timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    result = globals()[f"scenario_{scenario}"](rank, world, opts)
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
