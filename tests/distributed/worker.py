@@ -104,10 +104,12 @@ def scenario_resume(rank, world, opts):
         start = engine.global_step
     first = int(opts.get("first", 0))
     losses = train(engine, data[start:start + first], rank, world)
+    result = {}
     if "save" in opts:
         engine.save_checkpoint(opts["save"])
+        result["state_at_save"] = engine.state_dict()
     losses += train(engine, data[start + first:start + first + int(opts.get("then", 0))], rank, world)
-    result = {"losses": losses, "state": engine.state_dict()}
+    result.update(losses=losses, state=engine.state_dict())
     engine.close()
     return result
 

@@ -1,0 +1,62 @@
+"""Checkpoints across world sizes, a rank that dies, and ranks that disagree."""
+from __future__ import annotations
+
+import torch
+
+import hetmem
+from tests.distributed.launcher import log_of, run_ranks, start, wait_all
+from tests.engine.helpers import config, tiny_gpt
+
+TIGHT = "2304KiB"
+
+
+def assert_equal_states(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_checkpoints_move_between_two_ranks_and_one_process_bit_exactly(tmp_path):
+    two = tmp_path / "two-ranks.ckpt"
+    one = tmp_path / "one-process.ckpt"
+    # 2 ranks: 3 steps, a checkpoint (each rank its own file, in parallel), 3 more steps
+    first = run_ranks("resume", tmp_path / "run1", total=6, first=3, save=two, then=3)
+    assert sorted(p.name for p in next((two / "step-00000003").glob("v-*")).glob("params*")) == \
+        ["params.rank-00000.bin", "params.rank-00001.bin"]
+    # 1 process loads the 2-rank checkpoint: the same weights, bit for bit; it saves again (one file)
+    engine = hetmem.initialize(tiny_gpt(0), config(device_budget=TIGHT))
+    engine.load_checkpoint(two)
+    assert engine.global_step == 3
+    assert_equal_states(engine.state_dict(), first[0]["state_at_save"])
+    engine.save_checkpoint(one)
+    engine.close()
+    # 2 ranks load the 1-process checkpoint and continue: the first run's last 3 steps, bit for bit
+    # (so the Adam moments and step counts came through both conversions exactly too)
+    second = run_ranks("resume", tmp_path / "run2", total=6, load=one, then=3)
+    for rank in range(2):
+        assert second[rank]["losses"] == first[rank]["losses"][3:]
+        assert_equal_states(second[rank]["state"], first[rank]["state"])
+
+
+def test_a_dead_rank_makes_the_other_fail_with_a_clear_error(tmp_path):
+    procs = start(["-m", "tests.distributed.worker", "die", str(tmp_path), "timeout=30"], 2, tmp_path)
+    codes, _ = wait_all(procs, timeout=90)
+    assert codes[1] == 3, log_of(tmp_path, 1)
+    assert codes[0] is not None, "rank 0 hung after rank 1 died"
+    assert codes[0] != 0
+    log = log_of(tmp_path, 0)
+    assert "CollectiveError" in log and "rank 0 of 2 could not complete" in log, log[-3000:]
+    assert "Another rank has probably died" in log
+
+
+def test_ranks_that_disagree_are_refused_with_what_differs(tmp_path):
+    model = run_ranks("mismatch", tmp_path / "model", what="model")
+    for result in model:
+        assert "rank 1 differs from rank 0 in parameters[0][1][1]: 64 vs 96" in result["error"], result["error"]
+    cfg = run_ranks("mismatch", tmp_path / "config", what="config")
+    for result in cfg:
+        assert "rank 1 differs from rank 0 in config.gradient_clipping: None vs 2.0" in result["error"], result["error"]
+    world = run_ranks("mismatch", tmp_path / "world", what="world")
+    for result in world:
+        assert "world_size=2 is larger than the number of trainable chunk groups (1" in result["error"]
+        assert "lower chunk_size" in result["error"]
