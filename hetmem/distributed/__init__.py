@@ -73,6 +73,21 @@ class DataParallel:
         self.step = ShardedStep(self.ctx, self.comm, manager, self.owners, schedule)
         return self.step
 
+    # -- data ----------------------------------------------------------------------------
+
+    def slice_batch(self, batch):
+        """This rank's equal share of a batch every rank drew (dimension 0)."""
+        n = batch.shape[0] // self.world_size
+        return batch[self.rank * n:(self.rank + 1) * n]
+
+    def mean(self, value) -> float:
+        """The mean over ranks of a scalar (a loss): a small all-reduce."""
+        import torch
+
+        total = torch.tensor([float(value.detach() if isinstance(value, torch.Tensor) else value)],
+                             dtype=torch.float64)
+        return float(self.comm.all_reduce(total, "the mean of a scalar over ranks")[0]) / self.world_size
+
     # -- state ---------------------------------------------------------------------------
 
     def full_state_dict(self, module_state, layout, manager):
