@@ -90,6 +90,8 @@ class Engine:
         self.module_state.install(self.manager)
         self.buffer_bytes = move_buffers(model, self.device,
                                          norm_dtype=self.param_dtype if config.mixed_precision else None)
+        if self.data_parallel is not None:
+            self.data_parallel.sync_initial_state(self.layout, self.manager, model)
         self.tracer = MemoryTracer(make_probe(self.accelerator), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.activations = attach_activation_offload(config.activation_offload, self.manager, self.tracer,
                                                      self.budgets.host)  # None when "off"

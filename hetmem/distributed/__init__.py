@@ -30,6 +30,8 @@ from .sharded_step import ScheduleDivergence, ShardedStep
 
 logger = logging.getLogger("hetmem.distributed")
 
+INITIAL_SYNC_IN_FLIGHT = 4   # chunk groups broadcast at once by sync_initial_state
+
 __all__ = ["CollectiveError", "DataParallel", "DistContext", "ScheduleDivergence", "memory_summary"]
 
 
@@ -65,6 +67,28 @@ class DataParallel:
         owned = {i for i, r in self.owners.items() if r == self.rank}
         logger.info("rank %d owns chunk groups %s of %d trainable", self.rank, sorted(owned), len(self.owners))
         return owned
+
+    def sync_initial_state(self, layout, manager, module) -> None:
+        """Make every replica start from the same values, as DistributedDataParallel does at
+        construction: each trainable group's PARAM chunk from its owner (whose master the values
+        came from), frozen groups and the module's buffers from rank 0.  A few groups in flight
+        at a time, so the pinned chunks stay within the host budget when the rest is on NVMe."""
+        pending = []
+        for group in layout.groups:
+            if len(pending) >= INITIAL_SYNC_IN_FLIGHT:
+                pending.pop(0).wait()
+            chunk = group.chunks[ChunkKind.PARAM]
+            payload = manager.payload_in_memory(chunk)
+            manager.pin(chunk)
+            manager.mark_dirty(chunk)
+            source = self.owners[group.index] if group.trainable else 0
+            pending.append(self.comm.broadcast(payload.narrow(0, 0, group.used), source,
+                                               f"the initial weights of chunk group {group.index}",
+                                               on_done=lambda chunk=chunk: manager.unpin(chunk)))
+        for name, buffer in module.named_buffers():
+            pending.append(self.comm.broadcast(buffer.data, 0, f"the initial value of buffer {name!r}"))
+        for work in pending:
+            work.wait()
 
     def owns(self, group) -> bool:
         return self.owners.get(group.index) == self.rank

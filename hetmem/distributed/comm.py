@@ -6,11 +6,12 @@
 backend needs it (a host chunk under NCCL) goes through a staging copy on the backend's device;
 the copy back happens at ``wait()``.
 
-Bytes: ``sent_bytes`` counts what this rank contributes under the textbook algorithm of each
-collective (reduce: a non-root sends its tensor; broadcast: the root sends it to each other
-rank; all-reduce (ring): 2(N-1)/N of it; all-gather: its own part to each other rank).
-benchmarks/distributed_comm.py compares this theory with the bytes the process really wrote
-to its sockets.
+Bytes: ``sent_bytes`` counts what this rank sends under the algorithm gloo runs for each
+collective, for a tensor of B bytes on N ranks: reduce, a ring reduce-scatter ((N-1)/N of B
+from every rank) then each non-root rank's reduced share to the root (B/N more); broadcast,
+the root sends B to each other rank; all-reduce (ring), 2(N-1)/N of B; all-gather, its own
+part to each other rank.  benchmarks/distributed_comm.py compares this with the bytes the
+process really wrote to its sockets (at N=2).
 
 Failure: a collective that raises (a peer died: the connection closes; a peer stopped: the
 process group's timeout) becomes a ``CollectiveError`` naming this rank, what was being
@@ -107,8 +108,8 @@ class Comm:
         staged = self._stage(tensor)
         work = self._issue(lambda: dist.reduce(tensor if staged is None else staged, dst, op=dist.ReduceOp.SUM,
                                                group=self.ctx.group, async_op=True), what)
-        if self.ctx.rank != dst:
-            self._count("reduce", tensor.numel() * tensor.element_size())
+        world, nbytes = self.ctx.world_size, tensor.numel() * tensor.element_size()
+        self._count("reduce", (world - 1) / world * nbytes + (nbytes / world if self.ctx.rank != dst else 0))
         return Pending(self, work, what, staged, tensor, on_done)
 
     def broadcast(self, tensor: torch.Tensor, src: int, what: str, on_done=None) -> Pending:

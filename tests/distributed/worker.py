@@ -127,20 +127,23 @@ def scenario_die(rank, world, opts):
     return {}
 
 
-def scenario_mismatch(rank, world, opts):
-    """Rank 1 builds a wider model, or passes another config."""
-    what = opts["what"]
-    model = tiny_gpt(0, d_model=96 if what == "model" and rank == 1 else 64)
-    cfg = engine_config(opts)
-    if what == "config" and rank == 1:
-        cfg = cfg.replace(gradient_clipping=2.0)
-    if what == "world":
-        cfg = cfg.replace(chunk_size=1 << 20)
-    try:
-        hetmem.initialize(model, cfg)
-    except ValueError as exc:
-        return {"error": str(exc)}
-    return {"error": None}
+def scenario_checks(rank, world, opts):
+    """initialize() where the ranks disagree (each must raise ValueError), then with replicas
+    initialized from different seeds (the engine makes them equal)."""
+    errors = {}
+    attempts = {"model": (tiny_gpt(0, d_model=96 if rank == 1 else 64), engine_config(opts)),
+                "config": (tiny_gpt(0), engine_config(opts).replace(gradient_clipping=2.0 if rank == 1 else None)),
+                "world": (tiny_gpt(0), engine_config(opts).replace(chunk_size=1 << 20))}
+    for what, (model, cfg) in attempts.items():
+        try:
+            hetmem.initialize(model, cfg).close()
+            errors[what] = None
+        except ValueError as exc:
+            errors[what] = str(exc)
+    engine = hetmem.initialize(tiny_gpt(rank), engine_config(opts))   # different initial weights per rank
+    state = engine.state_dict()
+    engine.close()
+    return {"errors": errors, "initial_state": state}
 
 
 def main() -> None:
