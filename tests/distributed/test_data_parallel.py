@@ -43,7 +43,22 @@ def assert_norm_close(got: dict, expected: dict, rtol=1e-5):
         assert rel <= rtol, f"{key}: relative difference {rel}"
 
 
-def test_fp32_parity_with_one_process_and_ddp(tmp_path):
+def check_optimizer_state_split(ranks, engine):
+    """Each rank holds 1/N of the single process's optimizer state, within one group."""
+    total = optimizer_state_bytes(engine.manager)
+    owners = ranks[0]["owners"]
+    assert owners == ranks[1]["owners"] and set(owners.values()) == {0, 1}
+    largest = 2 * max(ranks[0]["group_bytes"].values())   # EXP_AVG + EXP_AVG_SQ of the largest group (fp32)
+    assert ranks[0]["optimizer_state_bytes"] + ranks[1]["optimizer_state_bytes"] == total
+    for result in ranks:
+        assert abs(result["optimizer_state_bytes"] - total / 2) <= largest, (result["optimizer_state_bytes"], total)
+    assert "use engine.save_checkpoint(DIR) on every rank" in ranks[0]["optimizer_error"]
+    summary = ranks[0]["summary"]
+    assert summary["world_size"] == 2 and summary["optimizer_state_bytes_total"] == total
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1] and summary["within_budget"]
+
+
+def test_fp32_parity_with_one_process_and_ddp_and_state_split(tmp_path):
     ranks = run_ranks("parity", tmp_path, steps=8, budget=RANK_TIGHT)
     engine, single_losses = single_process(8)
     for rank, result in enumerate(ranks):
@@ -55,31 +70,19 @@ def test_fp32_parity_with_one_process_and_ddp(tmp_path):
                                    atol=0)
         assert_norm_close(result["state"], engine.state_dict())
         assert_state_close(result["state"], result["ddp_state"])
+    check_optimizer_state_split(ranks, engine)
     # the replicas are identical, bit for bit, and module.state_dict() is the full model too (fp32)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
         assert torch.equal(value, ranks[1]["module_state"][key]), key
 
 
-def test_optimizer_state_is_split_by_ranks_within_one_group(tmp_path):
-    ranks = run_ranks("parity", tmp_path, steps=2, budget=RANK_TIGHT, ddp=0)
-    engine = hetmem.initialize(tiny_gpt(0, bias=True), config(device_budget=TIGHT))
-    total = optimizer_state_bytes(engine.manager)
-    owners = ranks[0]["owners"]
-    assert owners == ranks[1]["owners"] and set(owners.values()) == {0, 1}
-    largest = 2 * max(ranks[0]["group_bytes"].values())   # EXP_AVG + EXP_AVG_SQ of the largest group (fp32)
-    assert ranks[0]["optimizer_state_bytes"] + ranks[1]["optimizer_state_bytes"] == total
-    for result in ranks:
-        assert abs(result["optimizer_state_bytes"] - total / 2) <= largest, (result["optimizer_state_bytes"], total)
-    summary = ranks[0]["summary"]
-    assert summary["world_size"] == 2 and summary["optimizer_state_bytes_total"] == total
-    assert [r["rank"] for r in summary["ranks"]] == [0, 1] and summary["within_budget"]
-
-
-def test_clipping_and_accumulation_match_ddp(tmp_path):
-    ranks = run_ranks("parity", tmp_path, steps=8, budget=RANK_TIGHT, clip=0.05, accumulation=2)
+def test_clipping_accumulation_groups_scheduler_frozen_tied_unused_match_ddp(tmp_path):
+    ranks = run_ranks("parity", tmp_path, steps=8, budget=RANK_TIGHT, clip=0.05, accumulation=2, variety=1)
     for result in ranks:
         assert result["global_step"] == 4
+        assert result["lrs"] == [1e-3 / 3, 3e-3 / 3], "the LR scheduler did not run"
+        assert "head.weight" in result["state"] and "unused.weight" in result["state"]
         assert result["norm"] > 0.05, "clipping was not active"
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(result["ddp_losses"]), rtol=1e-5,
                                    atol=0)

@@ -7,6 +7,7 @@ import copy
 import datetime
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,21 +43,42 @@ def engine_config(opts: dict) -> hetmem.Config:
     return config(**overrides)
 
 
-def train(engine, data, rank, world):
+def with_variety(model):
+    """Frozen (ln_f), tied (head = wte, the GPT's own) and unused (an extra Linear) parameters."""
+    for p in model.ln_f.parameters():
+        p.requires_grad_(False)
+    model.unused = torch.nn.Linear(4, 4)
+    return model
+
+
+def adamw_groups(model):
+    """Two param groups (weight decay on matrices only, another lr)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1, "lr": 1e-3},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": 3e-3}])
+
+
+def lr_factor(step: int) -> float:
+    return 1.0 / (1.0 + 0.5 * step)
+
+
+def train(engine, data, rank, world, scheduler=None):
     losses = []
     for batch in data:
         x, y = shard(batch, rank, world)
         loss = engine(x, y)
         engine.backward(loss)
-        engine.step()
+        if engine.step() and scheduler is not None:
+            scheduler.step()
         losses.append(mean_loss(loss))
     return losses
 
 
-def train_ddp(model, data, rank, world, *, clip=None, accumulation=1):
+def train_ddp(model, data, rank, world, *, clip=None, accumulation=1, variety=False):
     """DistributedDataParallel + torch.optim.AdamW, the reference."""
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.1)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=variety)
+    opt = adamw_groups(model) if variety else torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) if variety else None
     losses = []
     for i, batch in enumerate(data):
         x, y = shard(batch, rank, world)
@@ -65,31 +87,43 @@ def train_ddp(model, data, rank, world, *, clip=None, accumulation=1):
         losses.append(mean_loss(loss))
         if (i + 1) % accumulation == 0:
             if clip is not None:
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), clip)
+                torch.nn.utils.clip_grad_norm_([p for p in ddp.parameters() if p.requires_grad], clip)
             opt.step()
             opt.zero_grad()
+            if scheduler is not None:
+                scheduler.step()
     return losses
 
 
 def scenario_parity(rank, world, opts):
     steps = int(opts.get("steps", 8))
+    variety = opts.get("variety", "0") == "1"
     data = batches(steps, batch_size=4, seed=int(opts.get("seed", 0)))
     model = tiny_gpt(0, bias=True)
+    if variety:
+        model = with_variety(model)
     reference = copy.deepcopy(model)
-    engine = hetmem.initialize(model, engine_config(opts))
-    losses = train(engine, data, rank, world)
+    engine = hetmem.initialize(model, engine_config(opts), optimizer=adamw_groups(model) if variety else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_factor) if variety else None
+    losses = train(engine, data, rank, world, scheduler)
+    try:
+        engine.optimizer.state_dict()
+        optimizer_error = None
+    except RuntimeError as exc:
+        optimizer_error = str(exc)
     result = {"losses": losses, "state": engine.state_dict(), "module_state": engine.module.state_dict(),
               "evictions": [len(s["evictions"]) for s in steady_steps(engine)],
               "fetches": [sum(m["cause"] in ("fetch", "prefetch") for m in s["moves"]) for s in steady_steps(engine)],
               "optimizer_state_bytes": optimizer_state_bytes(engine.manager),
               "owners": engine.data_parallel.owners, "summary": memory_summary(engine),
               "report_meta": engine.memory_report().trace["meta"]["data_parallel"],
-              "norm": engine.adam.last_norm, "global_step": engine.global_step,
+              "norm": engine.adam.last_norm, "global_step": engine.global_step, "optimizer_error": optimizer_error,
+              "lrs": [g["lr"] for g in engine.optimizer.param_groups],
               "group_bytes": {g.index: g.capacity * 4 for g in engine.layout.groups if g.trainable}}
     engine.close()
     if opts.get("ddp", "1") == "1":
         result["ddp_losses"] = train_ddp(reference, data, rank, world, clip=float(opts["clip"]) if "clip" in opts
-                                         else None, accumulation=int(opts.get("accumulation", 1)))
+                                         else None, accumulation=int(opts.get("accumulation", 1)), variety=variety)
         result["ddp_state"] = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     return result
 
@@ -115,11 +149,14 @@ def scenario_resume(rank, world, opts):
 
 
 def scenario_die(rank, world, opts):
-    """Rank 1 dies after the first step; the others go on training."""
+    """Rank 1 dies (or, with how=stall, stops without dying) after the first step; the others
+    go on training."""
     data = batches(6, batch_size=4, seed=6)
     engine = hetmem.initialize(tiny_gpt(0), engine_config(opts))
     for i, batch in enumerate(data):
         if rank == 1 and i == 1:
+            if opts.get("how") == "stall":
+                time.sleep(600)
             os._exit(3)
         x, y = shard(batch, rank, world)
         engine.backward(engine(x, y))
