@@ -8,8 +8,9 @@
 Parts: layout (hetmem/layout.py), chunks (chunk_manager/), the tracer (tracer/), the
 scheduler that places chunks at each moment (hetmem/scheduler.py), the hooks
 (hetmem/hooks.py), gradient routing (hetmem/grads.py), the optimizer step
-(hetmem/optimizer.py), state dicts (hetmem/state.py) and the report recorder
-(hetmem/recorder.py).
+(hetmem/optimizer.py), state dicts (hetmem/state.py), the report recorder
+(hetmem/recorder.py), and data parallelism when a process group is initialized
+(hetmem/distributed/).
 """
 from __future__ import annotations
 

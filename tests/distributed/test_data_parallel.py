@@ -98,3 +98,25 @@ def test_bf16_ranks_stay_identical_and_follow_fp32(tmp_path):
         assert rel < 0.02, f"bf16 left the fp32 DDP loss curve by {rel:.2%}"
     for key, value in ranks[0]["state"].items():   # fp32 masters gathered: equal on both ranks
         assert value.dtype == torch.float32 and torch.equal(value, ranks[1]["state"][key]), key
+
+
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    ranks = run_ranks("nonfinite", tmp_path)
+    for dtype in ("fp32", "fp16"):
+        for rank, result in enumerate(ranks):
+            got = result[dtype]
+            assert got["skipped"][1] and not got["skipped"][2], (dtype, rank, got["skipped"])
+            if dtype == "fp16":
+                assert got["scales"][1] < got["scales"][0], "the loss scale did not drop"
+            for key, value in got["states"][0].items():   # the skipped step changed nothing
+                assert torch.equal(got["states"][1][key], value), (dtype, rank, key)
+        for key, value in ranks[0][dtype]["states"][2].items():   # and the ranks went on together
+            assert torch.equal(ranks[1][dtype]["states"][2][key], value), (dtype, key)
+        assert ranks[0][dtype]["scales"] == ranks[1][dtype]["scales"]
+
+
+def test_ranks_whose_modules_run_in_another_order_are_stopped(tmp_path):
+    ranks = run_ranks("diverge", tmp_path)
+    for result in ranks:
+        assert result["error"] is not None and result["error"].startswith("ScheduleDivergence"), result
+        assert "rank(s) [1] differs from rank 0's" in result["error"]

@@ -183,6 +183,53 @@ def scenario_checks(rank, world, opts):
     return {"errors": errors, "initial_state": state}
 
 
+class Branchy(torch.nn.Module):
+    """Two layers whose order is the rank's choice: the traced schedules differ between ranks."""
+
+    def __init__(self, swap: bool):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(90, 90), torch.nn.Linear(90, 90)
+        self.swap = swap
+
+    def forward(self, x):
+        first, second = (self.b, self.a) if self.swap else (self.a, self.b)
+        return second(torch.tanh(first(x))).square().mean()
+
+
+def scenario_nonfinite(rank, world, opts):
+    """Step 2's gradient is non-finite on rank 1 only (NaN in fp32, an fp16 overflow): every rank
+    must skip it, keep its weights, and go on together."""
+    results = {}
+    for dtype, poison in (("fp32", float("nan")), ("fp16", 1e30)):
+        engine = hetmem.initialize(tiny_gpt(0), engine_config({**opts, "dtype": dtype}))
+        skipped, scales, states = [], [], []
+        for i, batch in enumerate(batches(3, batch_size=4, seed=7)):
+            x, y = shard(batch, rank, world)
+            loss = engine(x, y)
+            if i == 1 and rank == 1:
+                loss = loss * poison
+            engine.backward(loss)
+            engine.step()
+            skipped.append(engine.last_step.skipped)
+            scales.append(engine.loss_scale)
+            states.append(engine.state_dict())
+        results[dtype] = {"skipped": skipped, "scales": scales, "states": states, "reason": engine.last_step.reason}
+        engine.close()
+    return results
+
+
+def scenario_diverge(rank, world, opts):
+    engine = hetmem.initialize(Branchy(swap=rank == 1), hetmem.Config(device="cpu", dtype="fp32", chunk_size=8192))
+    x = torch.randn(4, 90)
+    try:
+        for _ in range(3):
+            engine.backward(engine(x))
+            engine.step()
+    except RuntimeError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "step": engine.global_step}
+    return {"error": None}
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     opts = dict(a.split("=", 1) for a in sys.argv[3:])
