@@ -60,9 +60,9 @@ class Engine:
         started = time.perf_counter()
         self.config = config
         self.module = model                                   # the user's model, hooks installed
-        self.data_parallel = DataParallel.from_torch()        # None: one process (hetmem/distributed/)
         self.accelerator = resolve_device(config)                # the seam: hetmem/accelerator/
         self.device = self.accelerator.device
+        self.data_parallel = DataParallel.from_torch(self.device)  # None: one process (hetmem/distributed/)
         self.budgets: Budgets = resolve_budgets(config, self.accelerator)
         self.param_dtype = DTYPES[config.dtype]
         max_chunk = self._auto_chunk_elements(self.budgets.usable)

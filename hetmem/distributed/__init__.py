@@ -45,8 +45,8 @@ class DataParallel:
         self.step: ShardedStep | None = None  # the optimizer's seams, set by sharded_step()
 
     @classmethod
-    def from_torch(cls) -> "DataParallel | None":
-        ctx = DistContext.from_torch()
+    def from_torch(cls, compute_device) -> "DataParallel | None":
+        ctx = DistContext.from_torch(compute_device)
         if ctx is None:
             return None
         logger.info("hetmem data parallel: %s, timeout %s", ctx.describe(), ctx.timeout)

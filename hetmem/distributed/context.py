@@ -30,9 +30,11 @@ class DistContext:
     group: object                  # the torch.distributed ProcessGroup the collectives run on
     backend: str                   # "gloo" | "nccl" | ... as torch names it
     timeout: datetime.timedelta    # how long a collective waits for a peer before it fails
+    comm_device: torch.device      # where the backend's tensors must be: the host for gloo, else
+                                   # the engine's compute device (NCCL: the rank's GPU)
 
     @classmethod
-    def from_torch(cls, group=None) -> "DistContext | None":
+    def from_torch(cls, compute_device: torch.device, group=None) -> "DistContext | None":
         """The default (or given) process group, or None: not initialized, or world size 1."""
         if not (dist.is_available() and dist.is_initialized()):
             return None
@@ -41,14 +43,8 @@ class DistContext:
         if world <= 1:
             return None
         backend = str(dist.get_backend(group))
-        return cls(dist.get_rank(group), world, group, backend, _group_timeout(group))
-
-    @property
-    def comm_device(self) -> torch.device:
-        """Where the backend's tensors must be: the current CUDA device for NCCL, else the CPU."""
-        if self.backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        comm_device = torch.device("cpu") if backend == "gloo" else compute_device
+        return cls(dist.get_rank(group), world, group, backend, _group_timeout(group), comm_device)
 
     def rank_folder(self, folder: str) -> str:
         """This rank's own subfolder of a folder every rank was given (e.g. ``nvme_dir``), so

@@ -4,7 +4,7 @@
 launcher (``python -m torch.distributed.run --standalone``, torchrun's elastic agent: it picks a
 free port, sets RANK / WORLD_SIZE / MASTER_* per rank, and stops the other ranks when one fails).
 ``init_from_env(device, timeout_s)`` is what a rank does first: initialize the default process
-group from those variables (gloo on the CPU, NCCL on CUDA) when WORLD_SIZE > 1 and none exists.
+group from those variables (torch's default backend for the device: gloo on the CPU) when WORLD_SIZE > 1 and none exists.
 That is also all a user's own script needs under torchrun (README "Data parallel").
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from hetmem.accelerator.torch_device import available_device
+
 logger = logging.getLogger("hetmem.distributed")
 
 
@@ -30,17 +32,28 @@ def world_size_from_env() -> int:
                          f"process)") from None
 
 
+def device_type_for(device: str) -> str:
+    """The torch device type a config's ``device`` trains on ("cpu" without an accelerator)."""
+    if device == "auto":
+        found = available_device()
+        return "cpu" if found is None else found.type
+    return device.partition(":")[0]
+
+
 def backend_for(device: str) -> str:
-    return "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
+    """torch's default backend for the device type (gloo on the CPU, NCCL on NVIDIA GPUs)."""
+    return dist.Backend.default_device_backend_map.get(device_type_for(device), "gloo")
 
 
 def init_from_env(device: str, timeout_s: float) -> bool:
-    """Initialize the default process group from torchrun's variables; False for one process."""
+    """Initialize the default process group from torchrun's variables; False for one process.
+    On an accelerator each rank first takes the device of its LOCAL_RANK."""
     if world_size_from_env() <= 1 or dist.is_initialized():
         return dist.is_initialized()
     backend = backend_for(device)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kind = device_type_for(device)
+    if kind != "cpu":
+        torch.get_device_module(kind).set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("rank %d of %d: process group %s initialized", dist.get_rank(), dist.get_world_size(), backend)
     return True
