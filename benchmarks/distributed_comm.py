@@ -151,7 +151,8 @@ def run(args) -> dict:
                         "step_s": statistics.median(s["seconds"] for s in r["steps"]),
                         "comm_wait_share": statistics.median(s["comm_wait_s"] / s["seconds"] for s in r["steps"]),
                         "evictions_per_step": r["evictions_per_step"]})
-    return {"world": args.world, "dtype": args.dtype, "steps": args.steps, "ranks": summary,
+    return {"world": args.world, "dtype": args.dtype, "steps": args.steps, "load_average": list(os.getloadavg()),
+            "ranks": summary,
             "single_process_step_s": statistics.median(s["seconds"] for s in single),
             "step_time_ratio_vs_single": max(r["step_s"] for r in summary)
             / statistics.median(s["seconds"] for s in single)}
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['counted_bytes']:,.0f}; waiting on communication {r['comm_wait_share']:.1%} of a "
               f"{r['step_s'] * 1e3:.0f} ms step; {r['evictions_per_step']:g} evictions/step")
     print(f"one process, whole batch: {result['single_process_step_s'] * 1e3:.0f} ms/step; slowest rank / one "
-          f"process: {result['step_time_ratio_vs_single']:.2f}")
+          f"process: {result['step_time_ratio_vs_single']:.2f}; load average "
+          f"{', '.join(f'{x:.1f}' for x in result['load_average'])}")
     return 0
 
 

@@ -54,8 +54,8 @@ def test_a_dead_or_stalled_rank_makes_the_other_fail_with_a_clear_error(tmp_path
     assert "Another rank has probably died" in log and "timeout, 5 s" in log
 
 
-def test_ranks_that_disagree_are_refused_and_replicas_start_equal(tmp_path):
-    ranks = run_ranks("checks", tmp_path)
+def test_ranks_that_disagree_are_refused_replicas_start_equal_and_nvme_dirs_split(tmp_path):
+    ranks = run_ranks("checks", tmp_path, nvme=tmp_path / "swap")
     for result in ranks:
         errors = result["errors"]
         assert "rank 1 differs from rank 0 in parameters[0][1][1]: 64 vs 96" in errors["model"], errors["model"]
@@ -64,3 +64,8 @@ def test_ranks_that_disagree_are_refused_and_replicas_start_equal(tmp_path):
         assert "lower chunk_size" in errors["world"]
     # models initialized from different seeds: each group takes its owner's values, as in DDP
     assert_equal_states(ranks[1]["initial_state"], ranks[0]["initial_state"])
+    # one nvme_dir given to both ranks: a subfolder each, and NVMe changes no number
+    for result in ranks:
+        assert result["swap_folders"] == ["rank-00000", "rank-00001"]
+        assert result["spilled"] > 0
+        assert result["losses"]["nvme"] == result["losses"]["memory"]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import hetmem
+from hetmem.chunk_manager.states import Tier
 from hetmem.distributed import memory_summary
 from hetmem.distributed import optimizer_state_bytes
 from tests.engine.helpers import batches, config, steady_steps, tiny_gpt
@@ -180,7 +181,19 @@ def scenario_checks(rank, world, opts):
     engine = hetmem.initialize(tiny_gpt(rank), engine_config(opts))   # different initial weights per rank
     state = engine.state_dict()
     engine.close()
-    return {"errors": errors, "initial_state": state}
+    # one nvme_dir for both ranks, a host budget that spills: each rank swaps in its own subfolder,
+    # and the losses are those of the run without NVMe
+    data = batches(3, batch_size=4, seed=8)
+    losses = {}
+    for tier in ("memory", "nvme"):
+        extra = dict(nvme_dir=opts["nvme"], host_budget="1MiB") if tier == "nvme" else {}
+        engine = hetmem.initialize(tiny_gpt(0), engine_config(opts).replace(**extra))
+        losses[tier] = train(engine, data, rank, world)
+        if tier == "nvme":
+            spilled = sum(c.nbytes for c in engine.manager.chunks if c.tier is Tier.NVME)
+        engine.close()
+    return {"errors": errors, "initial_state": state, "losses": losses, "spilled": spilled,
+            "swap_folders": sorted(p.name for p in Path(opts["nvme"]).iterdir())}
 
 
 class Branchy(torch.nn.Module):
