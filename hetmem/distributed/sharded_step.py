@@ -6,8 +6,9 @@
       others contribute zeros, as DistributedDataParallel does for a parameter one rank did not
       use); a schedule that differs between ranks raises on every rank, naming them.
    b. each group's GRAD chunk (its used prefix, fp32) is reduced (SUM) to the group's owner,
-      all issued at once in layout order, then waited in that order; the owner divides by the
-      world size (DDP's mean) and takes the squared norm of each reduced gradient.
+      issued in layout order with up to IN_FLIGHT in flight, each waited only when the window is
+      full or all are issued; the owner divides by the world size (DDP's mean) and takes the
+      squared norm of each reduced gradient.
    c. one all-reduce (SUM) of the owners' squared norms: the global squared norm, non-finite on
       every rank when any reduced gradient is (fp16 overflow included), so all ranks skip a step
       together and clip with the same coefficient.
@@ -37,6 +38,10 @@ from .comm import Comm, Pending
 from .context import DistContext
 
 logger = logging.getLogger("hetmem.distributed")
+
+# chunk groups whose reduce (or broadcast) is in flight at once: their chunks stay pinned in
+# memory meanwhile, so with state on NVMe this bounds the host bytes they hold
+IN_FLIGHT = 8
 
 
 class ScheduleDivergence(RuntimeError):
@@ -70,33 +75,40 @@ class ShardedStep:
                                f"checkpoint on every rank (or call engine.zero_grad() on every rank to drop this step)")
         self._agree(groups)
         world = self.ctx.world_size
-        pending: list[tuple[ChunkGroup, torch.Tensor, Pending]] = []
-        pinned = []
+        reduced = [g for g in groups if any(s.has_grad for s in g.slots)]
+        in_flight: list[tuple[ChunkGroup, torch.Tensor, Pending]] = []
         squares: list[torch.Tensor] = []
+
+        def land() -> None:  # the oldest reduce: waited, unpinned, and on its owner averaged
+            group, view, work = in_flight.pop(0)
+            try:
+                work.wait()
+            finally:
+                self.manager.unpin(group.chunks[ChunkKind.GRAD])
+            if self.owns(group):
+                view.div_(world)
+                squares.extend(torch.linalg.vector_norm(view.narrow(0, s.offset, s.numel), dtype=torch.float32)
+                               .square() for s in group.slots if s.has_grad)
+
         try:
-            for group in groups:
-                if not any(s.has_grad for s in group.slots):
-                    continue
+            for group in reduced:
+                if len(in_flight) >= IN_FLIGHT:
+                    land()
                 chunk = group.chunks[ChunkKind.GRAD]
                 payload = self.manager.payload_in_memory(chunk)
                 self.manager.pin(chunk)
-                pinned.append(chunk)
                 self.manager.mark_dirty(chunk)
                 view = payload.narrow(0, 0, group.used)
-                pending.append((group, view, self.comm.reduce(view, self.owners[group.index],
-                                                              f"the gradient reduce of chunk group {group.index}")))
-            for group, view, work in pending:
-                work.wait()
-                if self.owns(group):
-                    view.div_(world)
-                    squares += [torch.linalg.vector_norm(view.narrow(0, s.offset, s.numel), dtype=torch.float32)
-                                .square() for s in group.slots if s.has_grad]
+                in_flight.append((group, view, self.comm.reduce(
+                    view, self.owners[group.index], f"the gradient reduce of chunk group {group.index}")))
+            while in_flight:
+                land()
         finally:
-            for chunk in pinned:
-                self.manager.unpin(chunk)
+            for group, _, _ in in_flight:  # after an error: nothing stays pinned
+                self.manager.unpin(group.chunks[ChunkKind.GRAD])
         mine = torch.stack([s.double() for s in squares]).sum() if squares else torch.zeros((), dtype=torch.float64)
         total = self.comm.all_reduce(mine.reshape(1).cpu(), "the all-reduce of the gradient norm")
-        self._changed = [g for g, _, _ in pending]
+        self._changed = reduced
         self._cursor = 0
         self._in_step = True
         return float(total[0])
@@ -149,6 +161,8 @@ class ShardedStep:
         while self._cursor < len(self._changed) and self._changed[self._cursor].index <= index:
             group = self._changed[self._cursor]
             self._cursor += 1
+            if len(self._broadcasts) >= IN_FLIGHT:
+                self._broadcasts.pop(0).wait()
             chunk = group.chunks[ChunkKind.PARAM]
             payload = self.manager.payload_in_memory(chunk)
             self.manager.pin(chunk)
