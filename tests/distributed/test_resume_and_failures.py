@@ -17,23 +17,27 @@ def assert_equal_states(got: dict, expected: dict) -> None:
         assert torch.equal(got[key], value), key
 
 
-def test_checkpoints_move_between_two_ranks_and_one_process_bit_exactly(tmp_path):
-    two = tmp_path / "two-ranks.ckpt"
-    one = tmp_path / "one-process.ckpt"
+def test_checkpoints_move_between_2_ranks_1_process_and_4_ranks_bit_exactly(tmp_path):
     # 2 ranks: 3 steps, a checkpoint (each rank its own file, in parallel), 3 more steps
-    first = run_ranks("resume", tmp_path / "run1", total=6, first=3, save=two, then=3)
-    assert sorted(p.name for p in next((two / "step-00000003").glob("v-*")).glob("params*")) == \
+    first = run_ranks("resume", tmp_path / "run1", total=6, first=3, save=tmp_path / "two.ckpt", then=3)
+    assert sorted(p.name for p in next((tmp_path / "two.ckpt" / "step-00000003").glob("v-*")).glob("params*")) == \
         ["params.rank-00000.bin", "params.rank-00001.bin"]
+    saved = first[0]["state_at_save"]
     # 1 process loads the 2-rank checkpoint: the same weights, bit for bit; it saves again (one file)
     engine = hetmem.initialize(tiny_gpt(0), config(device_budget=TIGHT))
-    engine.load_checkpoint(two)
+    engine.load_checkpoint(tmp_path / "two.ckpt")
     assert engine.global_step == 3
-    assert_equal_states(engine.state_dict(), first[0]["state_at_save"])
-    engine.save_checkpoint(one)
+    assert_equal_states(engine.state_dict(), saved)
+    engine.save_checkpoint(tmp_path / "one.ckpt")
     engine.close()
-    # 2 ranks load the 1-process checkpoint and continue: the first run's last 3 steps, bit for bit
-    # (so the Adam moments and step counts came through both conversions exactly too)
-    second = run_ranks("resume", tmp_path / "run2", total=6, load=one, then=3)
+    # 4 ranks load that and save again (four files)
+    four = run_ranks("resume", tmp_path / "run2", world=4, total=6, load=tmp_path / "one.ckpt",
+                     save=tmp_path / "four.ckpt")
+    for result in four:
+        assert_equal_states(result["state_at_save"], saved)
+    # 2 ranks load the 4-rank checkpoint and continue: the first run's last 3 steps, bit for bit
+    # (so the Adam moments and step counts came through every conversion exactly too)
+    second = run_ranks("resume", tmp_path / "run3", total=6, load=tmp_path / "four.ckpt", then=3)
     for rank in range(2):
         assert second[rank]["losses"] == first[rank]["losses"][3:]
         assert_equal_states(second[rank]["state"], first[rank]["state"])
