@@ -12,6 +12,10 @@ With state on NVMe the step is a pipeline over groups: while group i is updated,
 is read from NVMe and groups already updated are written back (the host budget makes room by
 spilling them first: ``_spill_order``), so three groups are in host memory at a time and the
 CPU Adam hides behind the IO.
+
+Data parallel (``shard``, hetmem/distributed/sharded_step.py): the squared norm comes from the
+gradients reduced to their owners, this rank updates only the groups it owns, and each updated
+PARAM chunk is broadcast from its owner, issued in layout order around the updates.
 """
 from __future__ import annotations
 
@@ -142,8 +146,6 @@ class ChunkedAdam:
         groups = [g for g in self.layout.groups if g.trainable]
         squares = self._sum_of_squares(groups) if self.shard is None else self.shard.reduce_gradients(groups)
         if not math.isfinite(squares):
-            if self.shard is not None:
-                self.shard.skip()
             reason = self._skip(groups, squares)
             return StepResult(True, math.inf if squares == math.inf else math.nan, self.scaler.scale,
                               time.perf_counter() - started, reason=reason)
@@ -286,6 +288,8 @@ class ChunkedAdam:
                 touched += 1
         self.grads.norm_parts.clear()
         self._pending_norm = None
+        if self.shard is not None:
+            self.shard.reset()
         return touched
 
     def _on_device(self, group: ChunkGroup) -> bool:

@@ -184,7 +184,9 @@ class ShardedStep:
             self._changed = []
             self._in_step = False
 
-    def skip(self) -> None:
-        """The agreed norm is not finite: no update anywhere, nothing to publish."""
+    def reset(self) -> None:
+        """No update this step (the agreed norm is not finite, or the gradients are dropped by
+        ``zero_grad()`` on every rank after a step that failed part-way): nothing to publish."""
         self._changed = []
+        self._broadcasts.clear()
         self._in_step = False
