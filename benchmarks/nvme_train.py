@@ -12,7 +12,11 @@ for a few steps with nvme_dir set.  In the same run:
   mixed figure (the goal: >= 80%, the CPU Adam hidden behind the IO);
 - swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
   stepped in turn on the same batches: the median of the paired step-time ratios on/off, and
-  the crc32c time the swap space counts as a share of the step (``--checksum-repeats`` passes).
+  the crc32c time the swap space counts as a share of the step (``--checksum-repeats`` passes);
+- the overlapped optimizer step (``overlap_step``): two more engines, overlap on and off, stepped
+  in turn on the same batches: forward+backward time and step time of each, the synchronous
+  step's disk time (its bytes over the disk's mixed rate), and the target ratio
+  step(on) / max(forward+backward, disk) (``--overlap-repeats`` passes).
 
     python benchmarks/nvme_train.py --dir /nvme/scratch [--json]     (also: hetmem bench nvme-train)
 """
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
     p.add_argument("--checksum-repeats", type=int, default=1,
                    help="passes over the batches comparing checksums on and off step by step; 0: none")
+    p.add_argument("--overlap-repeats", type=int, default=1,
+                   help="passes over the batches comparing overlap_step on and off step by step; 0: none")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -94,6 +100,7 @@ def measure(args, progress=None) -> dict:
                     d_model=args.d_model, checkpoint=True)
     config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
                            nvme_dir=directory, dtype=args.dtype, memory_trace=False,
+                           overlap_step=False,  # the main run times the step alone (overlap_gain: both)
                            optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
     data = load_corpus()
     gen = torch.Generator().manual_seed(0)
@@ -121,10 +128,11 @@ def measure(args, progress=None) -> dict:
     if progress:
         progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
     checksums = checksum_cost(cfg, config, batches, args.checksum_repeats, progress)
+    disk_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
+    overlap = overlap_gain(cfg, config, batches, args.overlap_repeats, disk_rate, progress)
 
     steady = [s for s in steps if not s["warmup"]]
     opt_rate = statistics.median(s["optimizer_io_bytes"] / s["optimizer_s"] for s in steady)
-    disk_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
     budgets = parse_size(args.device_budget) + parse_size(args.host_budget)
     state = state_bytes(params, args.dtype)
     return {
@@ -142,6 +150,7 @@ def measure(args, progress=None) -> dict:
         "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
         "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
         "checksum": checksums,
+        "overlap": overlap,
         "steps": steps,
     }
 
@@ -172,20 +181,27 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
     return out
 
 
+def engine_pair(cfg: GPTConfig, config: hetmem.Config, first_batch, key: str) -> dict:
+    """Two engines from scratch with the boolean config ``key`` on and off (each in its own swap
+    folder), after their warm-up step."""
+    engines = {}
+    for on in (True, False):
+        with torch.device("meta"):
+            model = GPT(cfg)
+        folder = os.path.join(config.nvme_dir, f"{key}-{'on' if on else 'off'}")
+        engines[on] = hetmem.initialize(model, config.replace(**{key: on}, nvme_dir=folder),
+                                        init_fn=model.init_weights)
+        step_once(engines[on], *first_batch)  # the warm-up step
+    return engines
+
+
 def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, progress) -> dict:
     """Swap checksums' cost: two engines, checksums on and off, stepped in turn on the same
     batches (the order alternating), so a load change hits both: the median of the paired step
     time ratios on/off, and the crc time the swap space counts as a share of the 'on' steps."""
     if repeats <= 0:
         return {}
-    engines = {}
-    for on in (True, False):
-        with torch.device("meta"):
-            model = GPT(cfg)
-        folder = os.path.join(config.nvme_dir, "checksums-on" if on else "checksums-off")
-        engines[on] = hetmem.initialize(model, config.replace(nvme_checksum=on, nvme_dir=folder),
-                                        init_fn=model.init_weights)
-        step_once(engines[on], *batches[0])  # the warm-up step
+    engines = engine_pair(cfg, config, batches[0], "nvme_checksum")
     ratios, shares = [], []
     for r in range(repeats):
         for i, (x, y) in enumerate(batches[1:]):
@@ -209,6 +225,47 @@ def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, 
             "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares)}
 
 
+def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, disk_rate: float,
+                 progress) -> dict:
+    """The overlapped step's gain: two engines, overlap_step on and off, stepped in turn on the
+    same batches (the order alternating).  Per step: forward+backward seconds and step() seconds
+    of each; the synchronous step's disk time is its bytes over the disk's mixed rate."""
+    if repeats <= 0:
+        return {}
+    engines = engine_pair(cfg, config, batches[0], "overlap_step")
+    rows = {True: [], False: []}
+    for r in range(repeats):
+        for i, (x, y) in enumerate(batches[1:]):
+            for on in ((True, False) if (r + i) % 2 == 0 else (False, True)):
+                engine = engines[on]
+                t0 = time.perf_counter()
+                engine.backward(engine(x, y))  # overlapped: the previous step is applied in here
+                t1 = time.perf_counter()
+                engine.step()
+                t2 = time.perf_counter()
+                rows[on].append({"fwd_bwd_s": t1 - t0, "step_call_s": t2 - t1, "total_s": t2 - t0})
+        if progress:
+            progress(f"overlap comparison, repeat {r + 1}: step time on {median(rows[True], 'total_s'):.2f} s, "
+                     f"off {median(rows[False], 'total_s'):.2f} s")
+    for on, engine in engines.items():
+        result = engine.last_step  # finishes the last pending step
+        if not on:
+            bytes_per_step = result.io_bytes
+        engine.close(keep_weights=False)
+    fwd_bwd, disk = median(rows[False], "fwd_bwd_s"), bytes_per_step / disk_rate
+    ratios = [a["total_s"] / b["total_s"] for a, b in zip(rows[True], rows[False])]
+    return {"pairs": len(ratios), "step_s_on": median(rows[True], "total_s"),
+            "step_s_off": median(rows[False], "total_s"),
+            "fwd_bwd_s_off": fwd_bwd, "optimizer_s_off": median(rows[False], "step_call_s"),
+            "fwd_bwd_s_on": median(rows[True], "fwd_bwd_s"), "step_call_s_on": median(rows[True], "step_call_s"),
+            "disk_s": disk, "disk_bytes_per_step": bytes_per_step, "ratio_on_off_median": statistics.median(ratios),
+            "target_ratio": median(rows[True], "total_s") / max(fwd_bwd, disk), "rows": rows}
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
+
+
 def step_once(engine, x, y) -> None:
     engine.backward(engine(x, y))
     engine.step()
@@ -229,7 +286,17 @@ def table(r: dict) -> str:
         f"{r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s (median of before/after) -> "
         f"{r['optimizer_vs_disk_mixed']:.0%} of the disk",
         checksum_line(r["checksum"]),
+        overlap_line(r["overlap"]),
     ])
+
+
+def overlap_line(o: dict) -> str:
+    if not o:
+        return "overlapped step: not compared (--overlap-repeats 0)"
+    return (f"overlapped step ({o['pairs']} paired steps, medians): step {o['step_s_on']:.2f} s on, "
+            f"{o['step_s_off']:.2f} s off (paired on/off {o['ratio_on_off_median']:.3f}); forward+backward "
+            f"{o['fwd_bwd_s_off']:.2f} s, the step's disk time {o['disk_s']:.2f} s "
+            f"({o['disk_bytes_per_step'] / 1e9:.2f} GB) -> step(on) / max(fwd+bwd, disk) = {o['target_ratio']:.2f}")
 
 
 def checksum_line(c: dict) -> str:

@@ -10,6 +10,10 @@ that a noisy neighbour hurts them alike; figures are medians over the steady ste
   parameter chunks (default N=4; the model is in 16 chunks), so parameters move in every step;
   with the share of step time spent waiting on transfers.
 
+``--overlap-cost`` adds both hetmem contenders with ``overlap_step`` off and compares each with
+its overlapped self step by step (paired, in turn): the host-tier cost or gain of applying the
+optimizer step during the next forward.
+
     python benchmarks/train_throughput.py [--json]      (also: hetmem bench throughput)
 """
 from __future__ import annotations
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-cost", action="store_true",
                    help="add 'hetmem_fits_unchecked': hetmem_fits without the per-gradient norm that the "
                         "non-finite check reads (the check's cost, same run)")
+    p.add_argument("--overlap-cost", action="store_true",
+                   help="add 'hetmem_fits_sync' and 'hetmem_oversubscribed_sync' (overlap_step off) and the "
+                        "paired step-time ratios overlap on/off (same run)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -83,9 +90,9 @@ CHUNKS = 16  # parameter chunks both hetmem contenders use (the same layout, fit
 
 class Hetmem:
     def __init__(self, model: torch.nn.Module, dtype: str, budget: int | str, chunk_elements: int,
-                 check: bool = True):
+                 check: bool = True, overlap: bool = True):
         self.engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget=budget, dtype=dtype,
-                                                             chunk_size=chunk_elements,
+                                                             chunk_size=chunk_elements, overlap_step=overlap,
                                                              optimizer=hetmem.AdamConfig(lr=1e-3, weight_decay=0.1)))
         self.check_s = 0.0  # seconds in the non-finite check (the norms and their sum), when timed
         if not check:  # measurement only: no squared norms, so the step sums nothing and skips nothing
@@ -141,10 +148,15 @@ def measure(args: argparse.Namespace) -> dict:
     if args.check_cost:
         contenders["hetmem_fits_unchecked"] = Hetmem(copy.deepcopy(base), args.dtype, "auto", chunk_elements,
                                                      check=False)
+    if args.overlap_cost:
+        contenders["hetmem_fits_sync"] = Hetmem(copy.deepcopy(base), args.dtype, "auto", chunk_elements,
+                                                overlap=False)
+        contenders["hetmem_oversubscribed_sync"] = Hetmem(copy.deepcopy(base), args.dtype, budget, chunk_elements,
+                                                          overlap=False)
 
     samples: dict[str, list[dict]] = {name: [] for name in contenders}
     for name, contender in contenders.items():  # warm-up step each (hetmem: the tracer's)
-        if name == "hetmem_fits_unchecked":
+        if name in ("hetmem_fits_unchecked", "hetmem_fits_sync"):
             contender.step(*batches[0])  # as hetmem_fits: two steps before the measured ones
         contender.step(*batches[1])
     for _ in range(args.repeats):
@@ -152,6 +164,8 @@ def measure(args: argparse.Namespace) -> dict:
             for x, y in batches[2:]:
                 samples[name].append(contender.step(x, y))
     check = check_cost(contenders, batches[2:], args.repeats) if args.check_cost else None
+    overlap = ({name: paired(contenders[name], contenders[name + "_sync"], batches[2:], args.repeats)
+                for name in ("hetmem_fits", "hetmem_oversubscribed")} if args.overlap_cost else None)
     tokens = args.batch_size * args.block_size
     results = {}
     for name, runs in samples.items():
@@ -175,7 +189,21 @@ def measure(args: argparse.Namespace) -> dict:
         "results": results,
         "ratios": {name: r["tokens_per_s"] / plain for name, r in results.items()},
         **({"nonfinite_check": check} if check else {}),
+        **({"overlap_on_off": overlap} if overlap else {}),
     }
+
+
+def paired(on: Hetmem, off: Hetmem, batches, repeats: int) -> dict:
+    """Step-time ratios on/off, one step each in turn (the order alternating)."""
+    ratios = []
+    for r in range(repeats):
+        for i, (x, y) in enumerate(batches):
+            first, second = (on, off) if (r + i) % 2 == 0 else (off, on)
+            a, b = first.step(x, y)["seconds"], second.step(x, y)["seconds"]
+            ratios.append(a / b if first is on else b / a)
+    q = statistics.quantiles(ratios, n=4)
+    return {"paired_step_ratio_median": statistics.median(ratios), "paired_step_ratio_quartiles": [q[0], q[2]],
+            "pairs": len(ratios), "throughput_ratio_on_off": 1 / statistics.median(ratios)}
 
 
 def check_cost(contenders: dict, batches, repeats: int) -> dict:
@@ -216,6 +244,11 @@ def table(result: dict) -> str:
                      f"of hetmem_fits' step in the check itself; step with/without check "
                      f"{c['paired_step_ratio_median']:.3f} (median of {c['pairs']} paired steps, quartiles "
                      f"{c['paired_step_ratio_quartiles'][0]:.3f}-{c['paired_step_ratio_quartiles'][1]:.3f})")
+    for name, c in result.get("overlap_on_off", {}).items():
+        lines.append(f"{name}: overlap_step on/off step time {c['paired_step_ratio_median']:.3f} (median of "
+                     f"{c['pairs']} paired steps, quartiles {c['paired_step_ratio_quartiles'][0]:.3f}-"
+                     f"{c['paired_step_ratio_quartiles'][1]:.3f}); throughput on/off "
+                     f"{c['throughput_ratio_on_off']:.3f}")
     over = result["results"]["hetmem_oversubscribed"]
     lines.append(f"oversubscribed: device budget {format_bytes(over['device_budget_bytes'])} = activations "
                  f"{format_bytes(model['activation_peak_bytes'])} + 1/{cfg['oversubscription']:g} of the "

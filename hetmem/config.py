@@ -91,6 +91,8 @@ class Config:
     loss_scale: float | str = "dynamic"      # fp16 only: "dynamic" or a fixed scale
     device_margin: SizeOrAuto = AUTO         # device bytes kept free for allocator slack
     prefetch: bool = True                    # fetch the next moment's chunks ahead of use
+    overlap_step: bool = True                # apply the optimizer step group by group during the
+                                             # next forward (hetmem/step_pipeline.py); false: in step()
     memory_trace: bool = True                # record the trace behind engine.memory_report()
     nvme_backend: str = "auto"               # "auto" | "io_uring" | "linux_aio" | "threads"
     nvme_block_size: SizeOrAuto = "1MiB"
@@ -147,7 +149,7 @@ class Config:
             if scale <= 0:
                 _fail("loss_scale", self.loss_scale, "give 'dynamic' or a fixed scale > 0")
             set_("loss_scale", scale)
-        for key in ("prefetch", "memory_trace", "nvme_checksum"):
+        for key in ("prefetch", "memory_trace", "nvme_checksum", "overlap_step"):
             if not isinstance(getattr(self, key), bool):
                 _fail(key, getattr(self, key), "give true or false")
         if self.activation_offload not in ACTIVATION_OFFLOAD:

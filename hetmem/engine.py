@@ -110,8 +110,15 @@ class Engine:
                                 accumulation_steps=config.gradient_accumulation_steps,
                                 on_schedule_change=self._on_schedule_change, in_slot=self.data_parallel is None)
         self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads,
+                                overlap=config.overlap_step and config.nvme_dir is not None  # step_pipeline.py
+                                and self.data_parallel is None,   # data parallel: never overlapped
                                 shard=None if self.data_parallel is None else
                                 self.data_parallel.sharded_step(self.manager, lambda: self.tracer.store.schedule))
+        self.adam.pipeline.read_ahead = PIPELINE_GROUPS - 2             # write back, update, read ahead
+        self.scheduler.apply_step = self.adam.apply_through          # the next forward waits per group
+        self.scheduler.ready_for_prefetch = self.adam.ready_for_prefetch
+        self.scheduler.read_state_early = self.adam.read_state_early  # during backward
+        self.module_state.before_access = self.adam.finish_pending
         # a torch.optim.Optimizer over the user's groups; its step() is this engine's step
         self.optimizer = HetmemOptimizer(param_groups, layout=self.layout, manager=self.manager, adam=self.adam,
                                          run_step=self._step, drop_gradients=self.zero_grad)
@@ -120,7 +127,6 @@ class Engine:
         self.global_step = 0          # optimizer steps taken, skipped (non-finite) steps included
         self.micro_step = 0           # backward passes since initialize
         self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
-        self.last_step: StepResult | None = None
         self._in_slot_pending = False  # a warm-up finished; decide in-slot gradients after the step
         self.all_resident = False      # every chunk stays on the device (hetmem/placement.py)
         logger.info("hetmem engine: %d parameters in %d chunk groups of %d elements on %s; device budget %s",
@@ -197,6 +203,7 @@ class Engine:
             return self._untraced_forward(args, kwargs)
         if self.lifecycle.state is not Phase.FORWARD:
             if self.tracer.needs_warmup:
+                self.adam.finish_pending()  # a warm-up changes where gradients go
                 if self.all_resident:
                     release_residency(self.manager)
                     self.all_resident = False
@@ -216,6 +223,7 @@ class Engine:
             raise
 
     def _untraced_forward(self, args, kwargs) -> Any:
+        self.adam.finish_pending()
         with self.lifecycle.untraced():
             try:
                 with torch.profiler.record_function("hetmem::forward_no_grad"):
@@ -233,6 +241,11 @@ class Engine:
         if self.lifecycle.state is not Phase.FORWARD:
             raise RuntimeError("engine.backward(loss) needs a loss computed by engine(...) since the last "
                                "backward; call engine(batch) first")
+        try:
+            self.adam.finish_pending()  # the gradients go where the pending step reads its own
+        except BaseException:
+            self._abort()
+            raise
         scale = self.scaler.scale / self.config.gradient_accumulation_steps
         self.lifecycle.go(Phase.BACKWARD)
         try:
@@ -266,6 +279,8 @@ class Engine:
         in ``global_step`` (``last_step.skipped`` and ``.reason`` say why; per-parameter Adam step
         counts do not advance).  If the step raises (an IO error), calling it again applies the
         groups it did not reach; ``zero_grad()`` drops them instead (README "Reliability").
+        With ``overlap_step`` the update is applied by the next forward, group by group (the
+        error can surface there; then this call applies the rest and returns False).
         """
         self.optimizer.step()
         return self.optimizer.last_step_ran
@@ -274,6 +289,8 @@ class Engine:
         self._check_open()
         self.lifecycle.assert_in(Phase.IDLE, doing="engine.step() after a forward without engine.backward()",
                                  fix="call engine.backward(loss) first")
+        if self.micro_step == self._stepped_at and self.adam.pending is not None:
+            self.adam.finish_pending()  # an overlapped step an IO error interrupted: apply the rest
         if self.micro_step == self._stepped_at or self.micro_step % self.config.gradient_accumulation_steps:
             return False
         self.lifecycle.go(Phase.OPTIMIZER)
@@ -281,14 +298,15 @@ class Engine:
             with torch.profiler.record_function("hetmem::step"):
                 if self.recorder is not None:
                     with self.recorder.phase("optimizer"):
-                        self.last_step = self.optimizer.run_update()
+                        self.optimizer.run_update()
                 else:
-                    self.last_step = self.optimizer.run_update()
+                    self.optimizer.run_update()
         finally:
             self.lifecycle.go(Phase.IDLE)
         self.global_step += 1
         self._stepped_at = self.micro_step
         if self._in_slot_pending and not self.tracer.needs_warmup:
+            self.adam.finish_pending()
             moved = self.grads.decide_in_slot()
             if moved:
                 logger.info("%d chunk groups now keep gradients in their PARAM slots", moved)
@@ -297,11 +315,18 @@ class Engine:
                 self.manager, self.accelerator, peak_non_model=self.tracer.store.peak_non_model,
                 usable=self.budgets.usable, bring_to_host=self.scheduler.bring_to_host)
         if self.recorder is not None:
-            self.recorder.end_step(self.last_step)
+            self.recorder.end_step(self.adam.last_result)
         return True
+
+    @property
+    def last_step(self) -> StepResult | None:
+        """The last step's figures (a pending overlapped step is finished first)."""
+        self.adam.finish_pending()
+        return self.adam.last_result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop every pending gradient without a step (in-slot ones give their weights back).
+        The gradients an overlapped step still applies were consumed by ``step()``: kept.
 
         The way back after an exception in forward, backward or step; a later ``step()`` at
         this boundary returns False.  ``set_to_none`` is accepted for torch compatibility.
@@ -365,6 +390,7 @@ class Engine:
         from hetmem.checkpoint import save_checkpoint
 
         self._check_open()
+        self.adam.finish_pending()
         if self.data_parallel is not None:
             return self.data_parallel.save_checkpoint(self._checkpoint_parts(), directory, tag=tag,
                                                       client_state=client_state, keep=keep, lr_scheduler=lr_scheduler)
@@ -376,6 +402,7 @@ class Engine:
         from hetmem.checkpoint import load_checkpoint
 
         self._check_open()
+        self.adam.finish_pending()
         restored = load_checkpoint(self._checkpoint_parts(), directory, tag=tag, lr_scheduler=lr_scheduler)
         self.global_step, self.micro_step = restored.global_step, restored.micro_step
         self.zero_grad()  # the loaded state starts at a boundary with no pending gradients
@@ -391,6 +418,7 @@ class Engine:
         self._check_open()
         if self.recorder is None:
             raise RuntimeError("memory_report() needs memory_trace=True in the config")
+        self.adam.finish_pending()
         report = self.recorder.report()
         return report if self.data_parallel is None else self.data_parallel.rank_report(report)
 
@@ -419,6 +447,7 @@ class Engine:
         if self._closed:
             return
         if keep_weights:
+            self.adam.finish_pending()
             self.module_state.check_host_room()
         self.lifecycle.go(Phase.CLOSED)
         self.hooks.remove()

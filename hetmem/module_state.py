@@ -26,6 +26,7 @@ import functools
 import logging
 import weakref
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,6 +56,9 @@ class ModuleStateHooks:
         self.param_dtype_override: torch.dtype | None = None  # engine.state_dict(): fp32 throughout
         self._tied: tuple[weakref.ref, dict[int, weakref.ref]] | None = None  # one state_dict's tied tensors
         self._handles: list = []
+        # called before chunks are read or written: the engine's pending optimizer step is
+        # finished first (hetmem/step_pipeline.py)
+        self.before_access: Callable[[], object] = lambda: None
 
     def install(self, manager: ChunkManager) -> None:
         self.manager = manager
@@ -82,6 +86,8 @@ class ModuleStateHooks:
         return OrderedDict((k, v if k in params else v.to("cpu", copy=True)) for k, v in state.items())
 
     def _after_state_dict(self, module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+        if module._parameters:
+            self.before_access()
         for name, param in module._parameters.items():
             key = prefix + name
             if param is None or key not in state_dict or state_dict[key] is param:  # keep_vars=True
@@ -118,6 +124,7 @@ class ModuleStateHooks:
 
     def _before_load(self, module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
                      unexpected_keys, error_msgs) -> None:
+        self.before_access()
         for name, param in module._parameters.items():
             key = prefix + name
             slot = self.layout.by_param.get(id(param)) if param is not None else None

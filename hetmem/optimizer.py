@@ -8,14 +8,14 @@ group by the fused CPU Adam, which reads the (low-precision) gradient, divides o
 and clipping in the same pass, and writes the new low-precision parameters into the PARAM
 chunk.
 
-With state on NVMe the step is a pipeline over groups: while group i is updated, group i+1
-is read from NVMe and groups already updated are written back (the host budget makes room by
-spilling them first: ``_spill_order``), so three groups are in host memory at a time and the
-CPU Adam hides behind the IO.
+The step is decided at ``engine.step()`` (``start``: norm, skip, clipping, loss scale) and
+applied group by group by hetmem/step_pipeline.py: at once, or overlapped with the next
+forward (``overlap_step``), which waits per group for that group's update.
 
-Data parallel (``shard``, hetmem/distributed/sharded_step.py): the squared norm comes from the
-gradients reduced to their owners, this rank updates only the groups it owns, and each updated
-PARAM chunk is broadcast from its owner, issued in layout order around the updates.
+Data parallel (``shard``, hetmem/distributed/sharded_step.py; never overlapped): the squared
+norm comes from the gradients reduced to their owners, this rank updates only the groups it
+owns (the others' step counts follow), and each group's PARAM chunk is broadcast from its owner
+as the pipeline passes it, in layout order on every rank.
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ import torch
 
 from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
-from hetmem.chunk_manager.spill import KIND_ORDER
 from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
 from hetmem.config import Config
 from hetmem.grads import GradRouter
 from hetmem.layout import Layout
 from hetmem.loss_scaler import LossScaler
+from hetmem.step_pipeline import PendingStep, StepPipeline
 
 logger = logging.getLogger("hetmem.optimizer")
 
@@ -48,6 +48,7 @@ class StepResult:
     compute_s: float = 0.0     # of which in the Adam kernels
     io_bytes: int = 0          # bytes read + written by NVMe and device transfers during the step
     reason: str | None = None  # why the step was skipped (None when it was applied)
+    overlapped: bool = False   # applied by the next forward; ``seconds`` counts the work, not the wait
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
 
 class ChunkedAdam:
     def __init__(self, layout: Layout, manager: ChunkManager, config: Config, device: torch.device,
-                 scaler: LossScaler, grads: GradRouter, shard=None):
+                 scaler: LossScaler, grads: GradRouter, *, overlap: bool = False, shard=None):
         self.layout = layout
         # data parallel (hetmem/distributed/sharded_step.py): which groups this rank updates,
         # the reduced gradients' norm, the updated parameters' broadcast; None in one process
@@ -125,23 +126,43 @@ class ChunkedAdam:
         self.grads = grads
         self.mixed = config.mixed_precision
         self.last_norm: float | None = None
-        self._pending_norm: float | None = None  # the norm of a step that raised part-way, for its retry
+        # apply steps group by group during the next forward (config.overlap_step; the engine
+        # turns it off when distributed)
+        self.overlap = overlap
+        # late-bound, so a patched _step_group (tests inject IO errors) is the one called
+        self.pipeline = StepPipeline(manager, lambda group, scale: self._apply_group(group, scale),
+                                     self._operand_chunks)
+        # the step decided at engine.step() and not applied to every group yet (overlapped, or
+        # interrupted by an IO error); None otherwise
+        self.pending: PendingStep | None = None
+        self.last_result: StepResult | None = None  # the last finished step's figures
         self._compute_s = 0.0
 
     # -- the step ------------------------------------------------------------------------
 
-    def step(self) -> StepResult:
-        """Update every group that has gradients; skip the whole step on a non-finite norm.
+    def step(self) -> StepResult | None:
+        """Decide the step and apply it (``overlap`` off), or leave it pending for the next
+        forward (returns None then; ``finish_pending`` applies the rest).  A step that an IO
+        error interrupted is resumed instead: calling it again applies the rest, exactly.
 
         Non-finite gradients (docs: README "Reliability"): the squared norms taken as gradients
         arrived (hetmem/grads.py) are summed with one host sync in every dtype; when the sum is
         not finite the step changes nothing - weights, Adam moments, per-parameter step counts -
         and the pending gradients are dropped, in-slot ones replaced by the master weights again
         (``drop_gradients``).  fp16 also lowers its loss scale.  The result says why.
-
-        A step that raised part-way (an IO error) keeps the gradients of the groups it did not
-        reach and the norm it computed: calling it again applies the rest, exactly.
         """
+        if self.pending is None:
+            skipped = self.start()
+            if skipped is not None:
+                self.last_result = skipped
+                return skipped
+            if self.pending.overlapped:
+                return None
+        return self.finish_pending()
+
+    def start(self) -> StepResult | None:
+        """Decide the step from the gradients (all arrived) and the hyperparameters now; start
+        reading its first groups.  Returns the result of a skipped step, else None (pending)."""
         started = time.perf_counter()
         groups = [g for g in self.layout.groups if g.trainable]
         squares = self._sum_of_squares(groups) if self.shard is None else self.shard.reduce_gradients(groups)
@@ -149,76 +170,100 @@ class ChunkedAdam:
             reason = self._skip(groups, squares)
             return StepResult(True, math.inf if squares == math.inf else math.nan, self.scaler.scale,
                               time.perf_counter() - started, reason=reason)
-        norm = self._pending_norm
+        norm = None
         if self.shard is not None:  # the reduced gradients' norm, the same on every rank
             norm = math.sqrt(squares) / self.scaler.scale
-        elif norm is None and (self.config.gradient_clipping is not None or not self.grads.accumulating):
+        elif self.config.gradient_clipping is not None or not self.grads.accumulating:
             norm = self._global_norm(groups, squares)
-        self._pending_norm = norm  # until the step completes (a retry after an error reuses it)
         grad_scale = self.scaler.scale
         clip = self.config.gradient_clipping
         if clip is not None and norm is not None:
             coef = clip / (norm + 1e-6)
             if coef < 1.0:
                 grad_scale = grad_scale / coef
-        blocked_before, moved_before = self.manager.blocked_s, self._moved_bytes()
-        self._compute_s = 0.0
-        updated = groups if self.shard is None else [g for g in groups if self.shard.owns(g)]
-        for i, group in enumerate(updated):
-            try:
-                with self.manager.spill_order(self._spill_order(updated, i)):
-                    if i + 1 < len(updated):
-                        self._read_ahead(updated[i + 1])
-                    if self.shard is not None:
-                        self.shard.publish_until(group.index - 1)
-                    self._step_group(group, grad_scale)
-                    if self.shard is not None:
-                        self.shard.publish_until(group.index)
-            except OSError as exc:
-                raise OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {i} of "
-                                         f"{len(groups)} chunk groups ({exc}); no bytes were lost, but this step is "
-                                         f"only partly applied: call engine.step() again to apply the rest "
-                                         f"(exact), or load the last checkpoint",
-                              getattr(exc, "filename", None)) from exc
-        if self.shard is not None:
-            self.shard.finish()
-            for group in groups:
-                if not self.shard.owns(group):  # updated by its owner: the step counts follow
-                    self._step_group(group, grad_scale, update=False)
         self.grads.norm_parts.clear()
-        self._pending_norm = None
         self.scaler.update(overflow=False)
         self.last_norm = norm
-        return StepResult(False, norm, self.scaler.scale, time.perf_counter() - started,
-                          io_wait_s=self.manager.blocked_s - blocked_before, compute_s=self._compute_s,
-                          io_bytes=self._moved_bytes() - moved_before)
+        self.pending = PendingStep(groups, grad_scale, norm, self.scaler.scale, overlapped=self.overlap,
+                                   issued_at=started)
+        self.pipeline.issue(self.pending)
+        self.pending.work_s = time.perf_counter() - started
+        return None
+
+    def apply_through(self, chunks) -> None:
+        """The scheduler is about to place ``chunks``: apply the pending step to their groups
+        (and every group before them) first.  A no-op when nothing is pending."""
+        pending = self.pending
+        if pending is not None:
+            self._advance(pending, pending.last_needed(chunks))
+
+    def ready_for_prefetch(self, chunks: list) -> list:
+        """The scheduler would prefetch ``chunks``: apply the pending step to their groups as far
+        as the groups' operands have arrived (never waiting for the disk); returns the chunks
+        whose groups are updated (the rest is fetched, and updated, when its moment comes)."""
+        pending = self.pending
+        if pending is None:
+            return chunks
+        through = pending.last_needed(chunks)
+        while pending.next <= through and self._arrived(pending.groups[pending.next]):
+            self._advance(pending, pending.next)
+        if self.pending is None:
+            return chunks
+        return [c for c in chunks if pending.position.get(c.group.index, -1) < pending.next]
+
+    def _arrived(self, group: ChunkGroup) -> bool:
+        """Every chunk the group's update reads is in memory with no transfer in flight (a query)."""
+        return all(c.tier is not Tier.NVME and (c.transfer is None or c.transfer.done())
+                   for c in self._operand_chunks(group).values())
+
+    def read_state_early(self) -> None:
+        """A backward moment: start reading the coming step's optimizer state from NVMe, first
+        groups first, as far as host room allows (overlap on; hetmem/step_pipeline.py)."""
+        if not self.overlap or self.pending is not None or self.manager.nvme is None:
+            return
+        groups = [g for g in self.layout.groups if g.trainable]
+        if self.manager.spill_preference is None:  # until the step is applied (_advance)
+            self.manager.spill_preference = self.pipeline.spill_between_steps(
+                groups, lambda: 0 if self.pending is None else self.pending.next)
+        self.pipeline.read_state_early(groups)
+
+    def finish_pending(self) -> StepResult | None:
+        """Apply the rest of the pending step; its figures (None when nothing was pending)."""
+        pending = self.pending
+        if pending is None:
+            return None
+        self._advance(pending, len(pending.groups) - 1)
+        return self.last_result
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The last step's gradient norm, known at ``engine.step()`` (a query: finishes nothing)."""
+        if self.pending is not None:
+            return self.pending.norm
+        return None if self.last_result is None else self.last_result.grad_norm
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last step was skipped (decided at ``engine.step()``; a pending one was not)."""
+        return self.pending is None and self.last_result is not None and self.last_result.skipped
+
+    def _advance(self, pending: PendingStep, through: int) -> None:
+        compute_before = self._compute_s
+        try:
+            self.pipeline.advance(pending, through)
+        finally:
+            pending.compute_s += self._compute_s - compute_before
+        if pending.done:
+            if self.shard is not None:
+                self.shard.finish()  # every broadcast landed
+            self.pending = None
+            self.manager.spill_preference = None  # set by read_state_early
+            self.last_result = StepResult(False, pending.norm, pending.loss_scale, pending.work_s,
+                                          io_wait_s=pending.blocked_s, compute_s=pending.compute_s,
+                                          io_bytes=pending.moved_bytes, overlapped=pending.overlapped)
 
     def _moved_bytes(self) -> int:
         return self.manager.moved_bytes
-
-    @staticmethod
-    def _spill_order(groups: list[ChunkGroup], current: int):
-        """While group ``current`` is updated: spill updated groups first (their next use is the
-        next step), then those furthest ahead; the current and next groups last."""
-        position = {g.index: i for i, g in enumerate(groups)}
-
-        def key(chunk) -> tuple:
-            at = position.get(chunk.group.index, -1)
-            if at < current:
-                rank, distance = 0, 0          # already updated (or frozen)
-            elif at > current + 1:
-                rank, distance = 1, -at        # needed later in this step: the latest first
-            else:
-                rank, distance = 2, 0          # being updated or read ahead
-            return (rank, KIND_ORDER[chunk.kind], distance, not chunk.nvme_valid, chunk.last_use)
-
-        return key
-
-    def _read_ahead(self, group: ChunkGroup) -> None:
-        """Start reading the next group's chunks from NVMe (returns at once)."""
-        for chunk in set(self._operand_chunks(group).values()):
-            if chunk.tier is Tier.NVME and chunk.transfer is None:
-                self.manager.move(chunk, Tier.HOST, cause="optimizer")
 
     def _grad_chunk(self, group: ChunkGroup):
         return group.chunks[ChunkKind.PARAM] if group.grad_in_slot else group.chunks[ChunkKind.GRAD]
@@ -228,8 +273,8 @@ class ChunkedAdam:
 
         Without gradient accumulation it is the squared global norm; with accumulation, the sum
         over micro-steps (hetmem/grads.py), finite exactly when every gradient was finite.
-        Summed in float64 in layout order over the slots still holding a gradient entry, so a
-        retried step sees the same value.
+        Summed in float64 in layout order over the slots holding a gradient entry (a retried
+        step resumes its ``PendingStep``, which keeps the norm it was decided with).
         """
         parts = [self.grads.norm_parts[id(s)] for g in groups for s in g.slots if id(s) in self.grads.norm_parts]
         return float(_sum_in_order(parts)) if parts else 0.0
@@ -278,6 +323,12 @@ class ChunkedAdam:
         weights cast to the compute dtype - the value the last step wrote there.  Groups with
         nothing pending are not touched (no chunk moves).
         """
+        if self.pending is not None:
+            if not self.pending.interrupted:
+                return 0  # its gradients were consumed at engine.step(); the next forward applies them
+            logger.warning("the rest of the step an IO error interrupted (%d of %d chunk groups) is dropped",
+                           len(self.pending.groups) - self.pending.next, len(self.pending.groups))
+            self.pending = None
         if groups is None:
             groups = [g for g in self.layout.groups if g.trainable]
         touched = 0
@@ -287,7 +338,6 @@ class ChunkedAdam:
                 self._finish_group(group, stepped=False)
                 touched += 1
         self.grads.norm_parts.clear()
-        self._pending_norm = None
         if self.shard is not None:
             self.shard.reset()
         return touched
@@ -295,6 +345,15 @@ class ChunkedAdam:
     def _on_device(self, group: ChunkGroup) -> bool:
         return self.manager.accelerator.separate_memory and all(
             c.tier is Tier.DEVICE for c in group.chunks.values() if c.tier is not None)
+
+    def _apply_group(self, group: ChunkGroup, grad_scale: float) -> None:
+        """The pipeline's step for one group: the update, or under data parallelism the update
+        on the group's owner and the step counts elsewhere, then its broadcast issued."""
+        if self.shard is None:
+            self._step_group(group, grad_scale)
+            return
+        self._step_group(group, grad_scale, update=self.shard.owns(group))
+        self.shard.publish_until(group.index)
 
     def _step_group(self, group: ChunkGroup, grad_scale: float, update: bool = True) -> None:
         runs = grad_runs(group, self.group_of)
@@ -335,6 +394,8 @@ class ChunkedAdam:
         return in_slot
 
     def _operand_chunks(self, group: ChunkGroup) -> dict:
+        if self.shard is not None and not self.shard.owns(group):
+            return {}  # another rank updates it: nothing to read here
         names = {"param": group.chunks[ChunkKind.PARAM], "grad": self._grad_chunk(group),
                  "exp_avg": group.chunks[ChunkKind.EXP_AVG], "exp_avg_sq": group.chunks[ChunkKind.EXP_AVG_SQ]}
         if self.mixed:

@@ -170,14 +170,17 @@ class HetmemOptimizer(torch.optim.Optimizer):
         drops ``param.grad`` (after a step there are none, so the usual call there is free)."""
         self._drop_gradients()
 
-    def run_update(self) -> StepResult:
+    def run_update(self) -> StepResult | None:
         """Read every group's parameters and hyperparameters now, then run the chunked update
-        (the engine calls this at a boundary)."""
-        # a key a group lacks (groups replaced by hand) takes the default, as add_param_group fills it
-        hyper = [read_hyper({**self.defaults, **group}, f"engine.optimizer.param_groups[{i}]")
-                 for i, group in enumerate(self.param_groups)]
-        self.adam.group_of = self._group_of()
-        self.adam.hyper = hyper
+        (the engine calls this at a boundary); None while the update is pending (overlapped:
+        the next forward applies it with the hyperparameters read here).  A step an IO error
+        interrupted resumes with the hyperparameters it started with."""
+        if self.adam.pending is None:
+            # a key a group lacks (groups replaced by hand) takes the default, as add_param_group fills it
+            hyper = [read_hyper({**self.defaults, **group}, f"engine.optimizer.param_groups[{i}]")
+                     for i, group in enumerate(self.param_groups)]
+            self.adam.group_of = self._group_of()
+            self.adam.hyper = hyper
         return self.adam.step()
 
     def _group_of(self) -> dict[int, int]:
@@ -204,6 +207,7 @@ class HetmemOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's state dict, gathered from the chunks into host memory."""
+        self.adam.finish_pending()
         unowned = [g.index for g in self.layout.groups if g.trainable and ChunkKind.EXP_AVG not in g.chunks]
         if unowned:
             raise RuntimeError(f"engine.optimizer.state_dict() under data parallelism: this rank holds Adam's state "
@@ -232,6 +236,7 @@ class HetmemOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class or from torch.optim.Adam/AdamW over the same groups.
         Everything is checked before anything changes."""
+        self.adam.finish_pending()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             changed = hook(self, state_dict)
             if changed is not None:

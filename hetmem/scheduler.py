@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -62,6 +63,13 @@ class Scheduler:
         self.peak_total = 0
         self.interval_peak_total = 0
         self.last_chunk_budget: int | None = None   # the chunk budget the last moment was placed with
+        # the optimizer step overlapped with the next forward (hetmem/step_pipeline.py): applied to
+        # chunks' groups before they are placed (waiting for it), before they are prefetched as far
+        # as it can without waiting (the chunks it could not reach are not prefetched); at each backward
+        # moment the coming step's optimizer state read ahead.  No-ops until the engine sets them.
+        self.apply_step: Callable[[Iterable[Chunk]], None] = lambda chunks: None
+        self.ready_for_prefetch: Callable[[list[Chunk]], list[Chunk]] = lambda chunks: chunks
+        self.read_state_early: Callable[[], None] = lambda: None
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -196,6 +204,7 @@ class Scheduler:
             self.recorder.on_moment(moment, self)
 
     def pre_forward(self, module: nn.Module) -> None:
+        self.apply_step(self.module_chunks(module))
         slots = self.layout.module_slots.get(module, [])
         for slot in slots:
             if slot.state is TensorState.GRAD_IN_SLOT and self.phase != "backward":
@@ -233,6 +242,7 @@ class Scheduler:
                 self._use_weights(slot)
                 self._moment_slots.append(slot)
         self._prefetch()
+        self.read_state_early()  # after this moment's own reads
         self._moment_ready(moment)
 
     def _release_moment(self) -> None:
@@ -258,6 +268,7 @@ class Scheduler:
 
     def _acquire(self, chunks: list[Chunk], why: str) -> None:
         """Make ``chunks`` resident and usable on the device, and pin them."""
+        self.apply_step(chunks)
         clock = self.manager.clock
         for chunk in chunks:
             chunk.last_use = clock
@@ -354,9 +365,7 @@ class Scheduler:
         budget = self.tracer.budget.prefetch_budget(self.tracer.current_record(), upcoming,
                                                     self.non_model_now())
         wanted = sorted((self._chunks_by_id[i] for i in upcoming.working_set), key=lambda c: c.id)
-        for chunk in wanted:
-            if chunk.tier is Tier.DEVICE:
-                continue
+        for chunk in self.ready_for_prefetch([c for c in wanted if c.tier is not Tier.DEVICE]):
             if not self._room_for_prefetch(chunk, budget, protect=wanted):
                 break
             self.bring_to_host(chunk)

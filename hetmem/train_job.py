@@ -215,7 +215,7 @@ def train(engine: Engine, options: TrainOptions, scheduler, state: TrainState, *
                                    keep=KEEP_CHECKPOINTS)
         yield StepMetrics(step=step, loss=state.losses[-1]["loss"], lr=lr, tokens_per_s=tokens / seconds,
                           seconds=seconds, peak_device_bytes=engine.scheduler.peak_total,
-                          skipped=bool(engine.last_step and engine.last_step.skipped))
+                          skipped=engine.adam.last_skipped)  # engine.last_step would finish an overlapped step
 
 
 @torch.no_grad()

@@ -12,15 +12,17 @@
    c. one all-reduce (SUM) of the owners' squared norms: the global squared norm, non-finite on
       every rank when any reduced gradient is (fp16 overflow included), so all ranks skip a step
       together and clip with the same coefficient.
-2. ``publish_until(index)`` (around each owned group's update): issues, in layout order, the
-   broadcast of each updated PARAM chunk from its owner up to group ``index``; a rank issues
-   the receives of the groups owned by others as it reaches them, so its own updates overlap
-   the others' broadcasts.
-3. ``finish()`` (after the updates): issues the rest and waits for every broadcast.
+2. ``publish_until(index)`` (after the pipeline passes each group): issues, in layout order,
+   the broadcast of each updated PARAM chunk from its owner up to group ``index``; a rank
+   issues the receives of the groups owned by others as it reaches them, so its own updates
+   overlap the others' broadcasts.
+3. ``finish()`` (when the pipeline is done): issues the rest and waits for every broadcast.
 
 Nothing here depends on the step's timing: the order of collectives is the layout order on
-every rank, whatever runs faster.  A step that failed part-way (an IO error on one rank) cannot
-be retried as in a single process, since the gradients were already reduced: it raises.
+every rank, whatever runs faster, and the overlapped step (hetmem/step_pipeline.py) is off.
+A step an IO error interrupted on one rank resumes as on one process (``engine.step()`` again
+applies and publishes the rest; nothing is reduced twice), while the other ranks wait for its
+broadcasts, at most the process group's timeout.
 """
 from __future__ import annotations
 
@@ -70,9 +72,9 @@ class ShardedStep:
     def reduce_gradients(self, groups: list[ChunkGroup]) -> float:
         """Reduce every group's gradient to its owner; the global squared norm (scaled)."""
         if self._in_step:
-            raise RuntimeError(f"hetmem data parallel: rank {self.ctx.rank}: the last optimizer step failed part-way "
-                               f"after its gradients were reduced; it cannot be retried on one rank. Load the last "
-                               f"checkpoint on every rank (or call engine.zero_grad() on every rank to drop this step)")
+            raise RuntimeError(f"hetmem data parallel: rank {self.ctx.rank}: a new step was started while the last "
+                               f"one (its gradients already reduced) was not finished; call engine.step() again to "
+                               f"finish it, or engine.zero_grad() on every rank to drop it")
         self._agree(groups)
         world = self.ctx.world_size
         reduced = [g for g in groups if any(s.has_grad for s in g.slots)]

@@ -176,9 +176,10 @@ class HetmemTrainer(transformers.Trainer):
         return None   # known after the step: _maybe_log_save_evaluate reads hetmem's
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args: Any, **kwargs: Any) -> None:
-        last = self.engine.last_step if self.engine is not None else None
-        if last is not None and last.grad_norm is not None:
-            grad_norm = last.grad_norm
+        # the norm is known at engine.step(); engine.last_step would finish an overlapped step
+        norm = self.engine.adam.last_grad_norm if self.engine is not None else None
+        if norm is not None:
+            grad_norm = norm
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------

@@ -11,7 +11,8 @@ from hetmem.chunk_manager.states import ChunkKind
 
 def training_state(engine) -> dict:
     """Every parameter's bytes in every chunk kind, steps, buffers, counters, loss scale, RNG;
-    read without moving any chunk."""
+    read without moving any chunk (once a pending overlapped step is applied, as every reader does)."""
+    engine.adam.finish_pending()
     staging = Staging()
     out = {}
     for group in engine.layout.groups:

@@ -196,12 +196,15 @@ def test_an_error_in_backward_leaves_the_engine_training(dtype):
     assert runs["failed"][2] == runs["without"][2]
 
 
-def test_a_step_that_raised_part_way_is_finished_exactly_by_the_next_step(monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_step_that_raised_part_way_is_finished_exactly_by_the_next_step(monkeypatch, tmp_path, overlap):
     data = batches(6, seed=8)
     runs = {}
     for name in ("interrupted", "plain"):
         _, model = pair(seed=3)
-        engine = hetmem.initialize(model, config(device_budget=TIGHT_16, dtype="bf16", gradient_clipping=0.5))
+        engine = hetmem.initialize(model, config(device_budget=TIGHT_16, dtype="bf16", gradient_clipping=0.5,
+                                                 overlap_step=overlap, nvme_dir=str(tmp_path / name)))
+        assert engine.adam.overlap is overlap  # the NVMe tier on: overlap applies
         if name == "interrupted":
             real = engine.adam._step_group
             calls = {"n": 0}
@@ -213,16 +216,24 @@ def test_a_step_that_raised_part_way_is_finished_exactly_by_the_next_step(monkey
                 return real(group, grad_scale)
 
             monkeypatch.setattr(engine.adam, "_step_group", flaky)
-        losses = []
+        losses, raised = [], []
         for i, (x, y) in enumerate(data):
-            loss = engine(x, y)
+            try:
+                loss = engine(x, y)  # overlapped: applies the previous step, where the error surfaces
+            except OSError as exc:
+                assert "call engine.step() again" in str(exc) and overlap and i == 4
+                raised.append(i)
+                assert not engine.step()  # applies the rest; the step counted when it was taken
+                loss = engine(x, y)
             engine.backward(loss)
             try:
                 engine.step()
             except OSError as exc:
-                assert "call engine.step() again" in str(exc) and i == 3
+                assert "call engine.step() again" in str(exc) and not overlap and i == 3
+                raised.append(i)
                 assert engine.step()
             losses.append(loss.item())
+        assert raised == ([] if name == "plain" else [4 if overlap else 3])
         runs[name] = (losses, engine.state_dict(), engine.global_step)
         assert_moved(engine)
     assert runs["interrupted"][0] == runs["plain"][0]

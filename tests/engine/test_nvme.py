@@ -88,6 +88,7 @@ def test_an_io_error_raises_and_loses_nothing(tmp_path):
 def test_corrupted_swap_is_detected_with_checksums(tmp_path):
     engine = _engine(tmp_path, nvme_checksum=True)
     train_engine(engine, batches(2))
+    assert engine.last_step is not None  # the overlapped step applied: nothing pending reads the victim
     spilled = [c for c in engine.manager.chunks if c.tier is Tier.NVME]
     assert spilled
     swap = engine.manager.nvme.swap
@@ -140,6 +141,7 @@ def test_stale_swap_of_a_killed_run_is_cleaned_up(tmp_path):
 def test_checkpoint_streams_nvme_state_without_moving_it(tmp_path):
     engine = _engine(tmp_path)
     train_engine(engine, batches(3))
+    assert engine.last_step is not None  # the overlapped step applied (that moves chunks; saving must not)
     where = {c.id: c.tier for c in engine.manager.chunks}
     host_before = engine.manager.bytes_on(Tier.HOST)
     folder = engine.save_checkpoint(tmp_path / "ckpt")
@@ -168,13 +170,15 @@ def test_resume_with_state_on_nvme_is_bit_identical(tmp_path):
     assert resumed["state"] == full["state"]
 
 
-def test_io_error_inside_the_optimizer_step_says_it_is_partly_applied(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_io_error_inside_the_optimizer_step_says_it_is_partly_applied(tmp_path, monkeypatch, overlap):
     import errno
 
     from hetmem.optimizer import ChunkedAdam
 
-    engine = _engine(tmp_path)
+    engine = _engine(tmp_path, overlap_step=overlap)
     train_engine(engine, batches(2))
+    assert engine.last_step is not None  # the last overlapped step applied before the fault is armed
     original = ChunkedAdam._step_group
     calls = {"n": 0}
 
@@ -189,5 +193,9 @@ def test_io_error_inside_the_optimizer_step_says_it_is_partly_applied(tmp_path, 
     engine.backward(engine(x, y))
     with pytest.raises(OSError, match=r"after updating 2 of \d+ chunk groups .* load the last checkpoint") as info:
         engine.step()
+        assert overlap and engine.adam.pending is not None  # overlapped: the next forward applies it
+        engine(x, y)
     assert info.value.errno == errno.EIO
+    assert engine.step() is (not overlap)  # the rest applied; an overlapped step counted already
+    assert engine.adam.pending is None and calls["n"] == len(engine.adam.layout.groups) + 1
     engine.close()
