@@ -8,8 +8,9 @@
 Parts: layout (hetmem/layout.py), chunks (chunk_manager/), the tracer (tracer/), the
 scheduler that places chunks at each moment (hetmem/scheduler.py), the hooks
 (hetmem/hooks.py), gradient routing (hetmem/grads.py), the optimizer step
-(hetmem/optimizer.py), state dicts (hetmem/state.py) and the report recorder
-(hetmem/recorder.py).
+(hetmem/optimizer.py), state dicts (hetmem/state.py), the report recorder
+(hetmem/recorder.py), and data parallelism when a process group is initialized
+(hetmem/distributed/).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.config import Config
 from hetmem.device import Budgets, resolve_budgets, resolve_device
+from hetmem.distributed import DataParallel
 from hetmem.fit_hints import fit_advice
 from hetmem.grads import GradRouter
 from hetmem.host_memory import return_freed_buffers_to_os, trim_freed_memory
@@ -59,6 +61,7 @@ class Engine:
         self.module = model                                   # the user's model, hooks installed
         self.accelerator = resolve_device(config)                # the seam: hetmem/accelerator/
         self.device = self.accelerator.device
+        self.data_parallel = DataParallel.from_torch(self.device)  # None: one process (hetmem/distributed/)
         self.budgets: Budgets = resolve_budgets(config, self.accelerator)
         self.param_dtype = DTYPES[config.dtype]
         max_chunk = self._auto_chunk_elements(self.budgets.usable)
@@ -71,7 +74,8 @@ class Engine:
         param_groups = (resolve_user_groups(optimizer, self.layout) if optimizer is not None else
                         [(config_group(config.optimizer), [s for s in self.layout.slots if s.trainable])])
         self.module_state = ModuleStateHooks(model, self.layout)  # module.state_dict() reads the chunks
-        create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True)
+        owned = None if self.data_parallel is None else self.data_parallel.plan(self.layout, config, param_groups)
+        create_chunks(self.layout, self.param_dtype, mixed=config.mixed_precision, grad_chunks=True, owned=owned)
         self.nvme_plan: PipelinePlan | None = None  # the NVMe step's shape, set by the check below
         self._check_fits_at_all()
         self.recorder = None
@@ -87,6 +91,8 @@ class Engine:
         self.module_state.install(self.manager)
         self.buffer_bytes = move_buffers(model, self.device,
                                          norm_dtype=self.param_dtype if config.mixed_precision else None)
+        if self.data_parallel is not None:
+            self.data_parallel.sync_initial_state(self.layout, self.manager, model)
         self.tracer = MemoryTracer(make_probe(self.accelerator), BudgetPolicy(self.budgets.device, self.budgets.margin))
         self.activations = attach_activation_offload(config.activation_offload, self.manager, self.tracer,
                                                      self.budgets.host)  # None when "off"
@@ -102,9 +108,12 @@ class Engine:
         self.scaler = LossScaler(config.loss_scale if config.uses_loss_scaling else None)
         self.grads = GradRouter(self.layout, self.manager, mixed=config.mixed_precision,
                                 accumulation_steps=config.gradient_accumulation_steps,
-                                on_schedule_change=self._on_schedule_change)
+                                on_schedule_change=self._on_schedule_change, in_slot=self.data_parallel is None)
         self.adam = ChunkedAdam(self.layout, self.manager, config, self.device, self.scaler, self.grads,
-                                overlap=config.overlap_step and config.nvme_dir is not None)  # step_pipeline.py
+                                overlap=config.overlap_step and config.nvme_dir is not None  # step_pipeline.py
+                                and self.data_parallel is None,   # data parallel: never overlapped
+                                shard=None if self.data_parallel is None else
+                                self.data_parallel.sharded_step(self.manager, lambda: self.tracer.store.schedule))
         if self.nvme_plan is not None:  # groups read from NVMe ahead of the one updated
             self.adam.pipeline.read_ahead = self.nvme_plan.depth
         self.scheduler.apply_step = self.adam.apply_through          # the next forward waits per group
@@ -170,7 +179,8 @@ class Engine:
 
         config = self.config
         return_freed_buffers_to_os()  # else glibc keeps freed buffers and RSS passes host_budget
-        tier = NvmeTier(self.manager.chunks, config.nvme_dir, backend=config.nvme_backend,
+        folder = config.nvme_dir if self.data_parallel is None else self.data_parallel.ctx.rank_folder(config.nvme_dir)
+        tier = NvmeTier(self.manager.chunks, folder, backend=config.nvme_backend,
                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
                         threads=config.nvme_threads, checksum=config.nvme_checksum, host_limit=self.budgets.host,
                         lock=config.nvme_lock_buffers, pin=self.accelerator.pin_host,
@@ -363,6 +373,8 @@ class Engine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full-precision weights and buffers under the model's own keys (CPU tensors)."""
         self._check_open()
+        if self.data_parallel is not None:
+            return self.data_parallel.full_state_dict(self.module_state, self.layout, self.manager)
         return state_io.full_state_dict(self)
 
     def load_state_dict(self, state_dict, strict: bool = True):
@@ -376,6 +388,9 @@ class Engine:
 
         self._check_open()
         self.adam.finish_pending()
+        if self.data_parallel is not None:
+            return self.data_parallel.save_checkpoint(self._checkpoint_parts(), directory, tag=tag,
+                                                      client_state=client_state, keep=keep, lr_scheduler=lr_scheduler)
         return save_checkpoint(self._checkpoint_parts(), directory, tag=tag, client_state=client_state, keep=keep,
                                lr_scheduler=lr_scheduler)
 
@@ -401,7 +416,8 @@ class Engine:
         if self.recorder is None:
             raise RuntimeError("memory_report() needs memory_trace=True in the config")
         self.adam.finish_pending()
-        return self.recorder.report()
+        report = self.recorder.report()
+        return report if self.data_parallel is None else self.data_parallel.rank_report(report)
 
     @property
     def loss_scale(self) -> float:

@@ -41,10 +41,13 @@ logger = logging.getLogger("hetmem.grads")
 
 class GradRouter:
     def __init__(self, layout: Layout, manager: ChunkManager, *, mixed: bool, accumulation_steps: int,
-                 on_schedule_change):
+                 on_schedule_change, in_slot: bool = True):
         self.layout = layout
         self.manager = manager
         self.mixed = mixed
+        # in-slot gradients allowed (off under data parallelism: gradients are reduced from
+        # GRAD chunks, and a rank has no master weights for the groups it does not own)
+        self.in_slot = in_slot
         self.accumulation_steps = accumulation_steps
         self.accumulating = accumulation_steps > 1  # norm_parts are then sums over micro-steps
         # id(slot) -> squared norm of its gradient (0-d, fp32), until the step or zero_grad
@@ -77,7 +80,7 @@ class GradRouter:
 
     def decide_in_slot(self) -> int:
         """After a warm-up step: move eligible groups to in-slot gradients; returns how many."""
-        if not self.mixed or self.accumulation_steps != 1:
+        if not self.mixed or self.accumulation_steps != 1 or not self.in_slot:
             return 0
         moved = 0
         for group in self.layout.groups:

@@ -26,8 +26,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 InitFn = Callable[[nn.Module], None]
 
 
-def create_chunks(layout: Layout, param_dtype: torch.dtype, *, mixed: bool, grad_chunks: bool) -> None:
-    """One chunk per kind per group (not yet placed anywhere)."""
+OPTIMIZER_STATE = (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)
+
+
+def create_chunks(layout: Layout, param_dtype: torch.dtype, *, mixed: bool, grad_chunks: bool,
+                  owned: set[int] | None = None) -> None:
+    """One chunk per kind per group (not yet placed anywhere).
+
+    ``owned`` (data parallel, hetmem/distributed/ownership.py): the trainable groups whose
+    optimizer state lives on this rank; the others get no MASTER/EXP_AVG/EXP_AVG_SQ chunk.
+    Their chunk ids stay reserved, so a chunk has the same id on every rank."""
     next_id = 0
     for group in layout.groups:
         kinds = [(ChunkKind.PARAM, param_dtype)]
@@ -38,7 +46,8 @@ def create_chunks(layout: Layout, param_dtype: torch.dtype, *, mixed: bool, grad
             if grad_chunks:
                 kinds.append((ChunkKind.GRAD, torch.float32))
         for kind, dtype in kinds:
-            group.chunks[kind] = Chunk(next_id, kind, group, dtype)
+            if owned is None or not group.trainable or group.index in owned or kind not in OPTIMIZER_STATE:
+                group.chunks[kind] = Chunk(next_id, kind, group, dtype)
             next_id += 1
 
 

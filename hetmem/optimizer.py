@@ -11,6 +11,11 @@ chunk.
 The step is decided at ``engine.step()`` (``start``: norm, skip, clipping, loss scale) and
 applied group by group by hetmem/step_pipeline.py: at once, or overlapped with the next
 forward (``overlap_step``), which waits per group for that group's update.
+
+Data parallel (``shard``, hetmem/distributed/sharded_step.py; never overlapped): the squared
+norm comes from the gradients reduced to their owners, this rank updates only the groups it
+owns (the others' step counts follow), and each group's PARAM chunk is broadcast from its owner
+as the pipeline passes it, in layout order on every rank.
 """
 from __future__ import annotations
 
@@ -101,8 +106,11 @@ def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
 
 class ChunkedAdam:
     def __init__(self, layout: Layout, manager: ChunkManager, config: Config, device: torch.device,
-                 scaler: LossScaler, grads: GradRouter, *, overlap: bool = False):
+                 scaler: LossScaler, grads: GradRouter, *, overlap: bool = False, shard=None):
         self.layout = layout
+        # data parallel (hetmem/distributed/sharded_step.py): which groups this rank updates,
+        # the reduced gradients' norm, the updated parameters' broadcast; None in one process
+        self.shard = shard
         self.manager = manager
         self.config = config
         # Param groups: id(slot) -> group index, and each group's hyperparameters for the
@@ -122,7 +130,7 @@ class ChunkedAdam:
         # turns it off when distributed)
         self.overlap = overlap
         # late-bound, so a patched _step_group (tests inject IO errors) is the one called
-        self.pipeline = StepPipeline(manager, lambda group, scale: self._step_group(group, scale),
+        self.pipeline = StepPipeline(manager, lambda group, scale: self._apply_group(group, scale),
                                      self._operand_chunks)
         # the step decided at engine.step() and not applied to every group yet (overlapped, or
         # interrupted by an IO error); None otherwise
@@ -157,13 +165,15 @@ class ChunkedAdam:
         reading its first groups.  Returns the result of a skipped step, else None (pending)."""
         started = time.perf_counter()
         groups = [g for g in self.layout.groups if g.trainable]
-        squares = self._sum_of_squares(groups)
+        squares = self._sum_of_squares(groups) if self.shard is None else self.shard.reduce_gradients(groups)
         if not math.isfinite(squares):
             reason = self._skip(groups, squares)
             return StepResult(True, math.inf if squares == math.inf else math.nan, self.scaler.scale,
                               time.perf_counter() - started, reason=reason)
         norm = None
-        if self.config.gradient_clipping is not None or not self.grads.accumulating:
+        if self.shard is not None:  # the reduced gradients' norm, the same on every rank
+            norm = math.sqrt(squares) / self.scaler.scale
+        elif self.config.gradient_clipping is not None or not self.grads.accumulating:
             norm = self._global_norm(groups, squares)
         grad_scale = self.scaler.scale
         clip = self.config.gradient_clipping
@@ -244,6 +254,8 @@ class ChunkedAdam:
         finally:
             pending.compute_s += self._compute_s - compute_before
         if pending.done:
+            if self.shard is not None:
+                self.shard.finish()  # every broadcast landed
             self.pending = None
             self.manager.spill_preference = None  # set by read_state_early
             self.last_result = StepResult(False, pending.norm, pending.loss_scale, pending.work_s,
@@ -326,18 +338,29 @@ class ChunkedAdam:
                 self._finish_group(group, stepped=False)
                 touched += 1
         self.grads.norm_parts.clear()
+        if self.shard is not None:
+            self.shard.reset()
         return touched
 
     def _on_device(self, group: ChunkGroup) -> bool:
         return self.manager.accelerator.separate_memory and all(
             c.tier is Tier.DEVICE for c in group.chunks.values() if c.tier is not None)
 
-    def _step_group(self, group: ChunkGroup, grad_scale: float) -> None:
+    def _apply_group(self, group: ChunkGroup, grad_scale: float) -> None:
+        """The pipeline's step for one group: the update, or under data parallelism the update
+        on the group's owner and the step counts elsewhere, then its broadcast issued."""
+        if self.shard is None:
+            self._step_group(group, grad_scale)
+            return
+        self._step_group(group, grad_scale, update=self.shard.owns(group))
+        self.shard.publish_until(group.index)
+
+    def _step_group(self, group: ChunkGroup, grad_scale: float, update: bool = True) -> None:
         runs = grad_runs(group, self.group_of)
         ungrouped = [s for s in group.slots if s.has_grad and id(s) not in self.group_of]
         if ungrouped:
             self._drop_grads(group, ungrouped)
-        if runs:
+        if runs and update:
             chunks = self._operands(group)  # in memory and pinned
             for chunk in set(chunks.values()):
                 self.manager.mark_dirty(chunk)
@@ -371,6 +394,8 @@ class ChunkedAdam:
         return in_slot
 
     def _operand_chunks(self, group: ChunkGroup) -> dict:
+        if self.shard is not None and not self.shard.owns(group):
+            return {}  # another rank updates it: nothing to read here
         names = {"param": group.chunks[ChunkKind.PARAM], "grad": self._grad_chunk(group),
                  "exp_avg": group.chunks[ChunkKind.EXP_AVG], "exp_avg_sq": group.chunks[ChunkKind.EXP_AVG_SQ]}
         if self.mixed:

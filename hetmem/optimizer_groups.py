@@ -208,6 +208,12 @@ class HetmemOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's state dict, gathered from the chunks into host memory."""
         self.adam.finish_pending()
+        unowned = [g.index for g in self.layout.groups if g.trainable and ChunkKind.EXP_AVG not in g.chunks]
+        if unowned:
+            raise RuntimeError(f"engine.optimizer.state_dict() under data parallelism: this rank holds Adam's state "
+                               f"of its own chunk groups only (not of groups {unowned[:8]}); use "
+                               f"engine.save_checkpoint(DIR) on every rank, which saves every rank's share by "
+                               f"parameter name and loads at any world size")
         need = sum(2 * 4 * s.numel for s in self.layout.slots if s.trainable and s.step > 0)
         if need > available_host_bytes():
             raise RuntimeError(f"engine.optimizer.state_dict() gathers Adam's state ({format_bytes(need)}) into host "
@@ -273,6 +279,8 @@ class HetmemOptimizer(torch.optim.Optimizer):
                 continue
             _, step, exp_avg, exp_avg_sq = updates.get(id(slot), (slot, 0, None, None))
             for kind, value in ((ChunkKind.EXP_AVG, exp_avg), (ChunkKind.EXP_AVG_SQ, exp_avg_sq)):
+                if kind not in slot.group.chunks:  # data parallel: another rank owns this group's state
+                    continue
                 write_slot(self.manager, slot, kind, torch.zeros(slot.numel) if value is None else value)
             slot.step = step
         self.param_groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}

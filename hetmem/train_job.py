@@ -192,17 +192,23 @@ def train(engine: Engine, options: TrainOptions, scheduler, state: TrainState, *
     the end."""
     data = load_corpus(options.corpus)
     tokens = options.batch_size * options.block_size
+    dp = engine.data_parallel  # every rank draws the same batch and trains on its slice of it
+    if dp is not None and options.batch_size % dp.world_size:
+        raise ValueError(f"batch_size={options.batch_size} must be a multiple of the number of ranks "
+                         f"({dp.world_size}): each rank trains on an equal slice of every batch")
     for step in range(state.step + 1, options.steps + 1):
         started = time.perf_counter()
         lr = engine.optimizer.param_groups[0]["lr"]
         x, y = random_batch(data, options.batch_size, options.block_size, state.generator)
+        if dp is not None:
+            x, y = dp.slice_batch(x), dp.slice_batch(y)
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
         scheduler.step()
         seconds = time.perf_counter() - started
         state.step = step
-        state.losses.append({"step": step, "loss": loss.item(), "lr": lr})
+        state.losses.append({"step": step, "loss": loss.item() if dp is None else dp.mean(loss), "lr": lr})
         every = options.save_every
         if every and checkpoint_dir is not None and (step % every == 0 or step == options.steps):
             engine.save_checkpoint(checkpoint_dir, client_state=state.client_state(), lr_scheduler=scheduler,

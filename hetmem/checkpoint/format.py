@@ -196,6 +196,45 @@ class TensorFile:
         self.close()
 
 
+def param_file(record: dict) -> str:
+    """The data file a parameter tensor record is in: params.bin, or a rank's shard file
+    (``params.rank-<R>.bin``) in a checkpoint saved by ranks in parallel (hetmem/distributed)."""
+    return record.get("file", PARAMS)
+
+
+class TensorFiles:
+    """Every data file a checkpoint's parameter records name, opened on first use."""
+
+    def __init__(self, folder: Path, algorithm: str):
+        self.folder = folder
+        self.algorithm = algorithm
+        self._open: dict[str, TensorFile] = {}
+
+    def of(self, record: dict) -> TensorFile:
+        name = param_file(record)
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{self.folder / META} names a data file {name!r} outside the checkpoint")
+        if name not in self._open:
+            self._open[name] = TensorFile(self.folder, name, self.algorithm)
+        return self._open[name]
+
+    def __enter__(self) -> "TensorFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self._open.values():
+            f.close()
+
+
+def check_param_tiling(folder: Path, records: list[tuple[str, dict]]) -> None:
+    """``check_tiling`` for each data file the parameter records name."""
+    by_file: dict[str, list[tuple[str, dict]]] = {}
+    for what, record in records:
+        by_file.setdefault(param_file(record), []).append((what, record))
+    for name, members in by_file.items():
+        check_tiling(folder, name, members)
+
+
 def check_tiling(folder: Path, name: str, records: list[tuple[str, dict]]) -> None:
     """The records cover the file exactly, so no byte escapes a checksum."""
     path = folder / name

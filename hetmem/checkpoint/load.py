@@ -22,8 +22,9 @@ import torch
 from hetmem.chunk_manager.states import ChunkKind
 from hetmem.checkpoint import files
 from hetmem.checkpoint.files import CURRENT, LATEST, VERSION_PREFIX
-from hetmem.checkpoint.format import (BLOCK, BUFFERS, CLIENT, DTYPES, META, OPTIMIZER, PARAMS, RNG, SCHEDULER,
-                                      CheckpointError, CheckpointParts, TensorFile, _set_rng_state, check_groups, check_tiling,
+from hetmem.checkpoint.format import (BLOCK, BUFFERS, CLIENT, DTYPES, META, OPTIMIZER, RNG, SCHEDULER,
+                                      CheckpointError, CheckpointParts, TensorFile, TensorFiles, _set_rng_state, check_groups,
+                                      check_param_tiling, check_tiling,
                                       decode_rng, load_torch_bytes, parse_dtype, read_meta, read_small_file, resolve,
                                       restore_groups)
 from hetmem.checkpoint.save import Staging, check_boundary, group_fields
@@ -109,12 +110,12 @@ def _verify(parts: CheckpointParts, folder: Path, meta: dict, lr_scheduler: Any)
             raise CheckpointError(f"{folder / META} lists no {name}; the checkpoint is incomplete")
     params = [(f"parameter {p['name']!r} {field}", t) for p in meta["params"] for field, t in p["tensors"].items()]
     buffers = [(f"buffer {b['name']!r}", b) for b in meta["buffers"]]
-    check_tiling(folder, PARAMS, params)
+    check_param_tiling(folder, params)
     check_tiling(folder, BUFFERS, buffers)
     scratch = torch.empty(BLOCK, dtype=torch.uint8)
-    with TensorFile(folder, PARAMS, algorithm) as f:
+    with TensorFiles(folder, algorithm) as f:
         for what, record in params:
-            f.verify(record, what, scratch)
+            f.of(record).verify(record, what, scratch)
     records = _match_params(parts, folder, meta)
     values = _read_buffers(parts, folder, meta, algorithm)
     accumulation = parts.config.gradient_accumulation_steps
@@ -221,7 +222,7 @@ def _read_buffers(parts: CheckpointParts, folder: Path, meta: dict, algorithm: s
 
 def _apply(parts: CheckpointParts, folder: Path, meta: dict, verified: _Verified) -> None:
     staging = Staging()
-    with TensorFile(folder, PARAMS, verified.algorithm) as f:
+    with TensorFiles(folder, verified.algorithm) as f:
         for group in parts.layout.groups:
             for kind, chunk in group.chunks.items():
                 if kind not in FIELD_OF_KIND:
@@ -235,9 +236,9 @@ def _apply(parts: CheckpointParts, folder: Path, meta: dict, verified: _Verified
                     what = f"parameter {slot.name!r} {field}"
                     saved_dtype = DTYPES[record["dtype"]]
                     if saved_dtype == chunk.dtype:
-                        f.read_into(record, into, what)
+                        f.of(record).read_into(record, into, what)
                     else:  # fp32 master -> bf16/fp16 weights (rounded as the optimizer rounds), or widened
-                        into.copy_(f.read_into(record, torch.empty(slot.numel, dtype=saved_dtype), what))
+                        into.copy_(f.of(record).read_into(record, torch.empty(slot.numel, dtype=saved_dtype), what))
                 parts.manager.write_from(chunk, buffer)
             parts.manager.rebind(group.chunks[ChunkKind.PARAM])
     for slot in parts.layout.slots:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,17 @@ def group_fields(group) -> list[tuple[str, ChunkKind]]:
     return [("weights", weights), ("exp_avg", ChunkKind.EXP_AVG), ("exp_avg_sq", ChunkKind.EXP_AVG_SQ)]
 
 
-def _write_params(parts: CheckpointParts, path: Path, algorithm: str) -> list[dict]:
+def _write_params(parts: CheckpointParts, path: Path, algorithm: str, groups=None) -> list[dict]:
+    """Write the tensors of ``groups`` (default: all) to ``path``; their records, layout order.
+    A file other than params.bin (a rank's shard) is named in each tensor record."""
+    groups = parts.layout.groups if groups is None else groups
     records = {id(s): {"name": s.name, "aliases": list(s.aliases), "shape": list(s.shape), "trainable": s.trainable,
-                       "step": s.step, "tensors": {}} for s in parts.layout.slots}
+                       "step": s.step, "tensors": {}} for g in groups for s in g.slots}
+    shard = {} if path.name == PARAMS else {"file": path.name}
     staging = Staging()
     offset = 0
     with open(path, "wb") as f:
-        for group in parts.layout.groups:
+        for group in groups:
             for field, kind in group_fields(group):
                 chunk = group.chunks[kind]
                 payload = chunk_on_host(parts.manager, chunk, staging)
@@ -88,12 +93,13 @@ def _write_params(parts: CheckpointParts, path: Path, algorithm: str) -> list[di
                     data = as_bytes(payload.narrow(0, slot.offset, slot.numel))
                     f.write(memoryview(data.numpy()))
                     records[id(slot)]["tensors"][field] = {"dtype": dtype_name(chunk.dtype), "offset": offset,
-                                                           "nbytes": data.numel(), "crc": checksum(algorithm, data)}
+                                                           "nbytes": data.numel(), "crc": checksum(algorithm, data),
+                                                           **shard}
                     offset += data.numel()
             crash_point("params_partial")
         f.flush()
         os.fsync(f.fileno())
-    return [records[id(s)] for s in parts.layout.slots]
+    return [records[id(s)] for s in parts.layout.slots if id(s) in records]
 
 
 def _write_buffers(module, path: Path, algorithm: str) -> list[dict]:
@@ -144,7 +150,8 @@ def _data_bytes(parts: CheckpointParts) -> tuple[int, int]:
     nbytes, count = 0, 0
     for group in parts.layout.groups:
         for _, kind in group_fields(group):
-            size = group.chunks[kind].element_size
+            # a rank holds no optimizer state of groups it does not own (hetmem/distributed): fp32
+            size = group.chunks[kind].element_size if kind in group.chunks else 4
             nbytes += sum(s.numel for s in group.slots) * size
             count += len(group.slots)
     for _, buffer in parts.module.named_buffers():
@@ -153,10 +160,32 @@ def _data_bytes(parts: CheckpointParts) -> tuple[int, int]:
     return nbytes, count
 
 
+@dataclass
+class PendingSave:
+    """A save between ``begin_save`` (checked, room checked, temporary folder made) and
+    ``finish_save`` (files written, pointers moved)."""
+
+    root: Path
+    tag_dir: Path
+    tmp: Path
+    version: Path
+    small: dict[str, bytes]
+    need: int
+    keep: int | None
+    data_bytes: int
+
+
 def save_checkpoint(parts: CheckpointParts, directory: str | os.PathLike, *, tag: str | None = None,
                     client_state: Any = None, keep: int | None = None, lr_scheduler: Any = None) -> Path:
     """Write the full training state as ``directory/tag`` (default ``step-<global_step>``);
     returns the tag folder."""
+    pending = begin_save(parts, directory, tag=tag, client_state=client_state, keep=keep, lr_scheduler=lr_scheduler)
+    return finish_save(parts, pending)
+
+
+def begin_save(parts: CheckpointParts, directory: str | os.PathLike, *, tag: str | None, client_state: Any,
+               keep: int | None, lr_scheduler: Any) -> PendingSave:
+    """Every check, the leftovers cleaned, the free space checked, the temporary folder made."""
     check_boundary(parts, "save_checkpoint")
     tag = tag or f"step-{parts.global_step:08d}"
     if "/" in tag or tag.startswith(".") or tag in (LATEST, "") or tag.startswith(VERSION_PREFIX):
@@ -175,49 +204,70 @@ def save_checkpoint(parts: CheckpointParts, directory: str | os.PathLike, *, tag
     tag_dir = root / tag
     tag_dir.mkdir(exist_ok=True)
     name = files.unique_name()
-    tmp, version = tag_dir / f"{TMP_PREFIX}{name}", tag_dir / f"{VERSION_PREFIX}{name}"
+    pending = PendingSave(root, tag_dir, tag_dir / f"{TMP_PREFIX}{name}", tag_dir / f"{VERSION_PREFIX}{name}",
+                          small, need, keep, data_bytes)
     try:
-        tmp.mkdir()
+        pending.tmp.mkdir()
         crash_point("tmp_created")
-        _write_version(parts, tmp, small)
-        os.replace(tmp, version)
+    except BaseException as exc:
+        abandon_save(pending, exc)
+        raise
+    return pending
+
+
+def abandon_save(pending: PendingSave, exc: BaseException | None = None) -> None:
+    """Remove what a failed save left (never the version CURRENT names); a full disk is
+    re-raised as the error that says how much room is needed."""
+    tag_dir = pending.tag_dir
+    current = files.read_pointer(tag_dir / CURRENT)
+    for leftover in (pending.tmp, pending.version):
+        if leftover.name != current:
+            shutil.rmtree(leftover, ignore_errors=True)
+    if current is None and tag_dir.is_dir() and not any(tag_dir.iterdir()):
+        tag_dir.rmdir()
+    if exc is not None and files.is_out_of_space(exc):
+        raise files.no_space_error(pending.root, pending.need) from exc
+
+
+def finish_save(parts: CheckpointParts, pending: PendingSave, params: list[dict] | None = None) -> Path:
+    """Write the files into the temporary folder (``params``: the records of shard files
+    already written there; else params.bin is written now), then move the pointers."""
+    root, tag_dir, version = pending.root, pending.tag_dir, pending.version
+    try:
+        _write_version(parts, pending.tmp, pending.small, params)
+        os.replace(pending.tmp, version)
         files.fsync_dir(tag_dir)
         crash_point("version_renamed")
         previous = files.read_pointer(tag_dir / CURRENT)
         files.replace_pointer(tag_dir / CURRENT, version.name, "current")
     except BaseException as exc:
-        current = files.read_pointer(tag_dir / CURRENT)
-        for leftover in (tmp, version):
-            if leftover.name != current:
-                shutil.rmtree(leftover, ignore_errors=True)
-        if current is None and not any(tag_dir.iterdir()):
-            tag_dir.rmdir()
-        if files.is_out_of_space(exc):
-            raise files.no_space_error(root, need) from exc
+        abandon_save(pending, exc)
         raise
     try:
-        files.replace_pointer(root / LATEST, tag, "latest")
+        files.replace_pointer(root / LATEST, tag_dir.name, "latest")
     except OSError as exc:
         if files.is_out_of_space(exc):
-            raise files.no_space_error(root, need) from exc
+            raise files.no_space_error(root, pending.need) from exc
         raise
     if previous is not None and previous != version.name and (tag_dir / previous).is_dir():
         files.remove_tree(tag_dir / previous, crash_name="old_version_removing")
     crash_point("old_version_removed")
-    if keep is not None:
-        _prune(root, keep, protect=tag)
+    if pending.keep is not None:
+        _prune(root, pending.keep, protect=tag_dir.name)
     logger.info("checkpoint %s written (%d parameters, %d bytes of tensors)", version, len(parts.layout.slots),
-                data_bytes)
+                pending.data_bytes)
     return tag_dir
 
 
-def _write_version(parts: CheckpointParts, folder: Path, small: dict[str, bytes]) -> None:
+def _write_version(parts: CheckpointParts, folder: Path, small: dict[str, bytes],
+                   params: list[dict] | None = None) -> None:
     algorithm = files.default_algorithm()
     index = {}
     for name, data in small.items():
         files.write_file(folder / name, data)
         index[name] = {"nbytes": len(data), "crc": checksum(algorithm, torch.frombuffer(bytearray(data), dtype=torch.uint8))}
-    params = _write_params(parts, folder / PARAMS, algorithm)
+    if params is None:
+        params = _write_params(parts, folder / PARAMS, algorithm)
     crash_point("params_written")
     buffers = _write_buffers(parts.module, folder / BUFFERS, algorithm)
     crash_point("buffers_written")

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with the run's own options")
     parser.add_argument("--sample", type=int, default=200, help="bytes of text to generate at the end (0: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (prints a line per 10%% instead)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data parallel: run N ranks on this machine (torch.distributed.run; gloo on the CPU, "
+                             "NCCL on GPUs), each on 1/N of every batch (default: %(default)s)")
+    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="with --nproc: how long a rank waits for the others before failing (default: %(default)s)")
 
 
 def _options(args: argparse.Namespace):
@@ -87,20 +92,33 @@ def _build_ops(options) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hetmem.distributed.launch import init_from_env, launch_ranks, world_size_from_env
     from hetmem.train_job import (CHECKPOINTS, build, make_scheduler, new_state, resume_state, state_bytes,
                                   write_options)
 
     options, out = _options(args)
+    if args.nproc > 1 and world_size_from_env() == 1:  # start the ranks; each runs this command again
+        _build_ops(options)                              # once, before the ranks race to build it
+        return launch_ranks(_rank_argv(args, out), args.nproc)
+    leader = not init_from_env(options.device, args.dist_timeout) or _rank() == 0
+    if not leader:
+        args.no_progress, args.sample = True, 0
     _build_ops(options)
     engine, cfg = build(options)
     try:
         scheduler = make_scheduler(engine, options)
         if args.resume is not None:
             state = resume_state(engine, scheduler, out)
-            print(f"resuming {out} at step {state.step} of {options.steps}")
+            if leader:
+                print(f"resuming {out} at step {state.step} of {options.steps}")
         else:
             state = new_state(options)
-        write_options(out, options)
+        if leader:
+            write_options(out, options)
+        if not leader:  # the other ranks train in silence; rank 0 speaks for all
+            _train_quietly(engine, options, scheduler, state, out / CHECKPOINTS)
+            _finish_rank(engine, out)
+            return 0
         params = engine.layout.numel
         size = state_bytes(params, options.dtype)
         budget = engine.budgets.device
@@ -118,6 +136,60 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _rank_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """This command line for the ranks: without --nproc, with the run folder fixed (ranks
+    started a second apart would choose different default folders)."""
+    argv, skip = [], False
+    for item in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if item in ("--nproc", "--out", "--resume"):
+            skip = True
+            continue
+        if item.startswith(("--nproc=", "--out=", "--resume=")):
+            continue
+        argv.append(item)
+    where = ["--resume", str(out)] if args.resume is not None else ["--out", str(out)]
+    return argv + where
+
+
+def _train_quietly(engine, options, scheduler, state, checkpoint_dir: Path) -> None:
+    from hetmem.train_job import train
+
+    for _ in train(engine, options, scheduler, state, checkpoint_dir=checkpoint_dir):
+        pass
+
+
+def _finish_rank(engine, out: Path) -> None:
+    """Each rank's memory report in RUN_DIR/rank-<R>/; the summary across ranks (a collective)."""
+    from hetmem.distributed import memory_summary
+
+    if engine.data_parallel is None:
+        return
+    if engine.recorder is not None:
+        engine.memory_report().save(_rank_dir(engine, out))
+    summary = memory_summary(engine)
+    if engine.data_parallel.rank == 0:
+        print(f"data parallel: {summary['world_size']} ranks; optimizer state per rank "
+              + ", ".join(format_bytes(r["optimizer_state_bytes"]) for r in summary["ranks"])
+              + f" (total {format_bytes(summary['optimizer_state_bytes_total'])}); peak device bytes per rank "
+              + ", ".join(format_bytes(r["peak_device_bytes"]) for r in summary["ranks"])
+              + f"; bytes sent per rank " + ", ".join(format_bytes(r["comm_sent_bytes"]) for r in summary["ranks"]))
+
+
+def _rank_dir(engine, out: Path) -> Path:
+    folder = out / f"rank-{engine.data_parallel.rank}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _how_to_resume(out: Path) -> str:
@@ -164,6 +236,7 @@ def _finish(engine, options, state, cfg, out: Path, args) -> None:
 
     report = engine.memory_report().with_losses(state.losses)
     report.save(out)
+    _finish_rank(engine, out)
     paths = report.render_all(out)
     budget = engine.budgets.device
     print()
