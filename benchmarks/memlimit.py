@@ -141,12 +141,14 @@ def _cgroup_figures(limit: Limit) -> dict:
 def _remove(limit: Limit) -> None:
     if limit.path is None:
         return
-    for _ in range(50):  # the exited child's charges move to the parent; the folder empties soon
+    for _ in range(300):  # the exited child's charges move to the parent; after an OOM kill that takes longer
         try:
             os.rmdir(limit.path)
             return
-        except OSError:
+        except OSError as exc:
+            error = exc
             time.sleep(0.1)
+    logger.warning("could not remove the memory cgroup %s (%s); it is empty, remove it with rmdir", limit.path, error)
 
 
 def _enter(limit: Limit):
