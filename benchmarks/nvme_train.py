@@ -195,7 +195,9 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
            "chunk_bytes": max(c.nbytes for c in engine.manager.chunks),
            "io_buffers": engine.manager.nvme.buffer_stats(),
            "pipeline": {"depth": engine.nvme_plan.depth, "group_bytes": engine.nvme_plan.group_bytes,
-                        "groups": len(engine.layout.groups), "reason": engine.nvme_plan.reason}}
+                        "groups": len(engine.layout.groups), "reason": engine.nvme_plan.reason,
+                        # chunk capacity beyond the parameters the chunks hold, as a share of the parameters
+                        "padding": sum(g.capacity for g in engine.layout.groups) / engine.layout.numel - 1.0}}
     engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
     return out
 
@@ -302,7 +304,7 @@ def table(r: dict) -> str:
         f"budgets (overhead {format_bytes(mem['overhead_bytes'])})",
         f"time: init {t['init_s']:.1f} s, {t['step_s_median']:.2f} s/step, optimizer {t['optimizer_s_median']:.2f} s",
         f"pipeline: {r['pipeline']['groups']} chunk groups of up to {format_bytes(r['pipeline']['group_bytes'])}, "
-        f"{r['pipeline']['depth']} read ahead ({r['pipeline']['reason']})",
+        f"{r['pipeline']['depth']} read ahead ({r['pipeline']['reason']}); chunk padding {r['pipeline']['padding']:.3%}",
         f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s [{r['io_buffers']['kind']}]; disk mixed "
         f"read+write {r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s [{r['disk']['mixed_before']['buffer_kind']}] "
         f"(median of before/after) -> {r['optimizer_vs_disk_mixed']:.0%} of the disk",

@@ -15,7 +15,7 @@ from typing import Callable
 from torch import nn
 
 from hetmem.chunk_manager.chunk import CHUNK_ALIGN
-from hetmem.chunk_manager.sizing import choose_capacity, pack
+from hetmem.chunk_manager.sizing import choose_capacity, pack_trimmed
 from hetmem.layout import Layout
 from hetmem.units import format_bytes
 
@@ -25,14 +25,14 @@ MAX_BUDGET_ROUNDS = 8  # raising the budget under "auto" sizing may grow the chu
 
 def module_need_bytes(layout: Layout, capacity: int, element_bytes: int) -> dict[nn.Module, int]:
     """Device bytes each module's PARAM chunks take if the layout is packed at ``capacity``
-    (trainable and frozen parameters packed apart, as build_layout does)."""
+    (trainable and frozen parameters packed apart and each chunk trimmed, as build_layout does)."""
     group_of: dict[int, int] = {}
     capacities: list[int] = []
     for trainable in (True, False):
         members = [s for s in layout.slots if s.trainable is trainable]
         if not members:
             continue
-        packing = pack([s.numel for s in members], capacity)
+        packing = pack_trimmed([s.numel for s in members], capacity)
         for group, group_capacity in zip(packing.groups, packing.capacities):
             for member_index, _, _ in group:
                 group_of[id(members[member_index])] = len(capacities)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
-from hetmem.chunk_manager.sizing import choose_capacity, pack
+from hetmem.chunk_manager.sizing import choose_capacity, pack_trimmed
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Layout:
     module_names: dict[nn.Module, str]                       # qualified names ("" for the root)
     by_name: dict[str, ParamSlot] = field(default_factory=dict)  # every alias -> slot
     by_param: dict[int, ParamSlot] = field(default_factory=dict)  # id(Parameter) -> slot
-    chunk_elements: int = 0                                  # the chosen capacity
+    chunk_elements: int = 0                                  # the chosen capacity (each chunk's tail is trimmed)
 
     def slot_of(self, param: nn.Parameter) -> ParamSlot:
         return self.by_param[id(param)]
@@ -71,7 +71,7 @@ def build_layout(model: nn.Module, *, chunk_elements: int | None, max_chunk_elem
     capacity = chunk_elements or choose_capacity(numels, max_elements=max_chunk_elements)
     groups: list[ChunkGroup] = []
     for members, is_trainable in ((trainable, True), (frozen, False)):
-        packing = pack([s.numel for s in members], capacity) if members else None
+        packing = pack_trimmed([s.numel for s in members], capacity) if members else None
         if packing is None:
             continue
         for group_slots, group_capacity in zip(packing.groups, packing.capacities):

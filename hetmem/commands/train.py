@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: GPT, {cfg.n_layer} layers x d_model {cfg.d_model}, {params:,} parameters; "
               f"parameters + Adam state {format_bytes(size)} = {size / budget:.1f}x the device budget "
               f"({format_bytes(budget)} on {engine.device})")
-        print(f"chunks: {len(engine.layout.groups)} groups of {engine.layout.chunk_elements:,} elements, "
+        print(f"chunks: {len(engine.layout.groups)} groups, capacity {engine.layout.chunk_elements:,} elements, "
               f"{options.dtype}")
         try:
             _train_with_progress(engine, options, scheduler, state, out / CHECKPOINTS, args)

@@ -40,7 +40,7 @@ def assign_owners(layout: Layout, world_size: int) -> dict[int, int]:
     if len(trainable) < world_size:
         raise ValueError(
             f"world_size={world_size} is larger than the number of trainable chunk groups ({len(trainable)}, of "
-            f"{layout.chunk_elements} elements each): every rank must own at least one group; lower chunk_size "
+            f"capacity {layout.chunk_elements} elements): every rank must own at least one group; lower chunk_size "
             f"(e.g. chunk_size={max(4096, layout.trainable_numel // (2 * world_size))}) or run fewer ranks")
     loads = [0] * world_size
     owners: dict[int, int] = {}

@@ -37,3 +37,16 @@ def test_choose_capacity_minimises_padding_within_bounds():
     for other in range(best // 2 // CHUNK_ALIGN * CHUNK_ALIGN or CHUNK_ALIGN, 1 << 22, CHUNK_ALIGN * 64):
         if other >= (1 << 22) // 4:
             assert pack(numels, best).padding <= pack(numels, other).padding
+
+
+def test_trimmed_cuts_each_chunk_to_what_its_parameters_reach():
+    # a shared chunk closed by a parameter that needs its own chunk, and a last one: both keep no tail
+    p = pack([10, 20, 10000, 100], 8192)
+    assert p.capacities == (8192, 12288, 8192)
+    t = p.trimmed()
+    assert t.groups == p.groups
+    assert t.capacities == (4096, 12288, 4096)
+    assert all(c % CHUNK_ALIGN == 0 for c in t.capacities)
+    assert t.used == p.used and t.padding == sum(t.capacities) - t.used
+    full = pack([4096, 4096], 8192)  # a full chunk stays as it is
+    assert full.trimmed().capacities == full.capacities == (8192,)

@@ -37,8 +37,11 @@ def _on_device(engine, payload) -> bool:
 
 
 # Found by the simulated device's allocator check: with activation checkpointing, a steady step's
-# allocator peak passes the budget (8.38 MiB here: by ~390 KiB, in backward's recomputation),
-# which hetmem's own accounting (scheduler.peak_total) does not see.  Reported to the lead.
+# allocator peak passes the budget (by ~390 KiB at 8 MiB before chunk tails were trimmed; by ~510
+# KiB at 7 MiB now, in backward's recomputation), which hetmem's own accounting
+# (scheduler.peak_total) does not see.  Whether it shows depends on where the budget's boundary
+# falls between moments: with trimmed chunks it does at 5, 7 and 8.5 MiB and not at 6, 7.5 or 8.
+# Reported to the lead.
 RECOMPUTE_OVERSHOOT = pytest.mark.xfail(strict=True, reason="recomputed activations pass the budget "
                                                             "(allocator check)")
 
@@ -47,7 +50,7 @@ RECOMPUTE_OVERSHOOT = pytest.mark.xfail(strict=True, reason="recomputed activati
                                               pytest.param("bf16", True, marks=RECOMPUTE_OVERSHOOT)])
 def test_budget_holds_against_the_allocators_peak_after_the_warmup(device, dtype, checkpoint):
     model = tiny_gpt(n_layer=6, d_model=256, checkpoint=checkpoint)
-    budget = (8 if checkpoint else 24) << 20
+    budget = (7 if checkpoint else 20) << 20          # both evict every step (24 MiB without: all fits)
     engine = hetmem.initialize(model, hetmem.Config(device=device, device_budget=budget, dtype=dtype,
                                                     chunk_size=1 << 16))
     accelerator = engine.accelerator
@@ -66,16 +69,20 @@ def test_budget_holds_against_the_allocators_peak_after_the_warmup(device, dtype
 
 # Found by the simulated device's allocator check: in the first warm-up the chunks of the whole
 # forward stay resident while the activations arrive (those of the loss come after the model's
-# last hooked module), and the allocator's peak passes the budget (by ~170 KiB at the loss here)
-# before hetmem evicts.  Reported to the lead; strict, so the fix makes it pass and the mark goes.
-@pytest.mark.xfail(strict=True, reason="the first warm-up passes the budget transiently (allocator check)")
+# last hooked module), and the allocator's peak passes the budget (by ~330 KiB at 20 MiB here; at
+# 24 MiB the trimmed chunks all fit and nothing is evicted) before hetmem evicts.  Reported to the
+# lead; strict, so the fix makes it pass and the mark goes.
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the first warm-up passes the budget transiently (allocator check)")
 def test_budget_holds_in_the_first_warmup_too(device):
     engine = hetmem.initialize(tiny_gpt(n_layer=6, d_model=256), hetmem.Config(
-        device=device, device_budget=24 << 20, dtype="bf16", chunk_size=1 << 16))
+        device=device, device_budget=20 << 20, dtype="bf16", chunk_size=1 << 16))
     baseline = engine.accelerator.memory_allocated()
     train_engine(engine, batches(1, batch_size=8, block_size=32))
     engine.accelerator.synchronize()
-    assert engine.accelerator.max_memory_allocated() - baseline <= 24 << 20
+    if not any(s["evictions"] for s in engine.recorder.steps):  # not the expected failure: fails the test
+        pytest.fail("the warm-up evicted nothing: the budget no longer tests the case, lower it")
+    assert engine.accelerator.max_memory_allocated() - baseline <= 20 << 20
 
 
 def test_fp32_parity_on_the_device(device):
