@@ -161,3 +161,13 @@ def test_the_bar_starts_after_the_warm_up_step(tmp_path, monkeypatch):
     argv = [a for a in TINY if a != "--no-progress"]
     assert main([*argv, "--steps", "3", "--out", str(tmp_path)]) == 0
     assert created == [(1, 1)]   # one bar, made when step 1 was done, starting at 1
+
+
+@pytest.mark.parametrize("flag,value", [("--nproc", "0"), ("--nproc", "-2"), ("--dist-timeout", "0"),
+                                        ("--dist-timeout", "-1"), ("--dist-timeout", "nan")])
+def test_bad_data_parallel_options_are_one_clear_error(tmp_path, capsys, flag, value):
+    # --nproc 0 used to train one process silently; a timeout <= 0 died in c10d's C++ stack trace
+    assert main([*TINY, "--steps", "1", "--out", str(tmp_path / "run"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hetmem train: error: {flag} {value}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # refused before anything ran

@@ -4,6 +4,7 @@ Checkpoints with --save-every; --resume continues a run bit-exactly."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from hetmem.train_job import (CHECKPOINTS, build, make_scheduler, new_state, resume_state, state_bytes,
                                   write_options)
 
+    _check_data_parallel_options(args)
     options, out = _options(args)
     if args.nproc > 1 and world_size_from_env() == 1:  # start the ranks; each runs this command again
         _build_ops(options)                              # once, before the ranks race to build it
@@ -136,6 +138,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _check_data_parallel_options(args: argparse.Namespace) -> None:
+    """ValueError naming the flag unless --nproc is >= 1 and --dist-timeout a positive number of seconds."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: give the number of ranks to run, 1 or more (1: one process)")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout {args.dist_timeout:g}: give the seconds a rank waits for the others, "
+                         f"a number > 0 (default 300)")
 
 
 def _rank() -> int:
