@@ -158,13 +158,15 @@ def _rank() -> int:
 def _rank_argv(args: argparse.Namespace, out: Path) -> list[str]:
     """This command line for the ranks: without --nproc, with the run folder fixed (ranks
     started a second apart would choose different default folders)."""
+    given = getattr(args, "argv", None) or sys.argv[1:]  # hetmem.cli.main's command line
     argv, skip = [], False
-    for item in sys.argv[1:]:
+    for i, item in enumerate(given):
         if skip:
             skip = False
             continue
         if item in ("--nproc", "--out", "--resume"):
-            skip = True
+            # --resume's value is optional: the next item is its value unless it is an option
+            skip = item != "--resume" or (i + 1 < len(given) and not given[i + 1].startswith("-"))
             continue
         if item.startswith(("--nproc=", "--out=", "--resume=")):
             continue
