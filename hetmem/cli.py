@@ -79,7 +79,7 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and not str(exc):
         text = f"{type(exc).__name__}: {exc!r}"
-    if isinstance(exc, (DeviceBudgetError, HostBudgetError)) or "budget" in text:
+    if isinstance(exc, (DeviceBudgetError, HostBudgetError)) or "device_budget" in text or "device budget" in text:
         text += " (`hetmem profile` measures the device budget a model needs)"
     return text
 

@@ -189,3 +189,13 @@ def test_nproc_ranks_get_this_command_line_with_the_run_folder(tmp_path, monkeyp
     [(argv, nproc)] = launched
     assert nproc == 2 and argv[:-1] == ["train", "--steps", "2", "--resume"]
     assert (tmp_path / argv[-1]).resolve() == (tmp_path / "hetmem_runs" / "run").resolve()
+
+
+def test_a_host_budget_too_small_for_the_nvme_pipeline_is_one_line_without_device_advice(tmp_path, capsys):
+    argv = [*TINY, "--steps", "1", "--out", str(tmp_path / "run"), "--nvme-dir", str(tmp_path / "swap"),
+            "--host-budget", "64KiB"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hetmem train: error: host_budget=64.00 KiB is too small for the NVMe pipeline")
+    assert "raise host_budget to at least" in err and err.count("\n") == 1
+    assert "hetmem profile" not in err  # it measures the device budget, which is not what is short here
