@@ -164,10 +164,15 @@ def test_the_bar_starts_after_the_warm_up_step(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flag,value", [("--nproc", "0"), ("--nproc", "-2"), ("--dist-timeout", "0"),
-                                        ("--dist-timeout", "-1"), ("--dist-timeout", "nan")])
-def test_bad_data_parallel_options_are_one_clear_error(tmp_path, capsys, flag, value):
+                                        ("--dist-timeout", "-1"), ("--dist-timeout", "nan"), ("--batch-size", "3")])
+def test_bad_data_parallel_options_are_one_clear_error(tmp_path, capsys, monkeypatch, flag, value):
     # --nproc 0 used to train one process silently; a timeout <= 0 died in c10d's C++ stack trace
-    assert main([*TINY, "--steps", "1", "--out", str(tmp_path / "run"), flag, value]) == 2
+    # --batch-size 3 with --nproc 2: every rank printed it after the launch, then torchrun's traceback
+    import hetmem.distributed.launch as launch
+
+    monkeypatch.setattr(launch, "launch_ranks", lambda argv, nproc: pytest.fail("ranks launched"))
+    nproc = ["--nproc", "2"] if flag != "--nproc" else []
+    assert main([*TINY, "--steps", "1", "--out", str(tmp_path / "run"), *nproc, flag, value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hetmem train: error: {flag} {value}") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # refused before anything ran

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     _check_data_parallel_options(args)
     options, out = _options(args)
     if args.nproc > 1 and world_size_from_env() == 1:  # start the ranks; each runs this command again
+        if options.batch_size % args.nproc:  # said once here, not by every rank after the launch
+            raise ValueError(f"--batch-size {options.batch_size} must be a multiple of --nproc {args.nproc}: each "
+                             f"rank trains on an equal slice of every batch")
         _build_ops(options)                              # once, before the ranks race to build it
         return launch_ranks(_rank_argv(args, out), args.nproc)
     leader = not init_from_env(options.device, args.dist_timeout) or _rank() == 0
