@@ -178,22 +178,21 @@ def test_bad_data_parallel_options_are_one_clear_error(tmp_path, capsys, monkeyp
     assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
-@pytest.mark.parametrize("resume_first", [True, False])
-def test_nproc_ranks_get_this_command_line_with_the_run_folder(tmp_path, monkeypatch, resume_first):
+def test_nproc_ranks_get_this_command_line_with_the_run_folder(tmp_path, monkeypatch):
     # `--resume` takes an optional value: `--resume --nproc 2` gave the ranks `2` as an argument
     # (its value was taken for --resume's); and the command line is main()'s, not sys.argv
     import hetmem.distributed.launch as launch
 
     monkeypatch.chdir(tmp_path)
     assert main([*TINY, "--steps", "1", "--save-every", "1", "--out", "hetmem_runs/run"]) == 0
-    launched = []
-    monkeypatch.setattr(launch, "launch_ranks", lambda argv, nproc: launched.append((argv, nproc)) or 0)
     monkeypatch.setattr("sys.argv", ["pytest", "-q"])
-    tail = ["--resume", "--nproc", "2"] if resume_first else ["--nproc=2", "--resume"]
-    assert main(["train", "--steps", "2", *tail]) == 0
-    [(argv, nproc)] = launched
-    assert nproc == 2 and argv[:-1] == ["train", "--steps", "2", "--resume"]
-    assert (tmp_path / argv[-1]).resolve() == (tmp_path / "hetmem_runs" / "run").resolve()
+    for tail in (["--resume", "--nproc", "2"], ["--nproc=2", "--resume"]):
+        launched = []
+        monkeypatch.setattr(launch, "launch_ranks", lambda argv, nproc: launched.append((argv, nproc)) or 0)
+        assert main(["train", "--steps", "2", *tail]) == 0
+        [(argv, nproc)] = launched
+        assert nproc == 2 and argv[:-1] == ["train", "--steps", "2", "--resume"], tail
+        assert (tmp_path / argv[-1]).resolve() == (tmp_path / "hetmem_runs" / "run").resolve()
 
 
 def test_a_host_budget_too_small_for_the_nvme_pipeline_is_one_line_without_device_advice(tmp_path, capsys):
