@@ -170,8 +170,9 @@ class Engine:
                    f"memory: lower device_budget)" if self.config.host_budget == "auto" and self.device.type == "cpu"
                    else ""))
         if self.config.nvme_dir is not None:  # the optimizer step's pipeline (hetmem/nvme/pipeline_plan.py)
-            group_bytes = max(sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups)
-            self.nvme_plan = plan_pipeline(group_bytes, self.budgets.host, self.config.nvme_pipeline_depth)
+            sizes = [sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups]
+            self.nvme_plan = plan_pipeline(max(sizes), self.budgets.host, self.config.nvme_pipeline_depth,
+                                           total_bytes=sum(sizes))
 
     def _attach_nvme(self) -> None:
         """Chunks past host_budget live in a swap space under nvme_dir (chunk_manager/nvme_tier.py)."""
