@@ -43,6 +43,7 @@ class DataParallel:
         self.comm = Comm(ctx)                 # every collective goes through it (bytes, waits, errors)
         self.owners: dict[int, int] = {}      # trainable group index -> owning rank, set by plan()
         self.step: ShardedStep | None = None  # the optimizer's seams, set by sharded_step()
+        self.gather = None                    # ParamGather under shard_params (gather.py), else None
 
     @classmethod
     def from_torch(cls, compute_device) -> "DataParallel | None":
@@ -89,6 +90,25 @@ class DataParallel:
             pending.append(self.comm.broadcast(buffer.data, 0, f"the initial value of buffer {name!r}"))
         for work in pending:
             work.wait()
+
+    def shard_params(self, manager, scheduler, *, prefetch: bool) -> None:
+        """Stage 2 (config ``shard_params``): keep only the owned groups' PARAM chunks between
+        uses; gather the others from their owners along the agreed schedule (gather.py)."""
+        from .gather import ParamGather, drop_unowned
+
+        self.step.publish = False
+        self.gather = scheduler.gather = ParamGather(self.comm, manager, self.owners, self.rank,
+                                                     lambda: self.step.agreed, scheduler.chunk_budget,
+                                                     prefetch=prefetch)
+        dropped = drop_unowned(manager, self.owners, self.rank)
+        logger.info("rank %d: parameter chunks sharded (Stage 2): %d groups of other ranks dropped, gathered "
+                    "before use", self.rank, dropped)
+
+    def gather_all(self, layout) -> None:
+        """Under shard_params: every trainable group's PARAM chunk gathered on this rank and kept
+        (``engine.close()`` gives the module its full weights); a collective.  No-op otherwise."""
+        if self.gather is not None:
+            self.gather.acquire([g.chunks[ChunkKind.PARAM] for g in layout.groups if g.trainable])
 
     def owns(self, group) -> bool:
         return self.owners.get(group.index) == self.rank
