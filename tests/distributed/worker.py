@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import hetmem
-from hetmem.chunk_manager.states import Tier
+from hetmem.chunk_manager.states import ChunkKind, Tier
 from hetmem.distributed import memory_summary
 from hetmem.distributed import optimizer_state_bytes
 from hetmem.distributed.gather import held_param_bytes
@@ -123,9 +123,10 @@ def scenario_parity(rank, world, opts):
     result = {"losses": losses, "state": engine.state_dict(),
               "module_state": engine.module.state_dict() if gather is None else None,
               "held_param_bytes": held, "gathers": None if gather is None else (gather.gathers, gather.early),
-              "param_bytes": sum(c.nbytes for c in engine.manager.chunks if c.kind.name == "PARAM"),
-              "owned_param_bytes": sum(g.chunks[hetmem.chunk_manager.states.ChunkKind.PARAM].nbytes
-                                       for g in engine.layout.groups if engine.data_parallel.owns(g)),
+              "param_bytes": {kind: sum(g.chunks[ChunkKind.PARAM].nbytes for g in engine.layout.groups if test(g))
+                              for kind, test in (("all", lambda g: True), ("frozen", lambda g: not g.trainable),
+                                                 ("owned", engine.data_parallel.owns))},
+              "largest_param_chunk": max(g.chunks[ChunkKind.PARAM].nbytes for g in engine.layout.groups),
               "comm_by_op": dict(engine.data_parallel.comm.sent_by_op),
               "evictions": [len(s["evictions"]) for s in steady_steps(engine)],
               "fetches": [sum(m["cause"] in ("fetch", "prefetch") for m in s["moves"]) for s in steady_steps(engine)],
