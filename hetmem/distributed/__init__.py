@@ -13,8 +13,11 @@ engine holds a ``DataParallel`` (``engine.data_parallel``; None otherwise) and:
 - saves checkpoints from every rank in parallel, loadable at any world size (checkpoint.py);
 - gives full fp32 weights on every rank from ``engine.state_dict()`` (state.py).
 
-Parameters are replicated: every rank keeps every PARAM chunk (in the compute dtype), placed by
-its own scheduler under its own device budget.  See README "Data parallel".
+By default parameters are replicated: every rank keeps every PARAM chunk (in the compute dtype),
+placed by its own scheduler under its own device budget.  With ``shard_params`` (Stage 2,
+gather.py) a rank keeps only its own groups' PARAM chunks between uses and gathers the others
+from their owners before each use, along the schedule every rank agreed on.  See README
+"Data parallel".
 """
 from __future__ import annotations
 
