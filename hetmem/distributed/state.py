@@ -22,11 +22,12 @@ def full_state_dict(dp, module_state, layout, manager):
     if dp.gather is None:
         state = module_state.full_precision_state_dict()
     else:  # Stage 2: the other ranks' PARAM chunks gathered for the read, dropped again after
+        chunks = [g.chunks[ChunkKind.PARAM] for g in layout.groups if g.trainable]
+        dp.gather.acquire(chunks)
         try:
-            dp.gather.acquire([g.chunks[ChunkKind.PARAM] for g in layout.groups if g.trainable])
             state = module_state.full_precision_state_dict()
         finally:
-            dp.gather.end()
+            dp.gather.release(chunks)   # dropped unless a module still uses them (mid-step)
     # every rank owns at least one group, so in bf16/fp16 every rank has some master chunk
     if not any(ChunkKind.MASTER in g.chunks for g in layout.groups):
         return state   # fp32: the PARAM chunks are the weights, current on every rank
