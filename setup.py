@@ -59,6 +59,7 @@ setup(
         "aio": ["aiofiles"],
         "report": ["matplotlib"],
         "hf": ["transformers", "accelerate"],         # hetmem.integrations.transformers.HetmemTrainer
+        "bench": ["deepspeed==0.19.8"],               # benchmarks/nvme_vs_deepspeed.py (also needs libaio-dev)
         "test": ["pytest", "hypothesis", "aiofiles", "matplotlib", "safetensors", "transformers", "accelerate",
                  "peft"],
     },

@@ -20,6 +20,7 @@ Prints one JSON object.  Without an accelerator it prints one line saying so and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -156,6 +157,11 @@ def run_plain(accelerator, cfg: GPTConfig, data) -> dict:
 
 def run_deepspeed(accelerator, cfg: GPTConfig, batch: int, data) -> dict:
     """The same model under DeepSpeed ZeRO-3, parameters and optimizer state offloaded to the CPU."""
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints (op builds); stdout is this benchmark's JSON
+        return _run_deepspeed(accelerator, cfg, batch, data)
+
+
+def _run_deepspeed(accelerator, cfg: GPTConfig, batch: int, data) -> dict:
     try:
         import deepspeed
     except ImportError as exc:

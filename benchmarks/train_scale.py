@@ -1,29 +1,31 @@
-"""Scale: the largest GPT that trains under a device budget, hetmem against plain PyTorch.
+"""Scale: the largest GPT that trains under a memory limit, hetmem against plain PyTorch, in one run.
 
-Both sides use the same GPT family, batch and activation checkpointing, in one run.
+Both sides use the same GPT family, batch and activation checkpointing, and train each model of
+a size ladder for ``--steps`` real steps; the largest that finishes counts (the walk up the
+ladder stops at a side's first failure).
 
-- plain PyTorch (parameters, gradients and AdamW state all in the chosen dtype, as
-  ``torch.optim.AdamW`` keeps them): on an accelerator, the largest model that trains without
-  an out-of-memory error under the budget as a per-process memory fraction; on a CPU, where
-  no allocator enforces a budget, the largest whose bytes (parameters + gradients + AdamW
-  state, plus activations measured by running it) fit the budget.
-- hetmem: models of growing size are really trained (``--steps`` steps each) under the same
-  device budget; the largest that trains within it counts.  The search stops at the first
-  failure, or at ``--max-params`` (then the figure is a lower bound: the ladder ended, not
-  the budget).
+- On a CPU (where the "device" is the same RAM) the limit is real memory: each model trains in
+  a child process of its own under ``--limit`` (a memory cgroup made for it, else RLIMIT_AS; the
+  result says which, see benchmarks/memlimit.py).  Plain PyTorch keeps parameters, gradients and
+  ``torch.optim.AdamW`` state in the chosen dtype; hetmem keeps ``--host-budget`` of chunks in
+  memory and the rest on NVMe under ``--nvme-dir``.  Reported per model: the outcome, the peak
+  RSS (VmHWM) and the cgroup's peak, s/step, and for hetmem its RSS broken down into its own
+  state bytes and what is left (benchmarks/memory_accounting.py).
+- On an accelerator the limit is the device budget, as a per-process memory fraction for plain
+  PyTorch (its allocator raises out-of-memory past it) and as hetmem's ``device_budget``.
 
-    python benchmarks/train_scale.py --device-budget 64MiB [--nvme-dir D] [--json]
+    python benchmarks/train_scale.py --limit 2GiB --nvme-dir /nvme/scratch [--json]
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import psutil
 
 if __package__ in (None, ""):  # run as a script from a checkout: import hetmem from it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,27 +34,32 @@ import torch
 
 import hetmem
 from hetmem.accelerator import default_accelerator
+from hetmem.benchmarks.memlimit import run_limited
 from hetmem.corpus import load_corpus, random_batch
 from hetmem.models.gpt import GPT, GPTConfig
-from hetmem.tracer.probes import CpuProbe
-from hetmem.units import format_bytes, parse_count, parse_size
+from hetmem.units import parse_count, parse_size
 
-# (d_model, layers): a ladder of GPT shapes, roughly x1.5 parameters per rung
-LADDER = [(64, 2), (96, 2), (128, 2), (128, 4), (192, 4), (256, 4), (256, 6), (320, 6), (384, 6), (384, 8),
-          (512, 6), (512, 8), (640, 8), (768, 8), (768, 12), (1024, 8), (1024, 12), (1280, 12), (1536, 12),
-          (1536, 16), (2048, 12), (2048, 16), (2560, 16), (3072, 16), (3072, 24)]
+THIS = "hetmem.benchmarks.train_scale"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (d_model, layers): GPT shapes from 25M to 454M parameters (a CPU run stays within minutes)
+LADDER = [(512, 8), (768, 8), (1024, 12), (1280, 12), (1536, 16)]
+# the accelerator ladder, finer and longer
+ACCELERATOR_LADDER = [(256, 4), (384, 8), (512, 8), (768, 8), (768, 12), (1024, 12), (1280, 12), (1536, 16),
+                      (2048, 16), (2560, 16), (3072, 24)]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device-budget", default="64MiB")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
+    p.add_argument("--limit", default="2GiB", help="CPU: RAM each child process may use (both sides)")
+    p.add_argument("--device-budget", default="32MiB", help="hetmem's device budget (the limit itself on an accelerator)")
+    p.add_argument("--host-budget", default="512MiB", help="hetmem's chunk bytes in host memory (CPU: inside --limit)")
+    p.add_argument("--nvme-dir", default=None, help="hetmem's swap folder (CPU default: a temporary folder)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2, help="steps each hetmem model must train (>= 2: warm-up + 1)")
-    p.add_argument("--max-params", default="250M", help="stop the hetmem ladder here (host memory and time)")
-    p.add_argument("--host-budget", default="auto")
-    p.add_argument("--nvme-dir", default=None, help="turn the NVMe tier on (with a small --host-budget)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="steps each model must train")
+    p.add_argument("--max-params", default="500M", help="ladder rungs above this are not tried")
+    p.add_argument("--timeout", type=float, default=300, help="CPU: seconds one child may run")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -62,157 +69,207 @@ def gpt(d_model: int, layers: int, block_size: int) -> GPTConfig:
                      checkpoint=True)
 
 
-def batches(args, n):
+def batches(batch_size: int, block_size: int, n: int):
     gen = torch.Generator().manual_seed(0)
     data = load_corpus()
-    return [random_batch(data, args.batch_size, args.block_size, gen) for _ in range(n)]
+    return [random_batch(data, batch_size, block_size, gen) for _ in range(n)]
 
 
-def plain_bytes_cpu(cfg: GPTConfig, args) -> dict:
-    """Bytes plain PyTorch needs for this model on a CPU: exact state plus measured activations."""
+# -- one model, one side (on a CPU: the child process's side) --------------------------------
+
+def train_plain(shape: list[int], spec: dict, device: str = "cpu") -> dict:
+    """Plain PyTorch: the model in ``dtype`` with torch.optim.AdamW, ``steps`` steps."""
+    cfg = gpt(*shape, spec["block_size"])
     torch.manual_seed(0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = GPT(cfg).to(dtype)
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    probe = CpuProbe()
-    x, y = batches(args, 1)[0]
-    with torch.autograd.graph.saved_tensors_hooks(probe.hold_saved, probe.unwrap):
-        loss = model(x, y)
-    loss.backward()
-    element = torch.empty((), dtype=dtype).element_size()
-    state = params * element * 4  # parameters, gradients, exp_avg, exp_avg_sq
-    return {"parameters": params, "bytes": state + probe.live.peak, "activations": probe.live.peak}
+    model = GPT(cfg).to(device=device, dtype=DTYPES[spec["dtype"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seconds, losses = [], []
+    for x, y in batches(spec["batch_size"], spec["block_size"], spec["steps"]):
+        t0 = time.perf_counter()
+        loss = model(x.to(device), y.to(device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        seconds.append(time.perf_counter() - t0)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "step_seconds": seconds, "losses": losses}
 
 
-def plain_fits_accelerator(accelerator, cfg: GPTConfig, args, budget: int) -> tuple[bool, int]:
-    """Train plain PyTorch for two steps under a device memory fraction; True unless it runs out."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    device = accelerator.device
-    total = accelerator.free_memory()[1]
-    accelerator.set_memory_fraction(budget / total)
-    model = opt = None
+def train_hetmem(shape: list[int], spec: dict) -> dict:
+    """hetmem under ``device_budget`` + ``host_budget``, the rest on NVMe when ``nvme_dir`` is set."""
+    from hetmem.benchmarks.memory_accounting import (engine_parts, padding_share, process_parts, rss_breakdown,
+                                                      smaps_rollup, status_bytes)
+
+    cfg = gpt(*shape, spec["block_size"])
+    config = hetmem.Config(device=spec.get("device", "auto"), device_budget=spec["device_budget"],
+                           host_budget=spec["host_budget"], nvme_dir=spec["nvme_dir"], dtype=spec["dtype"],
+                           memory_trace=False, optimizer=hetmem.AdamConfig(lr=1e-3))
+    data = batches(spec["batch_size"], spec["block_size"], spec["steps"])
+    baseline, baseline_smaps = status_bytes()["VmRSS"], smaps_rollup()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    engine = hetmem.initialize(model, config, init_fn=model.init_weights)
     try:
-        torch.manual_seed(0)
-        model = GPT(cfg).to(device=device, dtype=dtype)
-        params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for x, y in batches(args, 2):
-            model(x.to(device), y.to(device)).backward()
-            opt.step()
-            opt.zero_grad()
-        accelerator.synchronize()
-        return True, params
-    except accelerator.out_of_memory:
-        return False, 0
-    finally:
-        model = opt = None  # noqa: F841
-        gc.collect()
-        accelerator.empty_cache()
-        accelerator.set_memory_fraction(1.0)
-
-
-def largest_plain(args, budget: int) -> dict:
-    best = {"parameters": 0, "shape": None}
-    accelerator = default_accelerator()
-    for d, layers in LADDER:
-        cfg = gpt(d, layers, args.block_size)
-        if accelerator.separate_memory:
-            fits, params = plain_fits_accelerator(accelerator, cfg, args, budget)
-            info = {"parameters": params}
-        else:
-            info = plain_bytes_cpu(cfg, args)
-            fits = info["bytes"] <= budget
-        if not fits:
-            break
-        best = {**info, "shape": [d, layers]}
-    return best
-
-
-def hetmem_trains(cfg: GPTConfig, args) -> dict:
-    """Train cfg under the budget for args.steps steps; the outcome and the figures."""
-    config = hetmem.Config(device="auto", device_budget=args.device_budget, host_budget=args.host_budget,
-                           nvme_dir=args.nvme_dir, dtype=args.dtype, memory_trace=False,
-                           optimizer=hetmem.AdamConfig(lr=1e-3))
-    started = time.perf_counter()
-    engine = None
-    try:
-        with torch.device("meta"):
-            model = GPT(cfg)
-        engine = hetmem.initialize(model, config, init_fn=model.init_weights)
-        losses = []
-        for x, y in batches(args, args.steps):
+        seconds, losses = [], []
+        for x, y in data:
+            t0 = time.perf_counter()
             loss = engine(x, y)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+            seconds.append(time.perf_counter() - t0)
         peak = engine.scheduler.peak_total
-        return {"ok": peak <= engine.budgets.device, "parameters": engine.layout.numel, "peak_device_bytes": peak,
-                "losses": losses, "seconds": time.perf_counter() - started,
-                "rss_bytes": psutil.Process().memory_info().rss}
-    except (ValueError, RuntimeError, MemoryError) as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
+        out = {"parameters": engine.layout.numel, "step_seconds": seconds, "losses": losses,
+               "peak_device_bytes": peak, "within_device_budget": peak <= engine.budgets.device,
+               "chunk_padding": padding_share(engine.layout)}
+        if not engine.accelerator.separate_memory:
+            parts = {**engine_parts(engine), **process_parts(baseline_smaps)}
+            out["rss_breakdown_at_end"] = rss_breakdown(status_bytes()["VmRSS"], baseline, parts)
+            out["activations_peak_bytes"] = engine.tracer.store.peak_non_model
+        return out
     finally:
-        if engine is not None:
-            engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
-        engine = model = None  # noqa: F841
-        gc.collect()
+        engine.close(keep_weights=False)  # the weights are not needed, and may not fit in host memory
+
+
+# -- the ladder ------------------------------------------------------------------------------
+
+def _spec(args, nvme_dir: str | None) -> dict:
+    return {"dtype": args.dtype, "block_size": args.block_size, "batch_size": args.batch_size, "steps": args.steps,
+            "device_budget": args.device_budget, "host_budget": args.host_budget, "nvme_dir": nvme_dir}
+
+
+def _row(shape, params: int, result: dict) -> dict:
+    row = {"shape": list(shape), "parameters": result.get("parameters", params), "ok": result["ok"],
+           "outcome": result.get("outcome", "ok" if result["ok"] else "error")}
+    for key in ("peak_rss_bytes", "cgroup_peak_bytes", "error", "rss_breakdown_at_end", "chunk_padding",
+                "activations_peak_bytes",
+                "within_device_budget", "peak_device_bytes", "losses"):
+        if key in result:
+            row[key] = result[key]
+    if result.get("step_seconds"):
+        row["s_per_step"] = statistics.median(result["step_seconds"][1:] or result["step_seconds"])
+    return row
+
+
+def walk_cpu(args, side: str, spec: dict, limit: int, rungs, progress) -> tuple[list[dict], dict | None]:
+    """Each rung in a child under the limit, upwards until the first failure."""
+    rows, limit_note = [], None
+    for shape in rungs:
+        params = gpt(*shape, args.block_size).parameters
+        result = run_limited(THIS, f"train_{side}", {"shape": list(shape), "spec": spec}, limit_bytes=limit,
+                             timeout_s=args.timeout)
+        limit_note = result["limit"]
+        row = _row(shape, params, result)
+        rows.append(row)
+        if progress:
+            progress(side, row)
+        if not row["ok"]:
+            break
+    return rows, limit_note
+
+
+def walk_accelerator(args, side: str, spec: dict, rungs, progress) -> list[dict]:
+    """In this process: plain PyTorch under a memory fraction of the budget, hetmem under the budget."""
+    accelerator = default_accelerator()
+    budget = parse_size(args.device_budget, key="--device-budget")
+    rows = []
+    for shape in rungs:
+        params = gpt(*shape, args.block_size).parameters
+        started = time.perf_counter()
+        try:
+            if side == "plain":
+                accelerator.set_memory_fraction(budget / accelerator.free_memory()[1])
+                result = train_plain(list(shape), spec, device=str(accelerator.device))
+            else:
+                result = train_hetmem(list(shape), {**spec, "device": "auto"})
+            result["ok"] = result.get("within_device_budget", True)
+        except accelerator.out_of_memory as exc:
+            result = {"ok": False, "outcome": "out_of_memory", "error": str(exc)[:200]}
+        except (ValueError, RuntimeError, MemoryError) as exc:
+            result = {"ok": False, "outcome": "error", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        finally:
+            gc.collect()
+            accelerator.empty_cache()
+            accelerator.set_memory_fraction(1.0)
+        result["wall_s"] = time.perf_counter() - started
+        rows.append(_row(shape, params, result))
+        if progress:
+            progress(side, rows[-1])
+        if not rows[-1]["ok"]:
+            break
+    return rows
+
+
+def largest(rows: list[dict]) -> dict | None:
+    ok = [r for r in rows if r["ok"]]
+    return ok[-1] if ok else None
 
 
 def measure(args, progress=None) -> dict:
-    budget = parse_size(args.device_budget, key="--device-budget")
     max_params = parse_count(args.max_params, key="--max-params")
-    plain = largest_plain(args, budget)
-    tried, best = [], None
-    for d, layers in LADDER:
-        cfg = gpt(d, layers, args.block_size)
-        if cfg.parameters > max_params:
-            break
-        if cfg.parameters <= plain["parameters"]:
-            continue  # plain PyTorch trains it too
-        outcome = hetmem_trains(cfg, args)
-        outcome["shape"] = [d, layers]
-        tried.append(outcome)
-        if progress:
-            progress(outcome)
-        if not outcome["ok"]:
-            break
-        best = outcome
-    capped = bool(tried) and tried[-1]["ok"]
-    ratio = (best["parameters"] / plain["parameters"]) if best and plain["parameters"] else None
-    return {"benchmark": "train_scale",
-            "config": {"device_budget": budget, "dtype": args.dtype, "batch_size": args.batch_size,
-                       "block_size": args.block_size, "steps": args.steps, "nvme_dir": args.nvme_dir,
-                       "host_budget": args.host_budget, "device": default_accelerator().name},
-            "plain": plain, "hetmem": best, "tried": tried, "ratio": ratio,
-            "ratio_is_lower_bound": capped,
-            "note": "the hetmem ladder ended at --max-params before any failure" if capped else ""}
+    accelerator = default_accelerator()
+    ladder = ACCELERATOR_LADDER if accelerator.separate_memory else LADDER
+    rungs = [s for s in ladder if gpt(*s, args.block_size).parameters <= max_params]
+    out = {"benchmark": "train_scale",
+           "config": {"dtype": args.dtype, "batch_size": args.batch_size, "block_size": args.block_size,
+                      "steps": args.steps, "device_budget": args.device_budget, "host_budget": args.host_budget,
+                      "device": accelerator.name}}
+    if accelerator.separate_memory:
+        spec = _spec(args, args.nvme_dir)
+        sides = {side: walk_accelerator(args, side, spec, rungs, progress) for side in ("plain", "hetmem")}
+        out["measurement"] = f"device memory: {args.device_budget} per process (plain: memory fraction)"
+    else:
+        limit = parse_size(args.limit, key="--limit")
+        spec = _spec(args, args.nvme_dir or tempfile.mkdtemp(prefix="hetmem-scale-"))
+        sides, notes = {}, {}
+        for side in ("plain", "hetmem"):
+            sides[side], notes[side] = walk_cpu(args, side, spec, limit, rungs, progress)
+        out["config"].update({"limit": limit, "nvme_dir": spec["nvme_dir"]})
+        out["measurement"] = f"RAM: {(notes['hetmem'] or notes['plain'] or {}).get('note', args.limit)}, " \
+                             f"each model in a child process of its own"
+    best = {side: largest(rows) for side, rows in sides.items()}
+    out.update({"plain": sides["plain"], "hetmem": sides["hetmem"],
+                "largest": {side: (b["parameters"] if b else 0) for side, b in best.items()}})
+    if best["plain"] and best["hetmem"]:
+        out["ratio"] = best["hetmem"]["parameters"] / best["plain"]["parameters"]
+        out["ratio_is_lower_bound"] = sides["hetmem"][-1]["ok"]  # hetmem never failed: the ladder ended
+    return out
+
+
+def _row_line(side: str, row: dict) -> str:
+    rss = f"{row['peak_rss_bytes'] / 2**30:6.2f}" if "peak_rss_bytes" in row else "     -"
+    step = f"{row['s_per_step']:7.2f}" if "s_per_step" in row else "      -"
+    tail = "" if row["ok"] else f"  {row['outcome']}: {str(row.get('error', ''))[:70]}"
+    return f"{side:>7s} {str(tuple(row['shape'])):>11s} {row['parameters']:13,d} {str(row['ok']):>6s} {rss} {step}{tail}"
 
 
 def table(result: dict) -> str:
-    cfg, plain, best = result["config"], result["plain"], result["hetmem"]
-    lines = [f"device budget {format_bytes(cfg['device_budget'])} on {cfg['device']}, {cfg['dtype']}, "
-             f"batch {cfg['batch_size']}x{cfg['block_size']}, activation checkpointing"
-             + (f", NVMe at {cfg['nvme_dir']}" if cfg["nvme_dir"] else "")]
-    lines.append(f"plain PyTorch largest: {plain['parameters']:,} parameters {tuple(plain['shape'] or ())}")
-    lines.append(f"{'shape':>12s} {'parameters':>14s} {'trained':>8s} {'peak device':>12s} {'s':>7s}")
-    for t in result["tried"]:
-        lines.append(f"{str(tuple(t['shape'])):>12s} {t.get('parameters', 0):14,d} {str(t['ok']):>8s} "
-                     f"{format_bytes(t.get('peak_device_bytes', 0)):>12s} {t['seconds']:7.1f}"
-                     + ("" if t["ok"] else f"  {t.get('error', 'over budget')[:80]}"))
-    if best:
-        lines.append(f"hetmem largest: {best['parameters']:,} parameters = {result['ratio']:.1f}x plain PyTorch"
-                     + (" (lower bound: the ladder ended)" if result["ratio_is_lower_bound"] else ""))
+    from hetmem.benchmarks.memory_accounting import format_breakdown
+
+    cfg = result["config"]
+    lines = [f"{result['measurement']}; {cfg['device']}, {cfg['dtype']}, batch {cfg['batch_size']}x{cfg['block_size']}, "
+             f"activation checkpointing, {cfg['steps']} steps per model; hetmem: device budget {cfg['device_budget']}, "
+             f"host budget {cfg['host_budget']}" + (f", NVMe at {cfg['nvme_dir']}" if cfg.get("nvme_dir") else ""),
+             f"{'side':>7s} {'shape':>11s} {'parameters':>13s} {'ok':>6s} {'RSS GiB':>6s} {'s/step':>7s}"]
+    lines += [_row_line(side, row) for side in ("plain", "hetmem") for row in result[side]]
+    lines.append(f"largest trained: plain PyTorch {result['largest']['plain']:,}, hetmem {result['largest']['hetmem']:,}"
+                 + (f" parameters = {result['ratio']:.1f}x" if "ratio" in result else "")
+                 + (" (a lower bound: hetmem trained every rung tried)" if result.get("ratio_is_lower_bound") else ""))
+    top = largest(result["hetmem"])
+    if top and "rss_breakdown_at_end" in top:
+        lines.append(f"hetmem {top['parameters']:,} after its last step: " + format_breakdown(top["rss_breakdown_at_end"])
+                     + f"; peak RSS {top['peak_rss_bytes'] / 2**20:.0f} MiB; activations' peak "
+                     f"{top['activations_peak_bytes'] / 2**20:.0f} MiB; chunk padding {top['chunk_padding']:.1%}")
     return "\n".join(lines)
 
 
-def _report_rung(outcome: dict) -> None:
-    print(f"  tried {tuple(outcome['shape'])}: {'ok' if outcome['ok'] else 'failed'} ({outcome['seconds']:.1f} s)",
-          file=sys.stderr, flush=True)
+def _progress(side: str, row: dict) -> None:
+    print("  " + _row_line(side, row), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = measure(args, None if args.json else _report_rung)
+    result = measure(args, None if args.json else _progress)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 

@@ -29,7 +29,7 @@ from hetmem.device import Budgets, resolve_budgets, resolve_device
 from hetmem.distributed import DataParallel
 from hetmem.fit_hints import fit_advice
 from hetmem.grads import GradRouter
-from hetmem.host_memory import return_freed_buffers_to_os
+from hetmem.host_memory import return_freed_buffers_to_os, trim_freed_memory
 from hetmem.hooks import ModuleHooks, SavedTensorHooks
 from hetmem.layout import Layout, build_layout
 from hetmem.lifecycle import Lifecycle, Phase
@@ -308,6 +308,7 @@ class Engine:
             moved = self.grads.decide_in_slot()
             if moved:
                 logger.info("%d chunk groups now keep gradients in their PARAM slots", moved)
+                trim_freed_memory()  # the freed GRAD chunks leave glibc's heap (hetmem/host_memory.py)
             self._in_slot_pending = False
             self.all_resident = place_all_if_it_fits(
                 self.manager, self.accelerator, peak_non_model=self.tracer.store.peak_non_model,

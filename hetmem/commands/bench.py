@@ -17,6 +17,8 @@ BENCHMARKS = {
     "trace": "trace_overhead",
     "activations": "activation_offload",
     "nvme-train": "nvme_train",
+    "vs-deepspeed": "nvme_vs_deepspeed",
+    "memory": "memory_overhead",
     "gpu": "gpu_acceptance",
 }
 
