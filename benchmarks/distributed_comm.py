@@ -9,14 +9,17 @@ on 1/N of every batch.  Per steady step (warm-up excluded) each rank reports:
 - ``theory_bytes``: what the ownership design sends (hetmem/distributed/sharded_step.py), from
   the layout: each trainable group's fp32 gradient (its used prefix) reduced to its owner,
   each owned group's PARAM broadcast, the gradient-flag all-gather and the norm all-reduce,
-  costed with gloo's algorithms (hetmem/distributed/comm.py);
+  costed with gloo's algorithms (hetmem/distributed/comm.py); with ``--shard-params`` (Stage 2,
+  hetmem/distributed/gather.py) no broadcast after the step but one gather (a broadcast from
+  the owner) of each group per run of consecutive moments of the traced schedule that use it
+  (forward and backward), read from the schedule;
 - ``counted_bytes``: hetmem's own counter (``Comm.sent_bytes``), the same theory applied to
   the collectives actually issued;
 - ``comm_wait_share``: seconds blocked in collectives / step seconds.
 
 A one-process run on the whole batch, in the same invocation, is the step-time baseline.
 
-    python benchmarks/distributed_comm.py [--json] [--world 2] [--steps 8]
+    python benchmarks/distributed_comm.py [--json] [--world 2] [--steps 8] [--shard-params]
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hetmem
+from hetmem.distributed.gather import held_param_bytes
 from hetmem.corpus import load_corpus, random_batch
 from hetmem.models.gpt import GPT, GPTConfig
 
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-budget", default="6MiB", help="small enough that chunks move every step")
     p.add_argument("--chunk-size", type=int, default=65536, help="elements per chunk")
     p.add_argument("--steps", type=int, default=8, help="measured steps after 2 warm-up steps")
+    p.add_argument("--shard-params", action="store_true", help="Stage 2: gather parameters before use")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -72,6 +77,7 @@ def _engine(args) -> hetmem.Engine:
                           d_model=args.d_model))
     return hetmem.initialize(model, dict(device="cpu", device_budget=args.device_budget, dtype=args.dtype,
                                          chunk_size=args.chunk_size, gradient_clipping=1.0,
+                                         shard_params=args.shard_params,
                                          optimizer=dict(lr=1e-3)))
 
 
@@ -79,6 +85,7 @@ def theory_bytes(engine) -> int:
     """Bytes this rank sends per step under the ownership design, from the layout alone."""
     dp = engine.data_parallel
     rank, world = dp.rank, dp.world_size
+    gathers = uses_per_step(engine) if dp.gather is not None else {}
     trainable = [g for g in engine.layout.groups if g.trainable]
     param_bytes = engine.config.param_bytes
     sent = 0.0
@@ -86,11 +93,27 @@ def theory_bytes(engine) -> int:
         grad = group.used * 4
         sent += (world - 1) / world * grad + (grad / world if dp.owners[group.index] != rank else 0)
         if dp.owners[group.index] == rank:
-            sent += (world - 1) * group.used * param_bytes
+            sent += (world - 1) * group.used * param_bytes * (gathers.get(group.index, 0) if dp.gather else 1)
     flags = 2 + sum(len(g.slots) for g in trainable)
     sent += (world - 1) * flags * 8                 # gradient flags + schedule fingerprint, int64
     sent += 2 * (world - 1) / world * 8             # the norm, float64
     return int(sent)
+
+
+def uses_per_step(engine) -> dict[int, int]:
+    """Stage 2: group index -> runs of consecutive moments of the traced schedule using its PARAM chunk."""
+    from hetmem.chunk_manager.states import ChunkKind
+
+    by_id = {c.id: c for c in engine.manager.chunks}
+    runs: dict[int, int] = {}
+    previous: set[int] = set()
+    for record in engine.tracer.store.schedule:
+        now = {by_id[i].group.index for i in record.working_set
+               if by_id[i].kind is ChunkKind.PARAM and by_id[i].group.trainable}
+        for index in now - previous:
+            runs[index] = runs.get(index, 0) + 1
+        previous = now
+    return runs
 
 
 def _steps(engine, args, rank: int, world: int, measure: bool) -> list[dict]:
@@ -102,6 +125,7 @@ def _steps(engine, args, rank: int, world: int, measure: bool) -> list[dict]:
         x, y = random_batch(data, args.batch_size, args.block_size, generator)
         x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
         before = (_wchar(), dp.comm.sent_bytes, dp.comm.wait_s) if dp is not None else None
+        gathered = dp.gather.gathers if dp is not None and dp.gather is not None else 0
         started = time.perf_counter()
         engine.backward(engine(x, y))
         engine.step()
@@ -110,6 +134,7 @@ def _steps(engine, args, rank: int, world: int, measure: bool) -> list[dict]:
             rows.append({"seconds": seconds})
             continue
         rows.append({"seconds": seconds, "measured_bytes": _wchar() - before[0],
+                     "gathers": None if dp.gather is None else dp.gather.gathers - gathered,
                      "counted_bytes": dp.comm.sent_bytes - before[1], "comm_wait_s": dp.comm.wait_s - before[2]})
     return rows[2:]
 
@@ -123,7 +148,8 @@ def _rank_main(rank: int, world: int, port: int, args, out: str) -> None:
     evictions = [len(s["evictions"]) for s in engine.recorder.steps if not s["warmup"]]
     result = {"rank": rank, "theory_bytes": theory_bytes(engine), "steps": rows,
               "owned_groups": sum(r == rank for r in engine.data_parallel.owners.values()),
-              "groups": len(engine.data_parallel.owners), "evictions_per_step": statistics.median(evictions)}
+              "groups": len(engine.data_parallel.owners), "evictions_per_step": statistics.median(evictions),
+              "param_bytes_held": held_param_bytes(engine.manager)}
     engine.close()
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -150,8 +176,10 @@ def run(args) -> dict:
                         "measured_over_theory": measured / r["theory_bytes"],
                         "step_s": statistics.median(s["seconds"] for s in r["steps"]),
                         "comm_wait_share": statistics.median(s["comm_wait_s"] / s["seconds"] for s in r["steps"]),
-                        "evictions_per_step": r["evictions_per_step"]})
-    return {"world": args.world, "dtype": args.dtype, "steps": args.steps, "load_average": list(os.getloadavg()),
+                        "evictions_per_step": r["evictions_per_step"], "param_bytes_held": r["param_bytes_held"],
+                        "gathers_per_step": None if r["steps"][0]["gathers"] is None
+                        else statistics.median(s["gathers"] for s in r["steps"])})
+    return {"world": args.world, "dtype": args.dtype, "steps": args.steps, "shard_params": args.shard_params, "load_average": list(os.getloadavg()),
             "ranks": summary,
             "single_process_step_s": statistics.median(s["seconds"] for s in single),
             "step_time_ratio_vs_single": max(r["step_s"] for r in summary)
@@ -164,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.world} gloo ranks, {args.dtype}, median of {args.steps} steady steps")
+    print(f"{args.world} gloo ranks, {args.dtype}{', shard_params (Stage 2)' if args.shard_params else ''}, "
+          f"median of {args.steps} steady steps")
     for r in result["ranks"]:
         print(f"rank {r['rank']} ({r['owned_groups']} of {r['groups']} groups): sent {r['measured_bytes']:,.0f} B/step "
               f"measured, {r['theory_bytes']:,} theory ({r['measured_over_theory']:.4f}x), counted "
               f"{r['counted_bytes']:,.0f}; waiting on communication {r['comm_wait_share']:.1%} of a "
-              f"{r['step_s'] * 1e3:.0f} ms step; {r['evictions_per_step']:g} evictions/step")
+              f"{r['step_s'] * 1e3:.0f} ms step; {r['evictions_per_step']:g} evictions/step; "
+              f"{r['param_bytes_held']:,} B of parameter chunks held after the last step"
+              + ("" if r["gathers_per_step"] is None else f"; {r['gathers_per_step']:g} gathers/step"))
     print(f"one process, whole batch: {result['single_process_step_s'] * 1e3:.0f} ms/step; slowest rank / one "
           f"process: {result['step_time_ratio_vs_single']:.2f}; load average "
           f"{', '.join(f'{x:.1f}' for x in result['load_average'])}")

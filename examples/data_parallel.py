@@ -1,6 +1,6 @@
 """Data-parallel training with hetmem: run it with
 
-    torchrun --nproc-per-node 2 examples/data_parallel.py
+    torchrun --standalone --nproc-per-node 2 examples/data_parallel.py
 
 The only line data parallelism adds to a single-process hetmem script is the process group.
 """

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (hetmem train --nproc re-runs it)
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         parser.error(f"--log-level {args.log_level!r} is not a logging level; use debug, info, warning or error")
@@ -78,7 +79,7 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and not str(exc):
         text = f"{type(exc).__name__}: {exc!r}"
-    if isinstance(exc, (DeviceBudgetError, HostBudgetError)) or "budget" in text:
+    if isinstance(exc, (DeviceBudgetError, HostBudgetError)) or "device_budget" in text or "device budget" in text:
         text += " (`hetmem profile` measures the device budget a model needs)"
     return text
 

@@ -96,6 +96,8 @@ class Config:
     prefetch: bool = True                    # fetch the next moment's chunks ahead of use
     overlap_step: bool = True                # apply the optimizer step group by group during the
                                              # next forward (hetmem/step_pipeline.py); false: in step()
+    shard_params: bool = False               # data parallel: keep only this rank's groups' parameter chunks,
+                                             # gather the others before use (README "Data parallel")
     memory_trace: bool = True                # record the trace behind engine.memory_report()
     nvme_backend: str = "auto"               # "auto" | "io_uring" | "linux_aio" | "threads"
     nvme_block_size: SizeOrAuto = "1MiB"
@@ -154,7 +156,7 @@ class Config:
             if scale <= 0:
                 _fail("loss_scale", self.loss_scale, "give 'dynamic' or a fixed scale > 0")
             set_("loss_scale", scale)
-        for key in ("prefetch", "memory_trace", "nvme_checksum", "overlap_step"):
+        for key in ("prefetch", "memory_trace", "nvme_checksum", "overlap_step", "shard_params"):
             if not isinstance(getattr(self, key), bool):
                 _fail(key, getattr(self, key), "give true or false")
         if self.activation_offload not in ACTIVATION_OFFLOAD:

@@ -119,6 +119,8 @@ class Engine:
         self.scheduler.apply_step = self.adam.apply_through          # the next forward waits per group
         self.scheduler.ready_for_prefetch = self.adam.ready_for_prefetch
         self.scheduler.read_state_early = self.adam.read_state_early  # during backward
+        if self.data_parallel is not None and config.shard_params:  # Stage 2: hetmem/distributed/gather.py
+            self.data_parallel.shard_params(self.manager, self.scheduler, prefetch=config.prefetch)
         self.module_state.before_access = self.adam.finish_pending
         # a torch.optim.Optimizer over the user's groups; its step() is this engine's step
         self.optimizer = HetmemOptimizer(param_groups, layout=self.layout, manager=self.manager, adam=self.adam,
@@ -170,8 +172,9 @@ class Engine:
                    f"memory: lower device_budget)" if self.config.host_budget == "auto" and self.device.type == "cpu"
                    else ""))
         if self.config.nvme_dir is not None:  # the optimizer step's pipeline (hetmem/nvme/pipeline_plan.py)
-            group_bytes = max(sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups)
-            self.nvme_plan = plan_pipeline(group_bytes, self.budgets.host, self.config.nvme_pipeline_depth)
+            sizes = [sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups]
+            self.nvme_plan = plan_pipeline(max(sizes), self.budgets.host, self.config.nvme_pipeline_depth,
+                                           total_bytes=sum(sizes))
 
     def _attach_nvme(self) -> None:
         """Chunks past host_budget live in a swap space under nvme_dir (chunk_manager/nvme_tier.py)."""
@@ -446,6 +449,8 @@ class Engine:
         if keep_weights:
             self.adam.finish_pending()
             self.module_state.check_host_room()
+            if self.data_parallel is not None:   # shard_params: other ranks' parameters gathered (a collective)
+                self.data_parallel.gather_all(self.layout)
         self.lifecycle.go(Phase.CLOSED)
         self.hooks.remove()
         self.grads.remove()

@@ -70,6 +70,9 @@ class Scheduler:
         self.apply_step: Callable[[Iterable[Chunk]], None] = lambda chunks: None
         self.ready_for_prefetch: Callable[[list[Chunk]], list[Chunk]] = lambda chunks: chunks
         self.read_state_early: Callable[[], None] = lambda: None
+        # data parallel with shard_params (hetmem/distributed/gather.py): gathers the PARAM chunks of
+        # groups other ranks own before use and drops them after; None otherwise
+        self.gather = None
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -117,6 +120,8 @@ class Scheduler:
             self.activations.begin_microstep(self.tracer.recording)
         self.wait_s = 0.0
         self._chunk_bytes_min = self.device_bytes()
+        if self.gather is not None:
+            self.gather.begin()
 
     @property
     def traced(self) -> bool:
@@ -144,6 +149,8 @@ class Scheduler:
     def end_microstep(self) -> None:
         self._drop_forward_stack()
         self._release_moment()
+        if self.gather is not None:
+            self.gather.end()
         if self.traced:
             self.tracer.end_microstep(self._chunk_bytes_min)
             self._close_recorded_interval()
@@ -168,6 +175,8 @@ class Scheduler:
             self.tracer.abandon()
         if self.activations is not None:
             self.activations.abort()
+        if self.gather is not None:
+            self.gather.abort()
         # the failed step's graph is garbage now (an exception's traceback cycles keep it until
         # the collector runs): free it, and forget what the probe counted of it
         gc.collect()
@@ -182,6 +191,8 @@ class Scheduler:
         if self.traced:
             moment = self.tracer.tick(kind, self.module_name(module), self._chunk_bytes_min)
             self._close_recorded_interval()
+        if self.gather is not None:
+            self.gather.on_moment(kind, self.module_name(module), None if moment is None else moment.index)
         self.manager.poll()
         if self.activations is not None and moment is not None:
             self.activations.on_moment(moment.index)
@@ -265,10 +276,14 @@ class Scheduler:
                     slot.set_state(after)
         for chunk in chunks:
             self.manager.unpin(chunk)
+        if self.gather is not None:
+            self.gather.release(chunks)
 
     def _acquire(self, chunks: list[Chunk], why: str) -> None:
         """Make ``chunks`` resident and usable on the device, and pin them."""
         self.apply_step(chunks)
+        if self.gather is not None:  # other ranks' groups: broadcast from their owners (waited here)
+            self.gather.acquire(chunks)
         clock = self.manager.clock
         for chunk in chunks:
             chunk.last_use = clock
@@ -350,6 +365,8 @@ class Scheduler:
 
     def _prefetch(self) -> None:
         """Start the next moments' transfers; opportunistic: a prefetch that does not fit is skipped."""
+        if self.gather is not None:  # issued whatever the budget: every rank issues the same
+            self.gather.prefetch()
         if not self.prefetch_enabled:
             return
         try:
@@ -365,7 +382,9 @@ class Scheduler:
         budget = self.tracer.budget.prefetch_budget(self.tracer.current_record(), upcoming,
                                                     self.non_model_now())
         wanted = sorted((self._chunks_by_id[i] for i in upcoming.working_set), key=lambda c: c.id)
-        for chunk in self.ready_for_prefetch([c for c in wanted if c.tier is not Tier.DEVICE]):
+        # (not a chunk being gathered, pinned until it lands, nor one this rank does not hold)
+        movable = [c for c in wanted if c.tier is not Tier.DEVICE and c.tier is not None and not c.pins]
+        for chunk in self.ready_for_prefetch(movable):
             if not self._room_for_prefetch(chunk, budget, protect=wanted):
                 break
             self.bring_to_host(chunk)

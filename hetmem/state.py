@@ -45,6 +45,10 @@ def read_weights(manager: "ChunkManager", slot: ParamSlot) -> torch.Tensor:
     chunk = _weights_chunk(slot)
     if chunk.kind is ChunkKind.PARAM and slot.state is TensorState.GRAD_IN_SLOT:
         raise RuntimeError(f"parameter {slot.name!r} holds its gradient until engine.step()")
+    if chunk.tier is None and chunk.kind is ChunkKind.PARAM:  # hetmem/distributed/gather.py
+        raise RuntimeError(f"parameter {slot.name!r} is held by another rank between uses (data parallel with "
+                           f"shard_params: true); call engine.state_dict() on every rank (a collective) for the "
+                           f"full weights")
     return read_slot(manager, slot, chunk.kind)
 
 

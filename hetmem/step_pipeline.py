@@ -108,7 +108,11 @@ class StepPipeline:
     def issue(self, pending: PendingStep) -> None:
         """Start reading the first groups' chunks (returns at once)."""
         groups = pending.groups
-        self._work(pending, lambda: self._read_ahead_from(groups, 0, 1 + self.read_ahead))
+        try:
+            self._work(pending, lambda: self._read_ahead_from(groups, 0, 1 + self.read_ahead))
+        except BaseException:
+            pending.interrupted = True  # as in _advance: step() applies it, zero_grad() drops it
+            raise
 
     def advance(self, pending: PendingStep, through: int) -> None:
         """Update ``pending.groups[next:through + 1]`` in order (blocking on their reads)."""

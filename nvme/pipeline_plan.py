@@ -61,20 +61,23 @@ def check_depth_setting(value) -> None:
                          f"the bottleneck)")
 
 
-def plan_pipeline(group_bytes: int, host_budget: int, setting: int | str = AUTO) -> PipelinePlan:
+def plan_pipeline(group_bytes: int, host_budget: int, setting: int | str = AUTO, *,
+                  total_bytes: int | None = None) -> PipelinePlan:
     """The plan for groups of up to ``group_bytes`` under ``host_budget``; ValueError naming the
-    value and the fix when the host budget cannot hold it."""
+    value and the fix when the host budget cannot hold it.  ``total_bytes``: every group's bytes,
+    the most the step can hold (a model of one or two groups needs no room for three)."""
     check_depth_setting(setting)
     if setting == AUTO:
         depth, reason = AUTO_DEPTH, "auto: one group ahead keeps the disk busy"
     else:
         depth, reason = setting, "nvme_pipeline_depth"
     plan = PipelinePlan(depth, group_bytes, reason)
-    if plan.host_bytes > host_budget:
+    need = plan.host_bytes if total_bytes is None else min(plan.host_bytes, total_bytes)
+    if need > host_budget:
         raise ValueError(
             f"host_budget={format_bytes(host_budget)} is too small for the NVMe pipeline: it keeps {plan.host_groups} "
             f"chunk groups of up to {format_bytes(group_bytes)} in host memory (one written back, one updated, "
             f"{depth} read ahead: nvme_pipeline_depth={setting!r}); raise host_budget to at least "
-            f"{format_bytes(plan.host_bytes)}, " + ("lower nvme_pipeline_depth, " if setting != AUTO and setting > 1
+            f"{format_bytes(need)}, " + ("lower nvme_pipeline_depth, " if setting != AUTO and setting > 1
                                                     else "") + "or lower chunk_size")
     return plan

@@ -161,3 +161,45 @@ def test_the_bar_starts_after_the_warm_up_step(tmp_path, monkeypatch):
     argv = [a for a in TINY if a != "--no-progress"]
     assert main([*argv, "--steps", "3", "--out", str(tmp_path)]) == 0
     assert created == [(1, 1)]   # one bar, made when step 1 was done, starting at 1
+
+
+@pytest.mark.parametrize("flag,value", [("--nproc", "0"), ("--nproc", "-2"), ("--dist-timeout", "0"),
+                                        ("--dist-timeout", "-1"), ("--dist-timeout", "nan"), ("--batch-size", "3")])
+def test_bad_data_parallel_options_are_one_clear_error(tmp_path, capsys, monkeypatch, flag, value):
+    # --nproc 0 used to train one process silently; a timeout <= 0 died in c10d's C++ stack trace
+    # --batch-size 3 with --nproc 2: every rank printed it after the launch, then torchrun's traceback
+    import hetmem.distributed.launch as launch
+
+    monkeypatch.setattr(launch, "launch_ranks", lambda argv, nproc: pytest.fail("ranks launched"))
+    nproc = ["--nproc", "2"] if flag != "--nproc" else []
+    assert main([*TINY, "--steps", "1", "--out", str(tmp_path / "run"), *nproc, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hetmem train: error: {flag} {value}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_nproc_ranks_get_this_command_line_with_the_run_folder(tmp_path, monkeypatch):
+    # `--resume` takes an optional value: `--resume --nproc 2` gave the ranks `2` as an argument
+    # (its value was taken for --resume's); and the command line is main()'s, not sys.argv
+    import hetmem.distributed.launch as launch
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*TINY, "--steps", "1", "--save-every", "1", "--out", "hetmem_runs/run"]) == 0
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])
+    for tail in (["--resume", "--nproc", "2"], ["--nproc=2", "--resume"]):
+        launched = []
+        monkeypatch.setattr(launch, "launch_ranks", lambda argv, nproc: launched.append((argv, nproc)) or 0)
+        assert main(["train", "--steps", "2", *tail]) == 0
+        [(argv, nproc)] = launched
+        assert nproc == 2 and argv[:-1] == ["train", "--steps", "2", "--resume"], tail
+        assert (tmp_path / argv[-1]).resolve() == (tmp_path / "hetmem_runs" / "run").resolve()
+
+
+def test_a_host_budget_too_small_for_the_nvme_pipeline_is_one_line_without_device_advice(tmp_path, capsys):
+    argv = [*TINY, "--steps", "1", "--out", str(tmp_path / "run"), "--nvme-dir", str(tmp_path / "swap"),
+            "--host-budget", "64KiB"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hetmem train: error: host_budget=64.00 KiB is too small for the NVMe pipeline")
+    assert "raise host_budget to at least" in err and err.count("\n") == 1
+    assert "hetmem profile" not in err  # it measures the device budget, which is not what is short here

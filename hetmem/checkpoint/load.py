@@ -225,7 +225,7 @@ def _apply(parts: CheckpointParts, folder: Path, meta: dict, verified: _Verified
     with TensorFiles(folder, verified.algorithm) as f:
         for group in parts.layout.groups:
             for kind, chunk in group.chunks.items():
-                if kind not in FIELD_OF_KIND:
+                if kind not in FIELD_OF_KIND or chunk.tier is None:  # (None: another rank's, Stage 2)
                     continue
                 field = FIELD_OF_KIND[kind]
                 buffer = staging.get(chunk.dtype, chunk.capacity)

@@ -4,6 +4,7 @@ Checkpoints with --save-every; --resume continues a run bit-exactly."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -96,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
     from hetmem.train_job import (CHECKPOINTS, build, make_scheduler, new_state, resume_state, state_bytes,
                                   write_options)
 
+    _check_data_parallel_options(args)
     options, out = _options(args)
     if args.nproc > 1 and world_size_from_env() == 1:  # start the ranks; each runs this command again
+        if options.batch_size % args.nproc:  # said once here, not by every rank after the launch
+            raise ValueError(f"--batch-size {options.batch_size} must be a multiple of --nproc {args.nproc}: each "
+                             f"rank trains on an equal slice of every batch")
         _build_ops(options)                              # once, before the ranks race to build it
         return launch_ranks(_rank_argv(args, out), args.nproc)
     leader = not init_from_env(options.device, args.dist_timeout) or _rank() == 0
@@ -138,6 +143,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_data_parallel_options(args: argparse.Namespace) -> None:
+    """ValueError naming the flag unless --nproc is >= 1 and --dist-timeout a positive number of seconds."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: give the number of ranks to run, 1 or more (1: one process)")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout {args.dist_timeout:g}: give the seconds a rank waits for the others, "
+                         f"a number > 0 (default 300)")
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -147,13 +161,15 @@ def _rank() -> int:
 def _rank_argv(args: argparse.Namespace, out: Path) -> list[str]:
     """This command line for the ranks: without --nproc, with the run folder fixed (ranks
     started a second apart would choose different default folders)."""
+    given = getattr(args, "argv", None) or sys.argv[1:]  # hetmem.cli.main's command line
     argv, skip = [], False
-    for item in sys.argv[1:]:
+    for i, item in enumerate(given):
         if skip:
             skip = False
             continue
         if item in ("--nproc", "--out", "--resume"):
-            skip = True
+            # --resume's value is optional: the next item is its value unless it is an option
+            skip = item != "--resume" or (i + 1 < len(given) and not given[i + 1].startswith("-"))
             continue
         if item.startswith(("--nproc=", "--out=", "--resume=")):
             continue

@@ -13,8 +13,11 @@ engine holds a ``DataParallel`` (``engine.data_parallel``; None otherwise) and:
 - saves checkpoints from every rank in parallel, loadable at any world size (checkpoint.py);
 - gives full fp32 weights on every rank from ``engine.state_dict()`` (state.py).
 
-Parameters are replicated: every rank keeps every PARAM chunk (in the compute dtype), placed by
-its own scheduler under its own device budget.  See README "Data parallel".
+By default parameters are replicated: every rank keeps every PARAM chunk (in the compute dtype),
+placed by its own scheduler under its own device budget.  With ``shard_params`` (Stage 2,
+gather.py) a rank keeps only its own groups' PARAM chunks between uses and gathers the others
+from their owners before each use, along the schedule every rank agreed on.  See README
+"Data parallel".
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class DataParallel:
         self.comm = Comm(ctx)                 # every collective goes through it (bytes, waits, errors)
         self.owners: dict[int, int] = {}      # trainable group index -> owning rank, set by plan()
         self.step: ShardedStep | None = None  # the optimizer's seams, set by sharded_step()
+        self.gather = None                    # ParamGather under shard_params (gather.py), else None
 
     @classmethod
     def from_torch(cls, compute_device) -> "DataParallel | None":
@@ -89,6 +93,25 @@ class DataParallel:
             pending.append(self.comm.broadcast(buffer.data, 0, f"the initial value of buffer {name!r}"))
         for work in pending:
             work.wait()
+
+    def shard_params(self, manager, scheduler, *, prefetch: bool) -> None:
+        """Stage 2 (config ``shard_params``): keep only the owned groups' PARAM chunks between
+        uses; gather the others from their owners along the agreed schedule (gather.py)."""
+        from .gather import ParamGather, drop_unowned
+
+        self.step.publish = False
+        self.gather = scheduler.gather = ParamGather(self.comm, manager, self.owners, self.rank,
+                                                     lambda: self.step.agreed, scheduler.chunk_budget,
+                                                     prefetch=prefetch)
+        dropped = drop_unowned(manager, self.owners, self.rank)
+        logger.info("rank %d: parameter chunks sharded (Stage 2): %d groups of other ranks dropped, gathered "
+                    "before use", self.rank, dropped)
+
+    def gather_all(self, layout) -> None:
+        """Under shard_params: every trainable group's PARAM chunk gathered on this rank and kept
+        (``engine.close()`` gives the module its full weights); a collective.  No-op otherwise."""
+        if self.gather is not None:
+            self.gather.acquire([g.chunks[ChunkKind.PARAM] for g in layout.groups if g.trainable])
 
     def owns(self, group) -> bool:
         return self.owners.get(group.index) == self.rank

@@ -31,7 +31,8 @@ from .comm import Comm
 logger = logging.getLogger("hetmem.distributed")
 
 # config keys that change what a step computes: they must be equal on every rank
-SHARED_KEYS = ("dtype", "optimizer", "gradient_clipping", "gradient_accumulation_steps", "loss_scale", "chunk_size")
+SHARED_KEYS = ("dtype", "optimizer", "gradient_clipping", "gradient_accumulation_steps", "loss_scale", "chunk_size",
+               "shard_params", "prefetch")
 
 
 def assign_owners(layout: Layout, world_size: int) -> dict[int, int]:

@@ -63,6 +63,10 @@ class ShardedStep:
         self._cursor = 0                      # how many of them are published
         self._broadcasts: list[Pending] = []  # broadcasts in flight
         self._in_step = False                 # between reduce_gradients and finish
+        # Stage 2 (shard_params, gather.py): owners keep their updated PARAM chunks, the others
+        # gather them before use, so nothing is broadcast after the step
+        self.publish = True
+        self.agreed: list | None = None       # the traced schedule every rank had at the last step
 
     def owns(self, group: ChunkGroup) -> bool:
         return self.owners.get(group.index) == self.ctx.rank
@@ -129,6 +133,8 @@ class ShardedStep:
                 f"hetmem data parallel: the traced schedule (the order in which modules use chunk groups) of "
                 f"rank(s) {others} differs from rank {first}'s; every rank must run the same modules in the same "
                 f"order each step (data-dependent control flow that differs between ranks is not supported)")
+        # every rank traced the same schedule: the plan the parameter gathers follow (gather.py)
+        self.agreed = self._schedule() if len(traced) == self.ctx.world_size else None
         anywhere = rows[:, 2:].amax(dim=0).tolist()
         for slot, flag in zip(slots, anywhere):
             if flag and not slot.has_grad:
@@ -160,6 +166,8 @@ class ShardedStep:
 
     def publish_until(self, index: int) -> None:
         """Issue the broadcasts of the changed groups up to layout index ``index``."""
+        if not self.publish:
+            return
         while self._cursor < len(self._changed) and self._changed[self._cursor].index <= index:
             group = self._changed[self._cursor]
             self._cursor += 1

@@ -6,7 +6,10 @@ fp32 master weights of a group exist on its owner only: each trainable group's m
 used prefix) is broadcast from the owner, in layout order, and replaces the widened
 compute-dtype values the rank read from its PARAM chunk.  A collective: call it on every rank.
 ``engine.module.state_dict()`` is not a collective: it gives the rank's own values (exact in
-fp32; in bf16/fp16 the groups a rank does not own come from the compute-dtype copy).
+fp32; in bf16/fp16 the groups a rank does not own come from the compute-dtype copy).  With
+``shard_params`` (Stage 2) the PARAM chunks of other ranks' groups are gathered for the read
+(every rank holds all of them in the compute dtype meanwhile) and dropped again;
+``engine.module.state_dict()`` alone then raises for them (use ``engine.state_dict()``).
 """
 from __future__ import annotations
 
@@ -16,7 +19,15 @@ from hetmem.chunk_manager.states import ChunkKind
 
 
 def full_state_dict(dp, module_state, layout, manager):
-    state = module_state.full_precision_state_dict()
+    if dp.gather is None:
+        state = module_state.full_precision_state_dict()
+    else:  # Stage 2: the other ranks' PARAM chunks gathered for the read, dropped again after
+        chunks = [g.chunks[ChunkKind.PARAM] for g in layout.groups if g.trainable]
+        dp.gather.acquire(chunks)
+        try:
+            state = module_state.full_precision_state_dict()
+        finally:
+            dp.gather.release(chunks)   # dropped unless a module still uses them (mid-step)
     # every rank owns at least one group, so in bf16/fp16 every rank has some master chunk
     if not any(ChunkKind.MASTER in g.chunks for g in layout.groups):
         return state   # fp32: the PARAM chunks are the weights, current on every rank

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 
 import hetmem
-from hetmem.chunk_manager.states import Tier
+from hetmem.chunk_manager.states import ChunkKind, Tier
 from hetmem.distributed import memory_summary
 from hetmem.distributed import optimizer_state_bytes
+from hetmem.distributed.gather import held_param_bytes
 from tests.engine.helpers import batches, config, steady_steps, tiny_gpt
 
 TIGHT = "2304KiB"
@@ -39,6 +40,8 @@ def engine_config(opts: dict) -> hetmem.Config:
                      gradient_accumulation_steps=int(opts.get("accumulation", 1)))
     if "clip" in opts:
         overrides["gradient_clipping"] = float(opts["clip"])
+    if opts.get("shard") == "1":
+        overrides["shard_params"] = True
     if opts.get("dtype", "fp32") != "fp32":
         overrides["optimizer"] = dict(lr=1e-3, weight_decay=0.0)
     return config(**overrides)
@@ -63,7 +66,8 @@ def lr_factor(step: int) -> float:
     return 1.0 / (1.0 + 0.5 * step)
 
 
-def train(engine, data, rank, world, scheduler=None):
+def train(engine, data, rank, world, scheduler=None, held=None):
+    """``held``: a list that gets the PARAM bytes this rank holds after each step."""
     losses = []
     for batch in data:
         x, y = shard(batch, rank, world)
@@ -72,6 +76,8 @@ def train(engine, data, rank, world, scheduler=None):
         if engine.step() and scheduler is not None:
             scheduler.step()
         losses.append(mean_loss(loss))
+        if held is not None:
+            held.append(held_param_bytes(engine.manager))
     return losses
 
 
@@ -106,13 +112,22 @@ def scenario_parity(rank, world, opts):
     reference = copy.deepcopy(model)
     engine = hetmem.initialize(model, engine_config(opts), optimizer=adamw_groups(model) if variety else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_factor) if variety else None
-    losses = train(engine, data, rank, world, scheduler)
+    held = []
+    losses = train(engine, data, rank, world, scheduler, held)
+    gather = engine.data_parallel.gather
     try:
         engine.optimizer.state_dict()
         optimizer_error = None
     except RuntimeError as exc:
         optimizer_error = str(exc)
-    result = {"losses": losses, "state": engine.state_dict(), "module_state": engine.module.state_dict(),
+    result = {"losses": losses, "state": engine.state_dict(),
+              "module_state": engine.module.state_dict() if gather is None else None,
+              "held_param_bytes": held, "gathers": None if gather is None else (gather.gathers, gather.early),
+              "param_bytes": {kind: sum(g.chunks[ChunkKind.PARAM].nbytes for g in engine.layout.groups if test(g))
+                              for kind, test in (("all", lambda g: True), ("frozen", lambda g: not g.trainable),
+                                                 ("owned", engine.data_parallel.owns))},
+              "largest_param_chunk": max(g.chunks[ChunkKind.PARAM].nbytes for g in engine.layout.groups),
+              "comm_by_op": dict(engine.data_parallel.comm.sent_by_op),
               "evictions": [len(s["evictions"]) for s in steady_steps(engine)],
               "fetches": [sum(m["cause"] in ("fetch", "prefetch") for m in s["moves"]) for s in steady_steps(engine)],
               "optimizer_state_bytes": optimizer_state_bytes(engine.manager),

@@ -102,6 +102,23 @@ def test_pipeline_depth_is_checked_against_the_host_budget():
             hetmem.Config(nvme_pipeline_depth=bad)
 
 
+def test_a_host_budget_holding_every_chunk_group_is_never_too_small_for_the_pipeline(tmp_path):
+    # the step holds at most every group: a model of one or two groups was refused a host budget
+    # holding all of its chunks (and more) because the plan asked for three groups
+    assert plan_pipeline(100, 250, "auto", total_bytes=200).host_groups == 3  # no refusal
+    with pytest.raises(ValueError, match="raise host_budget to at least 200 B"):
+        plan_pipeline(100, 150, "auto", total_bytes=200)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256, bias=False)  # one group: 4 chunks of 256 KiB (fp32)
+    engine = hetmem.initialize(model, dict(device="cpu", device_budget="2MiB", dtype="fp32", chunk_size=65536,
+                                           nvme_dir=str(tmp_path / "swap"), host_budget="1MiB", memory_trace=False))
+    x = torch.randn(4, 256)
+    for _ in range(2):
+        engine.backward(engine(x).square().mean())
+        assert engine.step()
+    engine.close()
+
+
 def test_an_engine_names_a_depth_its_host_budget_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"host_budget=900.00 KiB is too small .*nvme_pipeline_depth=40"):
         _engine(tmp_path, nvme_pipeline_depth=40)
