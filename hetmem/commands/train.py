@@ -199,7 +199,7 @@ def _finish_rank(engine, out: Path) -> None:
               + ", ".join(format_bytes(r["optimizer_state_bytes"]) for r in summary["ranks"])
               + f" (total {format_bytes(summary['optimizer_state_bytes_total'])}); peak device bytes per rank "
               + ", ".join(format_bytes(r["peak_device_bytes"]) for r in summary["ranks"])
-              + f"; bytes sent per rank " + ", ".join(format_bytes(r["comm_sent_bytes"]) for r in summary["ranks"]))
+              + "; bytes sent per rank " + ", ".join(format_bytes(r["comm_sent_bytes"]) for r in summary["ranks"]))
 
 
 def _rank_dir(engine, out: Path) -> Path:
