@@ -206,6 +206,40 @@ class ChunkManager:
         self.host_limit = host_limit
         self.pool.host_allocator = tier.host_buffer
 
+    def write_back(self, chunk: Chunk) -> Transfer:
+        """Start writing a dirty chunk in host memory to its NVMe blob, keeping it where it is (its
+        blob becomes current when the write lands; nothing may change the payload meanwhile)."""
+        self.wait(chunk)
+        if chunk.nvme_valid or chunk.payload is None or chunk.payload.device.type != "cpu":
+            return Transfer(f"{chunk.name} write-back (nothing to write)", 0)
+
+        def written(transfer: Transfer, chunk=chunk) -> None:
+            chunk.nvme_valid = True
+
+        request = self.nvme.store(chunk, chunk.payload)
+        chunk.transfer = Transfer.for_request(request, f"{chunk.name} write-back", chunk.nbytes,
+                                              route=(chunk.tier, chunk.tier), keepalive=(chunk.payload,),
+                                              on_done=written)
+        self.moved_bytes += chunk.nbytes
+        return chunk.transfer
+
+    def revert_to_blob(self, chunk: Chunk) -> None:
+        """Forget the bytes memory holds for ``chunk``: its NVMe blob holds the ones wanted (a
+        rolled-back speculative update, hetmem/speculation.py).  A host chunk gives its payload
+        back (read again when next needed); one elsewhere in memory is reloaded in place."""
+        self.wait(chunk)
+        if chunk.tier is Tier.NVME:
+            chunk.nvme_valid = True
+            return
+        if chunk.tier is Tier.HOST and not chunk.pins:
+            self._account(Tier.HOST, chunk, -1)
+            self._account(Tier.NVME, chunk, +1)
+            self.pool.give(Tier.HOST, chunk.payload)
+            chunk.payload, chunk.tier = None, Tier.NVME
+        else:
+            self.nvme.load(chunk, chunk.payload).wait()
+        chunk.nvme_valid = True
+
     def read_copy(self, chunk: Chunk, into: torch.Tensor) -> torch.Tensor:
         """The chunk's bytes copied into host tensor ``into`` without moving the chunk."""
         self.wait(chunk)

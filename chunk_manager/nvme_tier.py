@@ -13,6 +13,12 @@ its own).  Past the cap a payload is allocated outside the pool, logged once and
 (``buffer_stats()["outside_pool"]``).
 ``nvme_valid`` on a chunk says its blob holds its current bytes: spilling such a chunk writes
 nothing.
+
+Shadow blobs (``shadow_kinds``: the chunks a speculative optimizer update writes,
+hetmem/speculation.py): such a chunk has two blobs, the committed one and its shadow.  While the
+chunk is *speculative* (``begin_speculation``) its stores and loads go to the other blob, so the
+committed one keeps the pre-update bytes; ``commit_speculation`` makes the other blob the
+committed one, ``end_speculation`` without commit forgets it (the committed blob is current again).
 """
 from __future__ import annotations
 
@@ -35,6 +41,10 @@ logger = logging.getLogger("hetmem.chunk_manager.nvme_tier")
 
 def blob_key(chunk: Chunk) -> str:
     return f"{chunk.kind.name}#{chunk.group.index}"
+
+
+def shadow_key(key: str) -> str:
+    return key + "~shadow"
 
 
 # errors opening the swap space that say nvme_dir itself is unusable (a config error)
@@ -80,7 +90,7 @@ def large_payload(chunks: list[Chunk]) -> int:
 class NvmeTier:
     def __init__(self, chunks: list[Chunk], directory: str, *, backend: str, block_size: int, queue_depth: int,
                  threads: int, checksum: bool, host_limit: int, lock: str = "auto", pin: bool = False,
-                 manager=None):
+                 manager=None, shadow_kinds=()):
         check_nvme_dir(directory)
         # every NVMe-backed host payload, for the whole run (see the module docstring)
         size = pool_bytes(chunks, host_limit)
@@ -96,8 +106,13 @@ class NvmeTier:
         self.outside_pool = 0  # payloads allocated outside the pool (no range, nothing to spill), in total
         self.spills = 0        # host chunks spilled to make a free range, in total
         self.manager = manager  # the ChunkManager whose host chunks it may spill to defragment the pool
+        blobs = {blob_key(c): c.nbytes for c in chunks}
+        blobs.update({shadow_key(blob_key(c)): c.nbytes for c in chunks if c.kind in shadow_kinds})
+        self.shadow_kinds = frozenset(shadow_kinds)
+        self._flipped: set[str] = set()       # keys whose committed blob is the shadow
+        self._speculative: set[int] = set()   # ids of chunks whose stores and loads use the other blob
         try:
-            self.swap = SwapSpace(directory, {blob_key(c): c.nbytes for c in chunks}, backend=backend,
+            self.swap = SwapSpace(directory, blobs, backend=backend,
                                   block_size=block_size, queue_depth=queue_depth, threads=threads,
                                   checksum=checksum, owned_bytes=self.pool.owned_bytes)
         except OSError as exc:
@@ -155,14 +170,43 @@ class NvmeTier:
             staged = self.pool.take(payload.numel(), payload.dtype)
             if staged is not None:
                 payload = staged.copy_(payload)  # the request holds ``staged`` until it completes
-        return self.swap.store(blob_key(chunk), payload)
+        return self.swap.store(self._key(chunk), payload)
 
     def load(self, chunk: Chunk, into: torch.Tensor):
         if not self.pool.owns(into):  # a caller's buffer (checkpoint save): read via the pool
             staged = self.pool.take(into.numel(), into.dtype)
             if staged is not None:
-                return _CopyOut(self.swap.load(blob_key(chunk), into=staged), staged, into)
-        return self.swap.load(blob_key(chunk), into=into)
+                return _CopyOut(self.swap.load(self._key(chunk), into=staged), staged, into)
+        return self.swap.load(self._key(chunk), into=into)
+
+    # -- shadow blobs (see the module docstring) ---------------------------------------
+
+    def _key(self, chunk: Chunk) -> str:
+        key = blob_key(chunk)
+        if (key in self._flipped) != (chunk.id in self._speculative):
+            return shadow_key(key)
+        return key
+
+    def begin_speculation(self, chunk: Chunk) -> None:
+        """From now on ``chunk``'s bytes go to its other blob; the committed one is kept."""
+        if chunk.kind not in self.shadow_kinds:
+            raise ValueError(f"{chunk.name} has no shadow blob (shadow kinds: "
+                             f"{sorted(k.name for k in self.shadow_kinds)})")
+        self._speculative.add(chunk.id)
+
+    def commit_speculation(self, chunk: Chunk) -> None:
+        """The other blob becomes the committed one (a flag: no IO)."""
+        if chunk.id in self._speculative:
+            self._speculative.discard(chunk.id)
+            self._flipped ^= {blob_key(chunk)}
+
+    def end_speculation(self, chunk: Chunk) -> None:
+        """Forget the other blob: the committed one is ``chunk``'s again (the caller discards
+        or reloads what memory holds)."""
+        self._speculative.discard(chunk.id)
+
+    def speculative(self, chunk: Chunk) -> bool:
+        return chunk.id in self._speculative
 
     def buffer_stats(self) -> dict:
         """The IO pool's figures (kind, cap, bytes mapped and in use, allocations) and the payloads outside it."""

@@ -96,6 +96,8 @@ class Config:
     prefetch: bool = True                    # fetch the next moment's chunks ahead of use
     overlap_step: bool = True                # apply the optimizer step group by group during the
                                              # next forward (hetmem/step_pipeline.py); false: in step()
+    step_speculation: bool | str = AUTO      # update the last layers' groups during backward, rolled back
+                                             # exactly if the step differs (hetmem/speculation.py)
     shard_params: bool = False               # data parallel: keep only this rank's groups' parameter chunks,
                                              # gather the others before use (README "Data parallel")
     memory_trace: bool = True                # record the trace behind engine.memory_report()
@@ -166,6 +168,7 @@ class Config:
             _fail("nvme_lock_buffers", self.nvme_lock_buffers,
                   "use 'auto' (lock, or warn and go on unlocked), 'required' (an error when mlock is refused) or 'off'")
         check_depth_setting(self.nvme_pipeline_depth)
+        self._check_speculation()
         if self.nvme_backend not in NVME_BACKENDS:
             _fail("nvme_backend", self.nvme_backend, f"use one of {', '.join(NVME_BACKENDS)}")
         block = parse_size(self.nvme_block_size, key="nvme_block_size")
@@ -177,6 +180,21 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 _fail(key, value, f"give an integer >= {low}")
         self._check_keys_take_effect()
+
+    def _check_speculation(self) -> None:
+        """``step_speculation``: "auto", true or false; true needs what speculation needs."""
+        value = self.step_speculation
+        if value != AUTO and not isinstance(value, bool):
+            _fail("step_speculation", value, "use 'auto' (speculate when overlap_step is on, the NVMe tier is on, "
+                                             "one process, no gradient accumulation, no clipping), true or false")
+        if value is True:
+            missing = [why for why, bad in (("overlap_step=true", not self.overlap_step),
+                                             ("nvme_dir set", self.nvme_dir is None),
+                                             ("gradient_accumulation_steps=1", self.gradient_accumulation_steps != 1))
+                       if bad]
+            if missing:
+                _fail("step_speculation", value, f"speculation needs {' and '.join(missing)}; set those, or "
+                                                 f"step_speculation to 'auto' or false")
 
     def _check_keys_take_effect(self) -> None:
         """A key set to a non-default value that the chosen config ignores: ``loss_scale``

@@ -41,6 +41,7 @@ from hetmem.optimizer import ChunkedAdam, StepResult
 from hetmem.optimizer_groups import HetmemOptimizer, config_group, resolve_user_groups
 from hetmem.placement import place_all_if_it_fits, release_residency
 from hetmem.scheduler import Scheduler
+from hetmem.speculation import Speculation, shadow_kinds, speculation_mode
 from hetmem.tracer.budget import BudgetPolicy
 from hetmem.tracer.probes import make_probe
 from hetmem.tracer.tracer import MemoryTracer
@@ -127,6 +128,10 @@ class Engine:
                                          run_step=self._step, drop_gradients=self.zero_grad)
         if optimizer is not None and optimizer.state:
             self.optimizer.load_state_dict(optimizer.state_dict())  # the user's optimizer had stepped
+        self.adam.speculation = Speculation(  # the update during backward (hetmem/speculation.py)
+            self.adam, self.grads, self.manager, speculation_mode(config, self.data_parallel is not None),
+            ready=lambda: not (self.tracer.recording or self.tracer.needs_warmup),
+            read_groups=self.optimizer.read_groups, drop_all=self.zero_grad)
         self.global_step = 0          # optimizer steps taken, skipped (non-finite) steps included
         self.micro_step = 0           # backward passes since initialize
         self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
@@ -187,7 +192,8 @@ class Engine:
                         block_size=config.nvme_block_size, queue_depth=config.nvme_queue_depth,
                         threads=config.nvme_threads, checksum=config.nvme_checksum, host_limit=self.budgets.host,
                         lock=config.nvme_lock_buffers, pin=self.accelerator.pin_host,
-                        manager=self.manager)
+                        manager=self.manager, shadow_kinds=shadow_kinds(config.mixed_precision)
+                        if speculation_mode(config, self.data_parallel is not None) else ())
         self.manager.attach_nvme(tier, host_limit=self.budgets.host)
 
     def _on_schedule_change(self, reason: str) -> None:
@@ -242,6 +248,7 @@ class Engine:
                                "backward; call engine(batch) first")
         try:
             self.adam.finish_pending()  # the gradients go where the pending step reads its own
+            self.adam.speculation.arm()  # the last groups' update during this backward
         except BaseException:
             self._abort()
             raise
@@ -261,6 +268,7 @@ class Engine:
             self._drop_after_error("backward")
             raise
         warmup = self.tracer.recording
+        self.adam.speculation.end_backward()
         self.scheduler.end_microstep()
         self.lifecycle.go(Phase.IDLE)
         self.micro_step += 1
@@ -288,6 +296,7 @@ class Engine:
         self._check_open()
         self.lifecycle.assert_in(Phase.IDLE, doing="engine.step() after a forward without engine.backward()",
                                  fix="call engine.backward(loss) first")
+        self.adam.speculation.raise_if_lost()  # a rollback dropped this step's gradients
         if self.micro_step == self._stepped_at and self.adam.pending is not None:
             self.adam.finish_pending()  # an overlapped step an IO error interrupted: apply the rest
         if self.micro_step == self._stepped_at or self.micro_step % self.config.gradient_accumulation_steps:

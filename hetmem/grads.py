@@ -53,6 +53,7 @@ class GradRouter:
         # id(slot) -> squared norm of its gradient (0-d, fp32), until the step or zero_grad
         self.norm_parts: dict[int, torch.Tensor] = {}
         self._on_schedule_change = on_schedule_change
+        self.on_arrival = None  # called with the slot before a gradient is routed (hetmem/speculation.py)
         self._shaped: set[int] = set()            # slots given a shaped placeholder for accumulation
         self._handles: list = []
         for slot in layout.slots:
@@ -120,6 +121,8 @@ class GradRouter:
                 else self.manager.placeholder(chunk.dtype)
         if grad is None:
             return
+        if self.on_arrival is not None:
+            self.on_arrival(slot)
         slot.grad_fires += 1
         group = slot.group
         had_grad = slot.has_grad  # a gradient of an earlier backward is pending (no step between)

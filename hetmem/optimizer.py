@@ -33,6 +33,7 @@ from hetmem.config import Config
 from hetmem.grads import GradRouter
 from hetmem.layout import Layout
 from hetmem.loss_scaler import LossScaler
+from hetmem.speculation import Speculation
 from hetmem.step_pipeline import PendingStep, StepPipeline
 
 logger = logging.getLogger("hetmem.optimizer")
@@ -137,6 +138,8 @@ class ChunkedAdam:
         self.pending: PendingStep | None = None
         self.last_result: StepResult | None = None  # the last finished step's figures
         self._compute_s = 0.0
+        # the update during backward (hetmem/speculation.py); the engine replaces this one (off)
+        self.speculation = Speculation(self, grads, manager, None)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -181,6 +184,8 @@ class ChunkedAdam:
             coef = clip / (norm + 1e-6)
             if coef < 1.0:
                 grad_scale = grad_scale / coef
+        committed = self.speculation.settle(grad_scale)  # updated during backward: left out
+        groups = [g for g in groups if g.index not in committed]
         self.grads.norm_parts.clear()
         self.scaler.update(overflow=False)
         self.last_norm = norm
@@ -196,6 +201,8 @@ class ChunkedAdam:
         pending = self.pending
         if pending is not None:
             self._advance(pending, pending.last_needed(chunks))
+        else:
+            self.speculation.observe("a forward ran between engine.backward() and engine.step()")
 
     def ready_for_prefetch(self, chunks: list) -> list:
         """The scheduler would prefetch ``chunks``: apply the pending step to their groups as far
@@ -203,6 +210,7 @@ class ChunkedAdam:
         whose groups are updated (the rest is fetched, and updated, when its moment comes)."""
         pending = self.pending
         if pending is None:
+            self.speculation.observe("a forward ran between engine.backward() and engine.step()")
             return chunks
         through = pending.last_needed(chunks)
         while pending.next <= through and self._arrived(pending.groups[pending.next]):
@@ -218,7 +226,11 @@ class ChunkedAdam:
 
     def read_state_early(self) -> None:
         """A backward moment: start reading the coming step's optimizer state from NVMe, first
-        groups first, as far as host room allows (overlap on; hetmem/step_pipeline.py)."""
+        groups first, as far as host room allows (overlap on; hetmem/step_pipeline.py), or
+        update the complete last groups speculatively (hetmem/speculation.py)."""
+        if self.speculation.armed:
+            self.speculation.on_moment()
+            return
         if not self.overlap or self.pending is not None or self.manager.nvme is None:
             return
         groups = [g for g in self.layout.groups if g.trainable]
@@ -231,6 +243,9 @@ class ChunkedAdam:
         """Apply the rest of the pending step; its figures (None when nothing was pending)."""
         pending = self.pending
         if pending is None:
+            self.speculation.observe("the weights or optimizer state were read (a state dict, checkpoint, "
+                                     "evaluation, engine.last_step, close or another backward) between "
+                                     "engine.backward() and engine.step()")
             return None
         self._advance(pending, len(pending.groups) - 1)
         return self.last_result
@@ -321,8 +336,10 @@ class ChunkedAdam:
         In-slot gradients (mixed precision only: fp32 training keeps gradients in GRAD chunks
         and its weights in the PARAM slot, untouched) are overwritten with the fp32 master
         weights cast to the compute dtype - the value the last step wrote there.  Groups with
-        nothing pending are not touched (no chunk moves).
+        nothing pending are not touched (no chunk moves).  A speculative update is rolled back first.
         """
+        self.speculation.rollback("the gradients were dropped (a skipped step or engine.zero_grad())", dropping=True)
+        self.speculation.lost = None
         if self.pending is not None:
             if not self.pending.interrupted:
                 return 0  # its gradients were consumed at engine.step(); the next forward applies them

@@ -176,12 +176,15 @@ class HetmemOptimizer(torch.optim.Optimizer):
         the next forward applies it with the hyperparameters read here).  A step an IO error
         interrupted resumes with the hyperparameters it started with."""
         if self.adam.pending is None:
-            # a key a group lacks (groups replaced by hand) takes the default, as add_param_group fills it
-            hyper = [read_hyper({**self.defaults, **group}, f"engine.optimizer.param_groups[{i}]")
-                     for i, group in enumerate(self.param_groups)]
-            self.adam.group_of = self._group_of()
-            self.adam.hyper = hyper
+            self.adam.hyper, self.adam.group_of = self.read_groups()
         return self.adam.step()
+
+    def read_groups(self) -> tuple[list[AdamHyper], dict[int, int]]:
+        """Every param group's hyperparameters and id(slot) -> group index, as they are now."""
+        # a key a group lacks (groups replaced by hand) takes the default, as add_param_group fills it
+        hyper = [read_hyper({**self.defaults, **group}, f"engine.optimizer.param_groups[{i}]")
+                 for i, group in enumerate(self.param_groups)]
+        return hyper, self._group_of()
 
     def _group_of(self) -> dict[int, int]:
         """id(slot) -> group index, for trainable slots (frozen ones have no Adam state)."""

@@ -1,6 +1,7 @@
 """Faults around the optimizer step's pipeline (hetmem/step_pipeline.py), overlapped or not:
 an IO error while ``engine.step()`` issues the first reads leaves a step that ``zero_grad()``
-drops and ``engine.step()`` applies, exactly as an error while the groups are updated."""
+drops and ``engine.step()`` applies, exactly as an error while the groups are updated (every group
+in the pipeline: ``step_speculation`` off; tests/engine/test_speculation.py has its faults)."""
 from __future__ import annotations
 
 import errno
@@ -19,7 +20,7 @@ HOST = "900KiB"  # most of the state on NVMe (tests/engine/test_overlap_step.py)
 def _engine(tmp_path, name: str, **overrides):
     _, model = pair(seed=5)
     return hetmem.initialize(model, config(device_budget="2304KiB", nvme_dir=str(tmp_path / name), host_budget=HOST,
-                                           memory_trace=False, dtype="bf16", **overrides))
+                                           memory_trace=False, dtype="bf16", step_speculation=False, **overrides))
 
 
 def _optimizer_state(engine) -> dict:
