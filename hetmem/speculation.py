@@ -79,6 +79,10 @@ class _Record:
 
 
 class Speculation:
+    # wait for a complete group's state instead of leaving it to the step: tests set it, so that
+    # what is speculated does not depend on the disk's timing
+    blocking = False
+
     def __init__(self, adam, grads, manager, mode: str | None, *, ready: Callable[[], bool] = lambda: False,
                  read_groups: Callable[[], tuple[list, dict]] | None = None,
                  drop_all: Callable[[], None] | None = None):
@@ -182,7 +186,11 @@ class Speculation:
                 self.cursor += 1
                 continue
             if not self.adam._arrived(group):
-                return  # never wait for the disk during backward
+                if not self.blocking:
+                    return  # never wait for the disk during backward
+                self._write_back(group)
+                for chunk in set(self.adam._operand_chunks(group).values()):
+                    self.manager.payload_in_memory(chunk)
             self.cursor += 1
             self._speculate(group)
 
@@ -205,8 +213,10 @@ class Speculation:
         try:
             adam._step_group(group, self.grad_scale)
         except BaseException:
+            # raised before its kernels ran (an operand's IO): the gradients and slots are as they
+            # were, and what memory holds of the state is dropped for the committed blobs
             del self.records[group.index]
-            self._rollback_group(record)
+            self._forget_state(group)
             raise
         finally:
             adam.hyper, adam.group_of = saved
@@ -308,10 +318,7 @@ class Speculation:
     def _rollback_group(self, record: _Record) -> bool:
         """Restore one group as it was before its speculative update; True if gradients were lost."""
         group, manager = record.group, self.manager
-        for kind in self.kinds:
-            chunk = group.chunks[kind]
-            manager.nvme.end_speculation(chunk)
-            manager.revert_to_blob(chunk)
+        self._forget_state(group)
         had_grad = [s for s, _, has, _ in record.slots if has]
         if self.adam.mixed and had_grad:  # the PARAM slots get the pre-update master weights back
             param = group.chunks[ChunkKind.PARAM]
@@ -327,6 +334,13 @@ class Speculation:
                 slot.set_state(state)
         manager.rebind(group.chunks[ChunkKind.PARAM])
         return bool(had_grad) and not record.grads_kept
+
+    def _forget_state(self, group: ChunkGroup) -> None:
+        """The group's committed blobs are its state again; memory's copies are dropped."""
+        for kind in self.kinds:
+            chunk = group.chunks[kind]
+            self.manager.nvme.end_speculation(chunk)
+            self.manager.revert_to_blob(chunk)
 
     def stats(self) -> dict:
         return {"speculated_groups": self.speculated, "rolled_back_groups": self.rolled_back,

@@ -37,9 +37,12 @@ def _chunk_bytes(engine) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype,clip", [("fp32", None), ("fp32", 0.05), ("bf16", None), ("bf16", 0.05)])
 def test_overlapped_step_is_bit_identical_to_the_synchronous_step(tmp_path, dtype, clip):
+    """With ``step_speculation=True`` (hetmem/speculation.py): without clipping every group may be
+    updated during backward; with clipping only those whose gradients outlive the update (fp32's
+    GRAD chunks, none in bf16: in-slot), rolled back and redone when the norm clips."""
     data = batches(STEPS, seed=11)
-    engines = {on: _engine(tmp_path, f"swap-{on}", dtype=dtype, gradient_clipping=clip, overlap_step=on)
-               for on in (False, True)}
+    engines = {on: _engine(tmp_path, f"swap-{on}", dtype=dtype, gradient_clipping=clip, overlap_step=on,
+                           step_speculation=on) for on in (False, True)}
     losses = {False: [], True: []}
     left_to_forward = 0
     for x, y in data:
@@ -68,8 +71,16 @@ def test_overlapped_step_is_bit_identical_to_the_synchronous_step(tmp_path, dtyp
         assert torch.equal(got[name], value), name
     assert [s.step for s in engines[True].layout.slots] == [s.step for s in engines[False].layout.slots]
     assert min(s.step for s in engines[True].layout.slots if s.trainable) == STEPS
+    speculation = engines[True].adam.speculation.stats()
     if clip is not None:
         assert engines[True].adam.last_norm > clip  # clipping was active
+    if dtype == "bf16" and clip is not None:
+        assert speculation["speculated_groups"] == 0, speculation  # in-slot gradients: never speculated
+    else:
+        assert speculation["speculated_groups"] > 0, speculation  # the update ran during backward
+        # clipping active: speculated groups were rolled back (and redone); without it none was
+        rolled = speculation["rolled_back_groups"]
+        assert (0 < rolled <= speculation["speculated_groups"]) if clip else rolled == 0, speculation
     for engine in engines.values():  # the budget moved chunks: the state lived on NVMe
         manager = engine.manager
         assert manager.bytes_on(Tier.NVME) > manager.bytes_on(Tier.HOST) and manager.moved_bytes > 0
