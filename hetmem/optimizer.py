@@ -50,6 +50,7 @@ class StepResult:
     io_bytes: int = 0          # bytes read + written by NVMe and device transfers during the step
     reason: str | None = None  # why the step was skipped (None when it was applied)
     overlapped: bool = False   # applied by the next forward; ``seconds`` counts the work, not the wait
+    speculated: int = 0        # chunk groups updated during backward (hetmem/speculation.py), counted above
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ class ChunkedAdam:
                                    issued_at=started)
         self.pipeline.issue(self.pending)
         self.pending.work_s = time.perf_counter() - started
+        self.speculation.charge(self.pending)
         return None
 
     def apply_through(self, chunks) -> None:
@@ -275,7 +277,8 @@ class ChunkedAdam:
             self.manager.spill_preference = None  # set by read_state_early
             self.last_result = StepResult(False, pending.norm, pending.loss_scale, pending.work_s,
                                           io_wait_s=pending.blocked_s, compute_s=pending.compute_s,
-                                          io_bytes=pending.moved_bytes, overlapped=pending.overlapped)
+                                          io_bytes=pending.moved_bytes, overlapped=pending.overlapped,
+                                          speculated=pending.speculated)
 
     def _moved_bytes(self) -> int:
         return self.manager.moved_bytes

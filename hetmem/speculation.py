@@ -106,6 +106,7 @@ class Speculation:
         # figures: groups updated, rolled back, passed over (dirty state), seconds at moments
         self.speculated = self.rolled_back = self.passed = self.last_speculated = self.written_back = 0
         self.work_s = 0.0
+        self.figures = [0.0, 0.0, 0.0, 0]  # this backward's seconds, blocked, in kernels, bytes moved
         if mode is not None:
             grads.on_arrival = self._on_arrival
 
@@ -123,7 +124,7 @@ class Speculation:
             return
         self.grad_scale = self.adam.scaler.scale
         self.order = [g for g in reversed(self.adam.layout.groups) if g.trainable]
-        self.cursor, self.last_speculated = 0, 0
+        self.cursor, self.last_speculated, self.figures = 0, 0, [0.0, 0.0, 0.0, 0]
         self.armed = self.in_backward = True
 
     def end_backward(self) -> None:
@@ -139,7 +140,8 @@ class Speculation:
         """A backward moment: update the complete groups whose state has arrived, then read ahead."""
         if not self.armed:
             return
-        started = time.perf_counter()
+        started, moved = time.perf_counter(), self.manager.moved_bytes
+        blocked, compute = self.manager.blocked_s, self.adam._compute_s
         try:
             self._update_ready()
             self._read_ahead()
@@ -148,7 +150,20 @@ class Speculation:
             logger.warning("speculative optimizer update stopped by an IO error (%s); the step applies the "
                            "groups it did not reach", exc)
         finally:
-            self.work_s += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.work_s += seconds
+            self.figures = [self.figures[0] + seconds, self.figures[1] + self.manager.blocked_s - blocked,
+                            self.figures[2] + self.adam._compute_s - compute,
+                            self.figures[3] + self.manager.moved_bytes - moved]
+
+    def charge(self, pending) -> None:
+        """Count this backward's speculative work into the step it belongs to (its figures)."""
+        pending.work_s += self.figures[0]
+        pending.blocked_s += self.figures[1]
+        pending.compute_s += self.figures[2]
+        pending.moved_bytes += self.figures[3]
+        pending.speculated = self.last_speculated
+        self.figures = [0.0, 0.0, 0.0, 0]
 
     def _complete(self, group: ChunkGroup) -> bool:
         return all(s.grad_fires >= (s.expected_fires or 0) for s in group.slots if s.trainable)

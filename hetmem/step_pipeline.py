@@ -81,6 +81,7 @@ class PendingStep:
     blocked_s: float = 0.0                # of which blocked on transfers
     compute_s: float = 0.0                # of which in the Adam kernels
     moved_bytes: int = 0                  # bytes moved while applying it
+    speculated: int = 0                   # groups updated during backward (hetmem/speculation.py)
     position: dict[int, int] = field(default_factory=dict)  # group.index -> index in groups
 
     def __post_init__(self) -> None:
