@@ -16,10 +16,11 @@ for a few steps with nvme_dir set.  In the same run:
 - swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
   stepped in turn on the same batches: the median of the paired step-time ratios on/off, and
   the crc32c time the swap space counts as a share of the step (``--checksum-repeats`` passes);
-- the overlapped optimizer step (``overlap_step``): two more engines, overlap on and off, stepped
-  in turn on the same batches: forward+backward time and step time of each, the synchronous
-  step's disk time (its bytes over the disk's mixed rate), and the target ratio
-  step(on) / max(forward+backward, disk) (``--overlap-repeats`` passes).
+- the overlapped optimizer step: three more engines, synchronous (``overlap_step`` off),
+  waiting (on, ``step_speculation`` off) and speculative (both on), stepped in turn on the same
+  batches: forward+backward and iteration time of each, the synchronous step's disk time (its
+  bytes over the disk's mixed rate, ``step_disk_s``), the target ratio iteration /
+  max(forward+backward, disk), and the groups updated during backward (``--overlap-repeats``).
 
     python benchmarks/nvme_train.py --dir /nvme/scratch [--json]     (also: hetmem bench nvme-train)
 """
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checksum-repeats", type=int, default=1,
                    help="passes over the batches comparing checksums on and off step by step; 0: none")
     p.add_argument("--overlap-repeats", type=int, default=1,
-                   help="passes over the batches comparing overlap_step on and off step by step; 0: none")
+                   help="passes over the batches comparing the synchronous, waiting and speculative steps "
+                        "step by step; 0: none")
     p.add_argument("--chunk-size", default="auto", help="chunk_size: the NVMe pipeline's unit (elements, bytes, 'auto')")
     p.add_argument("--pipeline-depth", default="auto", help="nvme_pipeline_depth: groups the step reads ahead")
     p.add_argument("--lock-buffers", default="auto", choices=("auto", "required", "off"), help="nvme_lock_buffers")
@@ -246,41 +248,73 @@ def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, 
             "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares)}
 
 
+OVERLAP_MODES = {  # the overlap comparison's engines: config overrides (README "Overlapped optimizer step")
+    "sync": {"overlap_step": False},                                   # the whole step in engine.step()
+    "waiting": {"overlap_step": True, "step_speculation": False},      # the next forward waits per group
+    "speculative": {"overlap_step": True, "step_speculation": True},   # + the last groups during backward
+}
+
+
+def step_disk_s(bytes_per_step: int, disk_rate: float) -> float:
+    """The step's disk time: its bytes (read + written) over the disk's mixed rate."""
+    return bytes_per_step / disk_rate
+
+
 def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, disk_rate: float,
                  progress) -> dict:
-    """The overlapped step's gain: two engines, overlap_step on and off, stepped in turn on the
-    same batches (the order alternating).  Per step: forward+backward seconds and step() seconds
-    of each; the synchronous step's disk time is its bytes over the disk's mixed rate."""
+    """The overlapped step's gain: three engines (``OVERLAP_MODES``) stepped in turn on the same
+    batches, the order rotating each step, so a load change hits all.  Per step and engine:
+    forward+backward seconds, step() seconds, their sum (the iteration), the groups speculation
+    updated during backward and rolled back.  The target ratio is the iteration over
+    max(forward+backward, the step's disk time), both from the synchronous engine."""
     if repeats <= 0:
         return {}
-    engines = engine_pair(cfg, config, batches[0], "overlap_step")
-    rows = {True: [], False: []}
+    engines = {}
+    for mode, overrides in OVERLAP_MODES.items():
+        with torch.device("meta"):
+            model = GPT(cfg)
+        folder = os.path.join(config.nvme_dir, f"overlap-{mode}")
+        engines[mode] = hetmem.initialize(model, config.replace(**overrides, nvme_dir=folder),
+                                          init_fn=model.init_weights)
+        step_once(engines[mode], *batches[0])  # the warm-up step
+    modes = list(OVERLAP_MODES)
+    rows = {mode: [] for mode in modes}
+    n = 0
     for r in range(repeats):
-        for i, (x, y) in enumerate(batches[1:]):
-            for on in ((True, False) if (r + i) % 2 == 0 else (False, True)):
-                engine = engines[on]
+        for x, y in batches[1:]:
+            for mode in modes[n % 3:] + modes[:n % 3]:
+                engine = engines[mode]
+                rolled = engine.adam.speculation.rolled_back
                 t0 = time.perf_counter()
                 engine.backward(engine(x, y))  # overlapped: the previous step is applied in here
                 t1 = time.perf_counter()
                 engine.step()
                 t2 = time.perf_counter()
-                rows[on].append({"fwd_bwd_s": t1 - t0, "step_call_s": t2 - t1, "total_s": t2 - t0})
+                rows[mode].append({"fwd_bwd_s": t1 - t0, "step_call_s": t2 - t1, "total_s": t2 - t0,
+                                   "speculated": engine.adam.speculation.last_speculated,
+                                   "rolled_back": engine.adam.speculation.rolled_back - rolled})
+            n += 1
         if progress:
-            progress(f"overlap comparison, repeat {r + 1}: step time on {median(rows[True], 'total_s'):.2f} s, "
-                     f"off {median(rows[False], 'total_s'):.2f} s")
-    for on, engine in engines.items():
-        result = engine.last_step  # finishes the last pending step
-        if not on:
-            bytes_per_step = result.io_bytes
+            progress("overlap comparison, repeat {}: iteration {}".format(
+                r + 1, ", ".join(f"{m} {median(rows[m], 'total_s'):.2f} s" for m in modes)))
+    bytes_per_step = {}
+    for mode, engine in engines.items():
+        bytes_per_step[mode] = engine.last_step.io_bytes  # finishes the last pending step
+        groups = sum(g.trainable for g in engine.layout.groups)
         engine.close(keep_weights=False)
-    fwd_bwd, disk = median(rows[False], "fwd_bwd_s"), bytes_per_step / disk_rate
-    ratios = [a["total_s"] / b["total_s"] for a, b in zip(rows[True], rows[False])]
-    return {"pairs": len(ratios), "step_s_on": median(rows[True], "total_s"),
-            "step_s_off": median(rows[False], "total_s"),
-            "fwd_bwd_s_off": fwd_bwd, "optimizer_s_off": median(rows[False], "step_call_s"),
-            "fwd_bwd_s_on": median(rows[True], "fwd_bwd_s"), "step_call_s_on": median(rows[True], "step_call_s"),
-            "disk_s": disk, "disk_bytes_per_step": bytes_per_step, "ratio_on_off_median": statistics.median(ratios),
-            "target_ratio": median(rows[True], "total_s") / max(fwd_bwd, disk), "rows": rows}
+    fwd_bwd, disk = median(rows["sync"], "fwd_bwd_s"), step_disk_s(bytes_per_step["sync"], disk_rate)
+    out = {"pairs": len(rows["sync"]), "groups": groups, "fwd_bwd_s": fwd_bwd, "disk_s": disk,
+           "disk_bytes_per_step": bytes_per_step["sync"], "modes": {}, "rows": rows}
+    for mode in modes:
+        ratios = [a["total_s"] / b["total_s"] for a, b in zip(rows[mode], rows["sync"])]
+        out["modes"][mode] = {
+            "iteration_s": median(rows[mode], "total_s"), "fwd_bwd_s": median(rows[mode], "fwd_bwd_s"),
+            "step_call_s": median(rows[mode], "step_call_s"), "ratio_to_sync_median": statistics.median(ratios),
+            "target_ratio": median(rows[mode], "total_s") / max(fwd_bwd, disk),
+            "speculated_groups_median": median(rows[mode], "speculated"),
+            "rolled_back_groups": sum(row["rolled_back"] for row in rows[mode]),
+            "disk_bytes_last_step": bytes_per_step[mode]}
+    return out
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -319,10 +353,15 @@ def table(r: dict) -> str:
 def overlap_line(o: dict) -> str:
     if not o:
         return "overlapped step: not compared (--overlap-repeats 0)"
-    return (f"overlapped step ({o['pairs']} paired steps, medians): step {o['step_s_on']:.2f} s on, "
-            f"{o['step_s_off']:.2f} s off (paired on/off {o['ratio_on_off_median']:.3f}); forward+backward "
-            f"{o['fwd_bwd_s_off']:.2f} s, the step's disk time {o['disk_s']:.2f} s "
-            f"({o['disk_bytes_per_step'] / 1e9:.2f} GB) -> step(on) / max(fwd+bwd, disk) = {o['target_ratio']:.2f}")
+    lines = [f"overlapped step ({o['pairs']} steps per engine, rotating order, medians): forward+backward "
+             f"{o['fwd_bwd_s']:.2f} s, the step's disk time {o['disk_s']:.2f} s "
+             f"({o['disk_bytes_per_step'] / 1e9:.2f} GB) (sync engine)"]
+    for mode, m in o["modes"].items():
+        lines.append(f"  {mode:<11} iteration {m['iteration_s']:.2f} s (fwd+bwd {m['fwd_bwd_s']:.2f} s, step() "
+                     f"{m['step_call_s']:.2f} s), paired /sync {m['ratio_to_sync_median']:.3f}, / max(fwd+bwd, disk) "
+                     f"= {m['target_ratio']:.2f}; groups updated during backward {m['speculated_groups_median']:g} "
+                     f"of {o['groups']}, rolled back {m['rolled_back_groups']}")
+    return "\n".join(lines)
 
 
 def checksum_line(c: dict) -> str:
