@@ -30,14 +30,12 @@ read first groups first, within ``EARLY_READ_SHARE`` of host_budget, room made b
 the furthest groups' state (which the step would write back before reading them anyway), so
 part of the step's disk work moves into backward without adding a byte.
 
-Why the update waits for the end of backward instead of speculating during it: every step is
-global, because a non-finite gradient anywhere skips the whole step (README "Reliability"),
-and clipping / fp16 scaling need the global norm.  An update started during backward would
-need an exact rollback: the pre-update master weights and Adam moments of every
-speculatively updated group (12 bytes per parameter) kept until the norm is known - not in
-the host memory the pipeline is bounded by, so in a second NVMe copy of the state (written
-instead of the first until the step commits), which the swap space does not have yet.
-README "Overlapped optimizer step" has the measurements and what waiting costs.
+During backward, with ``step_speculation`` (hetmem/speculation.py), the last layers' groups are
+updated speculatively as their gradients complete, their pre-update state kept on NVMe for an
+exact rollback; ``engine.step()`` commits them and the pipeline applies only the groups left
+(``PendingStep.groups``), or rolls them back and the pipeline applies every group.  Then
+speculation replaces the early reads above.  README "Overlapped optimizer step" has the
+measurements.
 """
 from __future__ import annotations
 
