@@ -93,6 +93,17 @@ def test_a_skipped_step_rolls_back_exactly_with_a_scheduler_within_the_host_budg
         engine.close()
 
 
+def _between_backward_and_step(tmp_path, seed: int):
+    """Both engines after two steps and the third backward (speculation updated groups in it)."""
+    sync, spec = _pair(tmp_path)
+    data = batches(4, seed=seed)
+    for engine in (sync, spec):
+        _train(engine, data[:2])
+        engine.backward(engine(*data[2]))
+    assert spec.adam.speculation.records  # some groups were updated during that backward
+    return sync, spec, data
+
+
 def _observers(engine, x, y, folder):
     return {"state_dict": engine.state_dict, "save_checkpoint": lambda: engine.save_checkpoint(folder),
             "no-grad forward": lambda: torch.no_grad()(engine)(x, y), "second backward": lambda: engine.backward(engine(x, y))}
@@ -103,12 +114,7 @@ def test_what_reads_the_state_before_step_sees_it_from_before_the_update(tmp_pat
     """bf16 keeps gradients in the parameters' slots, which the update overwrites: an observer
     gets the state from before (rolled back exactly) and the next step raises, dropping the
     step, as ``zero_grad()`` on the synchronous engine does; training then goes on identically."""
-    sync, spec = _pair(tmp_path)
-    data = batches(4, seed=3)
-    for engine in (sync, spec):
-        _train(engine, data[:2])
-        engine.backward(engine(*data[2]))
-    assert spec.adam.speculation.records  # some groups were updated during that backward
+    sync, spec, data = _between_backward_and_step(tmp_path, seed=3)
     if observer == "zero_grad":
         spec.zero_grad()
         assert spec.step() is False
@@ -150,12 +156,7 @@ def test_fp32_gradients_outlive_the_update_so_a_late_change_is_redone(tmp_path):
 
 
 def test_a_learning_rate_set_between_backward_and_step_in_bf16_raises(tmp_path):
-    sync, spec = _pair(tmp_path)
-    data = batches(4, seed=4)
-    for engine in (sync, spec):
-        _train(engine, data[:2])
-        engine.backward(engine(*data[2]))
-    assert spec.adam.speculation.records  # some groups were updated during that backward
+    sync, spec, data = _between_backward_and_step(tmp_path, seed=4)
     spec.optimizer.param_groups[0]["lr"] *= 0.5
     with pytest.raises(RuntimeError, match="param_groups changed between engine.backward.. and engine.step"):
         spec.step()
