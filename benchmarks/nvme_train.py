@@ -288,11 +288,16 @@ def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, d
                 t0 = time.perf_counter()
                 engine.backward(engine(x, y))  # overlapped: the previous step is applied in here
                 t1 = time.perf_counter()
+                previous = engine.adam.last_result  # the step before this one, applied by now
                 engine.step()
                 t2 = time.perf_counter()
                 rows[mode].append({"fwd_bwd_s": t1 - t0, "step_call_s": t2 - t1, "total_s": t2 - t0,
                                    "speculated": engine.adam.speculation.last_speculated,
-                                   "rolled_back": engine.adam.speculation.rolled_back - rolled})
+                                   "rolled_back": engine.adam.speculation.rolled_back - rolled,
+                                   # the previous step's main-thread seconds, of which blocked on transfers
+                                   # and in the Adam kernels (speculation's included)
+                                   "step_work_s": previous.seconds, "step_blocked_s": previous.io_wait_s,
+                                   "step_kernels_s": previous.compute_s})
             n += 1
         if progress:
             progress("overlap comparison, repeat {}: iteration {}".format(
@@ -312,6 +317,8 @@ def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, d
             "step_call_s": median(rows[mode], "step_call_s"), "ratio_to_sync_median": statistics.median(ratios),
             "target_ratio": median(rows[mode], "total_s") / max(fwd_bwd, disk),
             "speculated_groups_median": median(rows[mode], "speculated"),
+            "step_work_s": median(rows[mode], "step_work_s"), "step_blocked_s": median(rows[mode], "step_blocked_s"),
+            "step_kernels_s": median(rows[mode], "step_kernels_s"),
             "rolled_back_groups": sum(row["rolled_back"] for row in rows[mode]),
             "disk_bytes_last_step": bytes_per_step[mode]}
     return out
@@ -360,7 +367,8 @@ def overlap_line(o: dict) -> str:
         lines.append(f"  {mode:<11} iteration {m['iteration_s']:.2f} s (fwd+bwd {m['fwd_bwd_s']:.2f} s, step() "
                      f"{m['step_call_s']:.2f} s), paired /sync {m['ratio_to_sync_median']:.3f}, / max(fwd+bwd, disk) "
                      f"= {m['target_ratio']:.2f}; groups updated during backward {m['speculated_groups_median']:g} "
-                     f"of {o['groups']}, rolled back {m['rolled_back_groups']}")
+                     f"of {o['groups']}, rolled back {m['rolled_back_groups']}; the step's main-thread work "
+                     f"{m['step_work_s']:.2f} s (blocked {m['step_blocked_s']:.2f} s, Adam {m['step_kernels_s']:.2f} s)")
     return "\n".join(lines)
 
 

@@ -39,12 +39,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
+from hetmem.chunk_manager.spill import spill_key
 from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
 
 logger = logging.getLogger("hetmem.speculation")
 
 # speculation's reads for the groups after the next one fill at most this share of host_budget
-# (backward's own reads use the rest); the next group's may fill it, spilling nothing
+# (backward's own reads use the rest); the next group's make room if needed
 READ_SHARE = 0.75
 
 
@@ -143,8 +144,9 @@ class Speculation:
         started, moved = time.perf_counter(), self.manager.moved_bytes
         blocked, compute = self.manager.blocked_s, self.adam._compute_s
         try:
-            self._update_ready()
-            self._read_ahead()
+            with self.manager.spill_order(self._spill_key()):
+                self._update_ready()
+                self._read_ahead()
         except OSError as exc:
             self.armed = False  # the pipeline applies the rest (and meets the error again, if it stays)
             logger.warning("speculative optimizer update stopped by an IO error (%s); the step applies the "
@@ -155,6 +157,20 @@ class Speculation:
             self.figures = [self.figures[0] + seconds, self.figures[1] + self.manager.blocked_s - blocked,
                             self.figures[2] + self.adam._compute_s - compute,
                             self.figures[3] + self.manager.moved_bytes - moved]
+
+    def _spill_key(self):
+        """While speculating: groups updated (or passed over) first - their next use is the next
+        forward's end - then the manager's order (optimizer state before parameters, so far
+        groups' state goes before what backward still computes with), the groups being read for
+        their update last."""
+        position = {g.index: i for i, g in enumerate(self.order)}
+        cursor, near = self.cursor, self.cursor + self.adam.pipeline.read_ahead + 1
+
+        def key(chunk) -> tuple:
+            at = position.get(chunk.group.index, cursor)
+            return (0 if at < cursor else 2 if at < near else 1,) + spill_key(chunk)
+
+        return key
 
     def charge(self, pending) -> None:
         """Count this backward's speculative work into the step it belongs to (its figures)."""
@@ -242,10 +258,11 @@ class Speculation:
                 self.manager.move(chunk, Tier.NVME, cause="optimizer")
 
     def _read_ahead(self) -> None:
-        """Read the next groups' (in backward's order) optimizer state, within READ_SHARE of host_budget."""
+        """Read the next groups' (in backward's order) operands: the next one's wherever host memory
+        is (spilling by ``_spill_key``), the ones after it within READ_SHARE of host_budget."""
         manager = self.manager
         wanted = self.adam.pipeline.read_ahead + 1
-        limit = manager.host_limit  # the next group may fill host memory (without spilling anything)
+        limit = None  # the next group's reads make room (spill order: _spill_key)
         for group in self.order[self.cursor:]:
             if wanted <= 0:
                 return
@@ -256,7 +273,7 @@ class Speculation:
             for chunk in sorted(set(self.adam._operand_chunks(group).values()), key=lambda c: c.id):
                 if chunk.tier is not Tier.NVME or chunk.transfer is not None:
                     continue
-                if manager.bytes_on(Tier.HOST) + chunk.nbytes > limit:
+                if limit is not None and manager.bytes_on(Tier.HOST) + chunk.nbytes > limit:
                     return
                 manager.move(chunk, Tier.HOST, cause="optimizer")
             limit = manager.host_limit * READ_SHARE  # the groups after it: a share
