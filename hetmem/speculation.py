@@ -216,10 +216,13 @@ class Speculation:
                 self.passed += any(s.has_grad for s in group.slots)
                 self.cursor += 1
                 continue
-            if not self.adam._arrived(group):
+            self._write_back(group)  # if its state is dirty in memory only (then in flight)
+            in_flight = [c for c in group.chunks.values() if c.transfer is not None and not c.transfer.done()]
+            if in_flight or not self.adam._arrived(group):
                 if not self.blocking:
                     return  # never wait for the disk during backward
-                self._write_back(group)
+                for chunk in in_flight:
+                    self.manager.wait(chunk)
                 for chunk in set(self.adam._operand_chunks(group).values()):
                     self.manager.payload_in_memory(chunk)
             self.cursor += 1
