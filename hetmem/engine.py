@@ -268,8 +268,8 @@ class Engine:
             self._drop_after_error("backward")
             raise
         warmup = self.tracer.recording
-        self.adam.speculation.end_backward()
         self.scheduler.end_microstep()
+        self.adam.speculation.end_backward()  # after the last moment's pins are released
         self.lifecycle.go(Phase.IDLE)
         self.micro_step += 1
         if warmup:

@@ -217,6 +217,8 @@ class Speculation:
                 self.cursor += 1
                 continue
             self._write_back(group)  # if its state is dirty in memory only (then in flight)
+            if any(c.pins for c in self.adam._operand_chunks(group).values()):
+                return  # still in use by backward's moment: a later moment
             in_flight = [c for c in group.chunks.values() if c.transfer is not None and not c.transfer.done()]
             if in_flight or not self.adam._arrived(group):
                 if not self.blocking:
