@@ -142,6 +142,7 @@ def test_checkpoint_streams_nvme_state_without_moving_it(tmp_path):
     engine = _engine(tmp_path)
     train_engine(engine, batches(3))
     assert engine.last_step is not None  # the overlapped step applied (that moves chunks; saving must not)
+    engine.manager.wait_all()  # its last write-backs (and speculation's) land: host bytes settle
     where = {c.id: c.tier for c in engine.manager.chunks}
     host_before = engine.manager.bytes_on(Tier.HOST)
     folder = engine.save_checkpoint(tmp_path / "ckpt")
