@@ -6,7 +6,8 @@ update is known except for what is global: the non-finite skip, fp16 overflow, c
 (README "Reliability").  ``Speculation`` applies it then anyway, with the arguments the step
 would use (loss scale, the param groups' hyperparameters read when backward starts), reading
 the groups' master weights and Adam moments from NVMe ahead of backward's order (last groups
-first, within ``READ_SHARE`` of host_budget) and writing the updated state back at once, so
+first: the next group's reads make room, the ones after it stay within ``READ_SHARE`` of
+host_budget) and writing the updated state back at once, so
 the disk works through the whole backward.  ``engine.step()`` then commits it or rolls it back;
 what speculation did not reach (the first layers, whose gradients complete last) is applied by
 the waiting pipeline (hetmem/step_pipeline.py) during the next forward.
@@ -14,8 +15,8 @@ the waiting pipeline (hetmem/step_pipeline.py) during the next forward.
 Exactness.  The updated state of a speculated group goes to a *shadow* blob
 (chunk_manager/nvme_tier.py): the committed blob keeps the pre-update bytes until the step
 commits (a flag flip, no IO).  A group is speculated only when those committed blobs hold its
-current state (state dirty in host memory only is skipped: writing it first would add its bytes
-to the disk's work).  Rollback forgets the in-memory and shadow copies, restores the step counts
+current state: state dirty in host memory only is written there first (``write_back``: its
+later spill then writes nothing, so the write moves earlier rather than adding one).  Rollback forgets the in-memory and shadow copies, restores the step counts
 and, in mixed precision, the PARAM slots from the pre-update master weights (as a skip does).
 The commit happens only when the step's update is this one: finite norm, the same grad scale
 (no clipping, or a norm that does not clip) and the same hyperparameters and param groups.
