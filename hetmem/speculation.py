@@ -281,7 +281,7 @@ class Speculation:
                     continue
                 if limit is not None and manager.bytes_on(Tier.HOST) + chunk.nbytes > limit:
                     return
-                manager.move(chunk, Tier.HOST, cause="optimizer")
+                manager.move(chunk, Tier.HOST, cause="optimizer", optional=True)  # a failure: left to the step
             limit = manager.host_limit * READ_SHARE  # the groups after it: a share
 
     def _on_arrival(self, slot: ParamSlot) -> None:

@@ -93,7 +93,7 @@ def test_corrupted_swap_is_detected_with_checksums(tmp_path):
     assert spilled
     swap = engine.manager.nvme.swap
     victim = spilled[0]
-    blob = swap._blobs[f"{victim.kind.name}#{victim.group.index}"]
+    blob = swap._blobs[engine.manager.nvme.key(victim)]  # its committed blob (speculation flips them)
     with open(swap.path, "r+b") as f:
         f.seek(blob.offset + 8)
         f.write(b"\xde\xad\xbe\xef")
