@@ -86,9 +86,13 @@ class PipelineTuner:
 
 
 def _blend(old: StepRates, new: StepRates, weight: float) -> StepRates:
+    """The running figures: seconds per byte averaged (rates through their reciprocals), shares as they are."""
     def mix(a: float, b: float) -> float:
         return (1 - weight) * a + weight * b
 
-    return StepRates(mix(old.transfer_bytes_per_s, new.transfer_bytes_per_s), mix(old.update_bytes_per_s,
-                     new.update_bytes_per_s), mix(old.moved_per_updated, new.moved_per_updated),
-                     mix(old.read_share, new.read_share))
+    def mix_rate(a: float, b: float) -> float:
+        return 1.0 / mix(1.0 / a, 1.0 / b)
+
+    return StepRates(mix_rate(old.transfer_bytes_per_s, new.transfer_bytes_per_s),
+                     mix_rate(old.update_bytes_per_s, new.update_bytes_per_s),
+                     mix(old.moved_per_updated, new.moved_per_updated), mix(old.read_share, new.read_share))
