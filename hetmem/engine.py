@@ -140,7 +140,7 @@ class Engine:
         self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
         self._in_slot_pending = False  # a warm-up finished; decide in-slot gradients after the step
         self.all_resident = False      # every chunk stays on the device (hetmem/placement.py)
-        logger.info("hetmem engine: %d parameters in %d chunk groups of %d elements on %s; device budget %s",
+        logger.info("hetmem engine: %d parameters in %d chunk groups of up to %d elements on %s; device budget %s",
                     self.layout.numel, len(self.layout.groups), self.layout.chunk_elements, self.device,
                     format_bytes(self.budgets.device))
         if self.recorder is not None:
