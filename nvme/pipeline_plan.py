@@ -21,7 +21,11 @@ the largest unit that
 
 Neither needs a measured rate: both are shares of bytes.  The device budget's own cap (a moment
 holds several chunks, hetmem/engine.py) still applies; the smallest wins.  An int or a size in
-``chunk_size`` overrides all of it.
+``chunk_size`` overrides all of it.  A parameter larger than the capacity still gets a group of its
+own, so the largest parameters bound the unit from below: in the 151.5M GPT of
+``benchmarks/nvme_train.py`` each 4.2M-element weight is a group (56 MiB of state after the
+warm-up), and capacities from 1M to 2M elements give the same 73 groups.  Going below that needs
+sliced IO within a chunk, which the chunk manager's whole-chunk residency does not have.
 
 **The depth**, ``nvme_pipeline_depth``: an int >= 1 (kept as given), or "auto", derived at run
 time from what the engine measures (hetmem/nvme/pipeline_tuner.py):
