@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from hetmem.chunk_manager.chunk import ChunkGroup
 from hetmem.nvme.pipeline_plan import AUTO, PipelinePlan, StepRates, plan_pipeline
 
 logger = logging.getLogger("hetmem.nvme.pipeline_tuner")
@@ -30,18 +29,18 @@ def swap_traffic(tier) -> Callable[[], tuple[int, int]] | None:
     return lambda: (stats["loaded_bytes"], stats["stored_bytes"])
 
 
-def live_group_bytes(groups: list[ChunkGroup]) -> list[int]:
-    """Each group's chunk bytes, leaving out chunks already released (warm-up GRAD chunks)."""
+def live_group_bytes(groups: list) -> list[int]:
+    """Each chunk group's live bytes (a ``ChunkGroup``: ``.chunks``), leaving out released chunks (warm-up GRAD)."""
     return [sum(c.nbytes for c in g.chunks.values() if c.tier is not None) for g in groups]
 
 
 class PipelineTuner:
     """Measures each applied step and keeps the pipeline plan (and its read-ahead) current."""
 
-    def __init__(self, plan: PipelinePlan, groups: list[ChunkGroup], host_budget: int, setting: int | str,
+    def __init__(self, plan: PipelinePlan, groups: list, host_budget: int, setting: int | str,
                  apply: Callable[[PipelinePlan], None], traffic: Callable[[], tuple[int, int]] | None = None):
         self.plan = plan                  # the plan in force (the engine's nvme_plan)
-        self.groups = groups              # the layout's groups: their live bytes are the unit
+        self.groups = groups              # the layout's ChunkGroups (nvme/ sits below chunk_manager/)
         self.host_budget = host_budget
         self.setting = setting            # nvme_pipeline_depth as configured: "auto" or an int
         self.apply = apply                # sets the engine's plan and the step pipeline's read-ahead
