@@ -140,7 +140,9 @@ def test_the_engine_replans_after_the_warm_up_step(tmp_path, caplog):
     plan = engine.nvme_plan
     assert plan.rates is not None and plan.reason.startswith("auto: measured transfers")
     assert engine.adam.pipeline.read_ahead == plan.depth and engine.pipeline_tuner.steps_measured == 1
-    assert f"NVMe pipeline depth {plan.depth}" in caplog.text and "measured" in caplog.text
+    # "1 -> N" or "1 confirmed": the first measured plan is logged either way, with its figures
+    assert "NVMe pipeline depth 1 " in caplog.text and "auto: measured transfers" in caplog.text
+    assert plan.depth == 1   # half of 900 KiB holds fewer than 3 groups of 256 KiB: the host cap keeps 1
     assert engine.last_step.io_bytes > 0   # state really moved to and from NVMe
     train_engine(engine, batches(1, seed=1))
     assert engine.pipeline_tuner.steps_measured == 2 and engine.nvme_plan.rates is not plan.rates
