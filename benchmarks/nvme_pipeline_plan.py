@@ -166,7 +166,8 @@ def plan_of(engine) -> dict:
 def table(r: dict) -> str:
     c, load = r["config"], r["load_average"]
     lines = [f"GPT d_model {c['d_model']} x {c['layers']} layers, {c['dtype']}, batch {c['batch_size']}x"
-             f"{c['block_size']}; device {c['device_budget']}, host {c['host_budget']}, overlap_step {c['overlap_step']}; "
+             f"{c['block_size']}; device {c['device_budget']}, host {c['host_budget']}, "
+             f"overlap_step {c['overlap_step']}; "
              f"{c['rounds']} rounds after the warm-up; load average {load['before'][0]:.1f} -> {load['after'][0]:.1f} "
              f"on {load['cpus']} CPUs",
              f"{'variant':<12} {'groups':>6} {'capacity':>10} {'unit':>10} {'depth':>5} {'s/step':>7} {'vs old':>7} "

@@ -100,8 +100,8 @@ class StepRates:
 
     def describe(self, unit_bytes: int) -> str:
         return (f"transfers {self.transfer_bytes_per_s / 1e9:.2f} GB/s ({self.read_share:.0%} reads), "
-                f"updates {self.update_bytes_per_s / 1e9:.2f} GB/s of state; a {format_bytes(unit_bytes)} group reads in "
-                f"{_ms(self.read_s(unit_bytes))}, updates in {_ms(self.update_s(unit_bytes))}")
+                f"updates {self.update_bytes_per_s / 1e9:.2f} GB/s of state; a {format_bytes(unit_bytes)} group "
+                f"reads in {_ms(self.read_s(unit_bytes))}, updates in {_ms(self.update_s(unit_bytes))}")
 
 
 def _ms(seconds: float) -> str:
