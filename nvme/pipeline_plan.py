@@ -46,7 +46,9 @@ time from what the engine measures (hetmem/nvme/pipeline_tuner.py):
   its time on transfers that are half reads needs two.
 - Capped by the host budget: ``depth + 2`` units within ``STEP_HOST_SHARE`` of host_budget (read
   further ahead, the step displaces chunks it reads again: on the development VM depths 2 and 3
-  at 384 MiB moved 10-15% more bytes and were no faster), and by ``MAX_AUTO_DEPTH``.
+  at 384 MiB moved more bytes and were no faster), and by ``MAX_AUTO_DEPTH``.  Measured with
+  ``benchmarks/nvme_pipeline_plan.py`` (README "NVMe step pipeline"): at 768 MiB, where two
+  groups ahead fit, the derived depth 2 took 0.84-0.89x depth 1's step time (synchronous step).
 - Hysteresis: the depth changes only when the measured ratio leaves the band around it by
   ``REPLAN_MARGIN`` of a group, so noise does not flip it step to step.  Each change is logged at
   INFO with the figures, and the plan's ``reason`` says them.
