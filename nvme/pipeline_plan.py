@@ -49,6 +49,10 @@ time from what the engine measures (hetmem/nvme/pipeline_tuner.py):
   at 384 MiB moved more bytes and were no faster), and by ``MAX_AUTO_DEPTH``.  Measured with
   ``benchmarks/nvme_pipeline_plan.py`` (README "NVMe step pipeline"): at 768 MiB, where two
   groups ahead fit, the derived depth 2 took 0.84-0.89x depth 1's step time (synchronous step).
+  An overlapped step (``overlap_step``) is applied by the next forward, whose parameters and the
+  backward's early reads of the step's state (hetmem/step_pipeline.py) hold host memory too: its
+  share is ``OVERLAPPED_HOST_SHARE``.  Measured there at 768 MiB (two runs), depth 2 moved 5-9% more
+  bytes than depth 1, depth 3 up to 14% more, and neither was faster (0.98-1.28x its step time).
 - Hysteresis: the depth changes only when the measured ratio leaves the band around it by
   ``REPLAN_MARGIN`` of a group, so noise does not flip it step to step.  Each change is logged at
   INFO with the figures, and the plan's ``reason`` says them.
@@ -69,6 +73,7 @@ AUTO = "auto"
 AUTO_DEPTH = 1           # what "auto" reads ahead until the first step is measured
 GROUPS_BESIDE_READS = 2  # the group being updated and the one being written back
 STEP_HOST_SHARE = 0.5    # the pipeline's depth + 2 units fit this share of host_budget ("auto" only)
+OVERLAPPED_HOST_SHARE = 0.25  # the same for an overlapped step, which shares host memory with the forward
 FILL_DRAIN_SHARE = 0.04  # one unit's read + one unit's write: at most this share of the step's disk time
 MAX_AUTO_DEPTH = 8       # "auto" reads at most this many groups ahead
 REPLAN_MARGIN = 0.25     # groups the measured need must pass the current depth's band by to change it
@@ -83,6 +88,7 @@ class StepRates:
                                  # own work: Adam kernels and the rest, time blocked on transfers left out
     moved_per_updated: float     # bytes the step moves per byte of state it updates
     read_share: float            # of the bytes moved to and from NVMe, the share read
+    overlapped: bool = False     # measured on overlapped steps (applied by the next forward)
 
     def __post_init__(self) -> None:
         for name in ("transfer_bytes_per_s", "update_bytes_per_s", "moved_per_updated"):
@@ -137,9 +143,9 @@ def check_depth_setting(value) -> None:
                          f"reads ahead from NVMe (an int >= 1)")
 
 
-def host_cap(group_bytes: int, host_budget: int) -> int:
-    """The deepest "auto" depth whose ``depth + 2`` groups fit ``STEP_HOST_SHARE`` of host_budget (>= 1)."""
-    fits = int(host_budget * STEP_HOST_SHARE) // max(1, group_bytes)
+def host_cap(group_bytes: int, host_budget: int, share: float = STEP_HOST_SHARE) -> int:
+    """The deepest "auto" depth whose ``depth + 2`` groups fit ``share`` of host_budget (>= 1)."""
+    fits = int(host_budget * share) // max(1, group_bytes)
     return max(1, min(MAX_AUTO_DEPTH, fits - GROUPS_BESIDE_READS))
 
 
@@ -153,13 +159,14 @@ def derive_depth(rates: StepRates, group_bytes: int, host_budget: int, current: 
         # change only when the ratio clears the current depth's band (current - 1, current] by the margin
         if current - 1 - REPLAN_MARGIN <= need_ratio <= current + REPLAN_MARGIN:
             need = current
-    cap = host_cap(group_bytes, host_budget)
+    share = OVERLAPPED_HOST_SHARE if rates.overlapped else STEP_HOST_SHARE
+    cap = host_cap(group_bytes, host_budget, share)
     depth = min(need, cap)
     reason = (f"auto: measured {rates.describe(group_bytes)} -> {need} ahead keep the reads ahead of the updates "
               f"(read/update {need_ratio:.2f})")
     if depth < need:
         reason += (f"; host budget {format_bytes(host_budget)} holds {cap} ahead ({depth + GROUPS_BESIDE_READS} "
-                   f"groups in {STEP_HOST_SHARE:.0%} of it)")
+                   f"groups in {share:.0%} of it{', the step being overlapped' if rates.overlapped else ''})")
     return depth, reason
 
 

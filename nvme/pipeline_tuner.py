@@ -68,7 +68,8 @@ class PipelineTuner:
             return None
         step = StepRates(result.io_bytes / result.seconds, trainable / working,
                          result.io_bytes / trainable,
-                         read / (read + written) if read + written > 0 else DEFAULT_READ_SHARE)
+                         read / (read + written) if read + written > 0 else DEFAULT_READ_SHARE,
+                         overlapped=result.overlapped)
         self.rates = step if self.rates is None else _blend(self.rates, step, EWMA_WEIGHT)
         self.steps_measured += 1
         before = self.plan
@@ -94,4 +95,5 @@ def _blend(old: StepRates, new: StepRates, weight: float) -> StepRates:
 
     return StepRates(mix_rate(old.transfer_bytes_per_s, new.transfer_bytes_per_s),
                      mix_rate(old.update_bytes_per_s, new.update_bytes_per_s),
-                     mix(old.moved_per_updated, new.moved_per_updated), mix(old.read_share, new.read_share))
+                     mix(old.moved_per_updated, new.moved_per_updated), mix(old.read_share, new.read_share),
+                     overlapped=new.overlapped)

@@ -2,6 +2,7 @@
 sized for the disk (hetmem/nvme/pipeline_plan.py, hetmem/nvme/pipeline_tuner.py)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -48,6 +49,14 @@ def test_depth_is_capped_by_the_host_budget_and_says_so():
     assert derive_depth(rates(50.0), 64 * MiB, BIG_HOST)[0] == MAX_AUTO_DEPTH
     plan = plan_pipeline(64 * MiB, host, "auto", rates=rates(5.0))
     assert plan.depth == 1 and plan.host_bytes <= host * STEP_HOST_SHARE
+
+
+def test_an_overlapped_step_gets_a_smaller_share_of_the_host_budget():
+    host = 20 * 64 * MiB   # half: 10 groups of 64 MiB (8 ahead); a quarter: 5 (3 ahead)
+    synchronous, overlapped = rates(5.5), dataclasses.replace(rates(5.5), overlapped=True)
+    assert derive_depth(synchronous, 64 * MiB, host)[0] == 6
+    depth, reason = derive_depth(overlapped, 64 * MiB, host)
+    assert depth == 3 and "holds 3 ahead (5 groups in 25% of it, the step being overlapped)" in reason
 
 
 def test_depth_changes_only_when_the_ratio_leaves_its_band():
