@@ -51,8 +51,8 @@ time from what the engine measures (hetmem/nvme/pipeline_tuner.py):
   groups ahead fit, the derived depth 2 took 0.84-0.89x depth 1's step time (synchronous step).
   An overlapped step (``overlap_step``) is applied by the next forward, whose parameters and the
   backward's early reads of the step's state (hetmem/step_pipeline.py) hold host memory too: its
-  share is ``OVERLAPPED_HOST_SHARE``.  Measured there at 768 MiB (two runs), depth 2 moved 5-9% more
-  bytes than depth 1, depth 3 up to 14% more, and neither was faster (0.98-1.28x its step time).
+  share is ``OVERLAPPED_HOST_SHARE``.  Measured there at 768 MiB (three runs), depth 2 moved 3-9%
+  more bytes than depth 1 and was not consistently faster (0.81-1.28x its step time).
 - Hysteresis: the depth changes only when the measured ratio leaves the band around it by
   ``REPLAN_MARGIN`` of a group, so noise does not flip it step to step.  Each change is logged at
   INFO with the figures, and the plan's ``reason`` says them.
