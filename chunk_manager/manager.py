@@ -115,8 +115,11 @@ class ChunkManager:
         if tier is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
             self.device_storages[buffer.untyped_storage().data_ptr()] = chunk
 
-    def move(self, chunk: Chunk, dst: Tier, *, cause: str) -> Transfer:
-        """Start moving ``chunk`` to ``dst`` (memory tiers; NVMe is the swap tier's job)."""
+    def move(self, chunk: Chunk, dst: Tier, *, cause: str, optional: bool = False) -> Transfer:
+        """Start moving ``chunk`` to ``dst`` (memory tiers; NVMe is the swap tier's job).
+
+        ``optional``: a read ahead from NVMe whose failure is logged and puts the chunk back on
+        NVMe without raising (``payload_in_memory`` then reads it again, for real)."""
         src = chunk.tier
         if src is None:
             raise IllegalTransition(f"{chunk.name} is not placed yet")
@@ -131,7 +134,7 @@ class ChunkManager:
         if dst is Tier.HOST:
             self.ensure_host_room(chunk.nbytes, protect=[chunk])
         if Tier.NVME in (src, dst):
-            return self._move_nvme(chunk, src, dst, cause)
+            return self._move_nvme(chunk, src, dst, cause, optional)
         if src is Tier.DEVICE and chunk.kind is ChunkKind.PARAM:
             self._unbind(chunk)
             self.device_storages.pop(chunk.payload.untyped_storage().data_ptr(), None)
@@ -152,7 +155,7 @@ class ChunkManager:
         self.events.on_move(chunk, src, dst, transfer, cause)
         return transfer
 
-    def _move_nvme(self, chunk: Chunk, src: Tier, dst: Tier, cause: str) -> Transfer:
+    def _move_nvme(self, chunk: Chunk, src: Tier, dst: Tier, cause: str, optional: bool = False) -> Transfer:
         if self.nvme is None:
             raise IllegalTransition(f"{chunk.name}: the NVMe tier is off (set nvme_dir to use it)")
         label = f"{chunk.name} {src.value}->{dst.value}"
@@ -191,8 +194,15 @@ class ChunkManager:
                 logger.error("loading %s from NVMe failed: %s", chunk.name, exc)
 
             request = self.nvme.load(chunk, target)
+            loaded = None
+            if optional:
+                request = _Optional(request, chunk.name, "reading")
+
+                def loaded(transfer: Transfer, request=request, load_failed=load_failed) -> None:
+                    if request.failed is not None:
+                        load_failed(request.failed)
             transfer = Transfer.for_request(request, label, chunk.nbytes, route=(src, dst), keepalive=(target,),
-                                            on_error=load_failed)
+                                            on_done=loaded, on_error=load_failed)
             chunk.tier, chunk.payload, chunk.transfer = Tier.HOST, target, transfer
         self.moved_bytes += chunk.nbytes
         self.events.on_move(chunk, src, dst, transfer, cause)
@@ -208,15 +218,17 @@ class ChunkManager:
 
     def write_back(self, chunk: Chunk) -> Transfer:
         """Start writing a dirty chunk in host memory to its NVMe blob, keeping it where it is (its
-        blob becomes current when the write lands; nothing may change the payload meanwhile)."""
+        blob becomes current when the write lands; nothing may change the payload meanwhile).  A
+        failed write-back is logged and changes nothing (the chunk stays dirty): no caller sees it."""
         self.wait(chunk)
         if chunk.nvme_valid or chunk.payload is None or chunk.payload.device.type != "cpu":
             return Transfer(f"{chunk.name} write-back (nothing to write)", 0)
 
-        def written(transfer: Transfer, chunk=chunk) -> None:
-            chunk.nvme_valid = True
+        request = _Optional(self.nvme.store(chunk, chunk.payload), chunk.name, "writing back")
 
-        request = self.nvme.store(chunk, chunk.payload)
+        def written(transfer: Transfer, chunk=chunk, request=request) -> None:
+            chunk.nvme_valid = request.failed is None
+
         chunk.transfer = Transfer.for_request(request, f"{chunk.name} write-back", chunk.nbytes,
                                               route=(chunk.tier, chunk.tier), keepalive=(chunk.payload,),
                                               on_done=written)
@@ -345,6 +357,9 @@ class ChunkManager:
         if chunk.tier is Tier.NVME:
             self.move(chunk, Tier.HOST, cause="fetch")
         self.wait(chunk)
+        if chunk.tier is Tier.NVME:  # an optional read ahead failed (logged): read it, for real
+            self.move(chunk, Tier.HOST, cause="fetch")
+            self.wait(chunk)
         if chunk.payload is None:
             raise IllegalTransition(f"{chunk.name} has no payload (tier {chunk.tier})")
         return chunk.payload
@@ -527,3 +542,26 @@ class ChunkManager:
         for chunk in self.chunks:
             chunk.payload = None
         logger.debug("chunk manager closed in %.3f s", time.perf_counter() - started)
+
+
+class _Optional:
+    """An NVMe request whose failure is logged and kept (``failed``), not raised: a write-back or
+    a read ahead that may fail without consequence (``write_back``, ``move(optional=True)``)."""
+
+    error = None  # never handed to the Transfer
+
+    def __init__(self, request, name: str, what: str):
+        self._request, self._name, self._what = request, name, what
+        self.failed: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._request.done()
+
+    def wait(self) -> None:
+        try:
+            self._request.wait()
+        except OSError as exc:
+            if self.failed is None:
+                self.failed = exc
+                logger.warning("%s %s (optional) failed; nothing changed, it is retried when needed: %s",
+                               self._what, self._name, exc)

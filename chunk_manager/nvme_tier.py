@@ -170,18 +170,19 @@ class NvmeTier:
             staged = self.pool.take(payload.numel(), payload.dtype)
             if staged is not None:
                 payload = staged.copy_(payload)  # the request holds ``staged`` until it completes
-        return self.swap.store(self._key(chunk), payload)
+        return self.swap.store(self.key(chunk), payload)
 
     def load(self, chunk: Chunk, into: torch.Tensor):
         if not self.pool.owns(into):  # a caller's buffer (checkpoint save): read via the pool
             staged = self.pool.take(into.numel(), into.dtype)
             if staged is not None:
-                return _CopyOut(self.swap.load(self._key(chunk), into=staged), staged, into)
-        return self.swap.load(self._key(chunk), into=into)
+                return _CopyOut(self.swap.load(self.key(chunk), into=staged), staged, into)
+        return self.swap.load(self.key(chunk), into=into)
 
     # -- shadow blobs (see the module docstring) ---------------------------------------
 
-    def _key(self, chunk: Chunk) -> str:
+    def key(self, chunk: Chunk) -> str:
+        """The blob that holds ``chunk``'s bytes now (its committed one, or while speculative the other)."""
         key = blob_key(chunk)
         if (key in self._flipped) != (chunk.id in self._speculative):
             return shadow_key(key)
