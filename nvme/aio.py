@@ -105,7 +105,8 @@ class Request:
         self.nbytes = nbytes      # bytes asked for
         self._id = rid            # engine request id; forgotten by the engine once finished
         self._tensor = tensor     # kept alive until the IO is complete
-        self._on_success = on_success  # runs once after a successful IO (e.g. checksum check)
+        self._on_success = on_success  # runs once after a successful IO (e.g. checksum check), in the
+                                       # thread that finishes the request (wait, done or settle)
         self._lock = threading.Lock()
         self._finished = False
         self._error: BaseException | None = None
@@ -114,11 +115,15 @@ class Request:
         """True once the request finished, successfully or not (then ``wait()`` raises)."""
         if self._finished:
             return True
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return False  # another thread is finishing it (e.g. a swap space's checksum worker)
+        try:
             if not self._finished:
                 if not self.file._engine.poll(self._id)[0]:
                     return False
                 self._finish(self.file._engine.wait(self._id))  # already done: returns at once
+        finally:
+            self._lock.release()
         return True
 
     def wait(self) -> None:
@@ -127,6 +132,12 @@ class Request:
         if self._error is not None:
             self.file._reported(self)
             raise self._error
+
+    def settle(self) -> None:
+        """Block until finished and run its completion (``on_success``) here, without raising: for a
+        worker thread that finishes requests so that whoever waits finds them done.  ``wait()``
+        meanwhile blocks until that is over; ``done()`` says False until it is."""
+        self._settle()
 
     @property
     def error(self) -> BaseException | None:

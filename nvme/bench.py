@@ -86,7 +86,7 @@ def release_all(buffers: Iterable[torch.Tensor]) -> None:
         release_buffer(b)
 
 
-def _drop_cached_pages(path: str) -> None:
+def drop_cached_pages(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -110,7 +110,7 @@ def measure_sequential(path: str, op: str, *, total_bytes: int, chunk_bytes: int
         with AsyncFile(path, backend=backend, block_size=block_size, queue_depth=queue_depth,
                        threads=threads) as f:
             if op == "read" and not f.direct:
-                _drop_cached_pages(path)
+                drop_cached_pages(path)
             inflight: deque = deque()
             started, cpu_started = time.perf_counter(), time.process_time()
             for i in range(total_bytes // chunk_bytes):
@@ -121,7 +121,7 @@ def measure_sequential(path: str, op: str, *, total_bytes: int, chunk_bytes: int
             while inflight:
                 inflight.popleft().wait()
             if op == "write" and not f.direct:
-                _drop_cached_pages(path)  # the fsync makes the buffered write reach the disk
+                drop_cached_pages(path)  # the fsync makes the buffered write reach the disk
             seconds = time.perf_counter() - started
             cpu_seconds = time.process_time() - cpu_started
             backend_used, direct = f.backend, f.direct
@@ -165,7 +165,7 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
         with AsyncFile(path, backend=backend, block_size=block_size, queue_depth=queue_depth,
                        threads=threads) as f:
             if not f.direct:
-                _drop_cached_pages(path)
+                drop_cached_pages(path)
             inflight = {"read": deque(), "write": deque()}  # (issue number, request), oldest first
             issued = {"read": 0, "write": 0}
 
@@ -196,7 +196,7 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
                     if issued["read"] + issued["write"] < budget:
                         issue(direction)
             if not f.direct:
-                _drop_cached_pages(path)
+                drop_cached_pages(path)
             seconds = time.perf_counter() - started
             backend_used, direct = f.backend, f.direct
     finally:
