@@ -399,6 +399,14 @@ class SwapSpace:
     def blob_nbytes(self, key: str) -> int:
         return self._blobs[key].nbytes
 
+    def stored_checksum(self, key: str) -> int | None:
+        """The checksum of blob ``key``'s last store once it landed (None: checksums off, never
+        stored, the store still in flight or failed)."""
+        with self._lock:
+            blob = self._blobs[key]
+            self._settle(blob)
+            return blob.crc if blob.state is BlobState.STORED else None
+
     def state(self, key: str) -> BlobState:
         with self._lock:
             blob = self._blobs[key]
