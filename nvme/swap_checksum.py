@@ -10,10 +10,11 @@ inside the checksum function:
   write AND the checksum are: the caller may reuse the buffer only after that, and nobody writes
   a tensor whose store is in flight (the chunk manager detaches the payload from its chunk until
   the store lands), so the checksum is of the bytes written.
-- **loads**: the "verify" worker settles each load (``Request.settle()``: waits for it with the
-  GIL released and runs its verifier), so the read is verified right after it lands, while the
-  trainer computes; ``wait()`` then finds it done.  A load the worker has not reached yet is
-  settled, and verified, by whoever waits first: a corrupted read is never reported done.
+- **loads**: the "verify" worker settles each load (``Request.settle_on()``: waits for it with
+  the GIL released and runs its verifier), so the read is verified right after it lands, while
+  the trainer computes; ``wait()`` then finds it done, and polling (``done()``) never verifies on
+  the polling thread.  A load the worker has not reached yet is settled, and verified, by
+  whoever waits for it first: a corrupted read is never reported done.
 
 ``stats`` counts the checksum time on the workers and the part computed inline by a waiting
 thread (``inline_seconds``: the critical path's share).
@@ -33,7 +34,7 @@ logger = logging.getLogger("hetmem.nvme.swap_checksum")
 
 
 class _Worker(threading.Thread):
-    """A daemon thread running jobs (callables that never raise) in order until stopped."""
+    """A daemon thread running jobs (callables) in order until stopped; a job that raises is logged."""
 
     def __init__(self, name: str):
         super().__init__(name=name, daemon=True)
@@ -48,7 +49,10 @@ class _Worker(threading.Thread):
             job = self._jobs.get()
             if job is None:
                 return
-            job()
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - keep serving; the request's waiter finishes it
+                logger.exception("a swap checksum job failed on %s", self.name)
 
     def stop(self) -> None:
         if self.is_alive():
@@ -85,8 +89,10 @@ class StoreRequest:
 
     def wait(self) -> None:
         """Block until both finished; raise the write's OSError (or the checksum's error)."""
-        crc_error = self.crc.exception()  # blocks (GIL released) until the worker took it
-        self.io.wait()
+        try:
+            self.io.wait()
+        finally:
+            crc_error = self.crc.exception()  # blocks (GIL released) until the worker took it
         if crc_error is not None:
             raise crc_error
 
@@ -141,7 +147,7 @@ class ChecksumWorkers:
 
     def settle(self, request) -> None:
         """Have the verify worker wait for a load and run its verifier as soon as it lands."""
-        self._verify.submit(request.settle)
+        request.settle_on(self._verify.submit)
 
     def stop(self) -> None:
         """Stop both workers after the jobs already given (call once no IO is in flight)."""
