@@ -9,12 +9,13 @@ for a few steps with nvme_dir set.  In the same run:
   IO pool hands out (hetmem/nvme/io_pool.py; the kind is printed next to both figures);
 - the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
   peak above that baseline can be compared with the budgets;
-- the step's own disk time: the swap space's requests during the last optimizer step are recorded
-  (order, read/write, blob, bytes, how many in flight) and replayed alone after training, through
-  the same IO settings and buffers of the same kind (hetmem/nvme/replay.py); the step's bytes over
-  its wall time, over the replay's rate, is the share of the disk the step reached (the goal:
-  >= 90%, the CPU Adam and the checksums hidden behind the IO); it is also compared with the
-  generic mixed figure above;
+- the step's own disk time: the swap space's requests during each steady optimizer step are
+  recorded (order, read/write, blob, bytes, how many in flight) and each step's are replayed alone
+  after training, through the same IO settings and buffers of the same kind
+  (hetmem/nvme/replay.py); a step's bytes over its wall time, over its replay's rate, is the
+  share of the disk it reached (the goal: >= 90%, the CPU Adam and the checksums hidden behind
+  the IO; the median over the steps is reported); it is also compared with the generic mixed
+  figure above;
 - the IO pool's figures (payloads handed out, spills to defragment it) and the pipeline's plan
   (``--pipeline-depth``, ``--chunk-size``: its unit) are reported;
 - swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
@@ -112,6 +113,24 @@ def disk_mixed(directory: str, config: hetmem.Config, chunk_bytes: int, total: i
     return {**result, "buffer_kind": pool.kind}
 
 
+def replay_summary(replays: list[dict]) -> dict:
+    """Medians over the replayed steps: the replay's rate (the step's disk rate), the steps' own rate,
+    and the share of the disk the steps reached (step_vs_replay: replay time / step time, same bytes)."""
+    if not replays:
+        raise ValueError("no steady step moved NVMe bytes to replay; give --steps >= 1 and budgets that put "
+                         "the optimizer state on NVMe")
+    shares = [r["step_vs_replay"] for r in replays]
+    return {"steps": len(replays), "bytes_per_s": statistics.median(r["bytes_per_s"] for r in replays),
+            "seconds": statistics.median(r["seconds"] for r in replays),
+            "step_s": statistics.median(r["step_s"] for r in replays),
+            "step_bytes": statistics.median(r["step_bytes"] for r in replays),
+            "step_bytes_per_s": statistics.median(r["step_bytes"] / r["step_s"] for r in replays),
+            "requests": statistics.median(r["requests"] for r in replays),
+            "max_inflight": max(r["max_inflight"] for r in replays),
+            "step_vs_replay": statistics.median(shares), "step_vs_replay_range": [min(shares), max(shares)],
+            "buffer_kind": replays[0]["buffer_kind"]}
+
+
 def step_disk(directory: str, config: hetmem.Config, records: list) -> dict:
     """The step's disk time: the recorded requests of one optimizer step replayed alone, at the engine's
     IO settings, through buffers of the kind its IO pool hands out (``replay``'s result)."""
@@ -156,13 +175,16 @@ def measure(args, progress=None) -> dict:
     after = disk_mixed(directory, config, run["chunk_bytes"], sample)
     if progress:
         progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
-    recorded = run["recorded_step"]
-    own = step_disk(directory, config, recorded.pop("records"))
-    own["step_bytes_per_s"] = recorded["io_bytes"] / recorded["seconds"]
-    own["step_vs_replay"] = own["step_bytes_per_s"] / own["bytes_per_s"]  # the >= 90% target
-    if progress:
-        progress(f"the step's own requests replayed: {own['bytes'] / 1e9:.2f} GB in {own['seconds']:.2f} s "
-                 f"(the step: {recorded['seconds']:.2f} s)")
+    replays = []
+    for recorded in run["recorded_steps"]:
+        replayed = step_disk(directory, config, recorded.pop("records"))
+        replays.append({**replayed, "step_s": recorded["seconds"], "step_bytes": recorded["io_bytes"],
+                        "max_inflight": recorded["max_inflight"],
+                        "step_vs_replay": replayed["seconds"] / recorded["seconds"]})  # the >= 90% target
+        if progress:
+            progress(f"step {recorded['step']}'s own requests replayed: {replayed['bytes'] / 1e9:.2f} GB in "
+                     f"{replayed['seconds']:.2f} s (the step: {recorded['seconds']:.2f} s)")
+    own = replay_summary(replays)
     checksums = checksum_cost(cfg, config, batches, args.checksum_repeats, progress)
     mixed_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
     disk_rate = own["bytes_per_s"]  # the step's disk time = its bytes / this (overlap_gain)
@@ -185,7 +207,7 @@ def measure(args, progress=None) -> dict:
         "time": {"init_s": init_s, "step_s_median": statistics.median(s["seconds"] for s in steady),
                  "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
         "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": mixed_rate,
-                 "step_replay": own, "recorded_step": recorded},
+                 "step_replay": own, "step_replays": replays},
         "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / mixed_rate,
         "optimizer_vs_step_replay": opt_rate / disk_rate,
         "io_buffers": run["io_buffers"], "pipeline": run["pipeline"],
@@ -202,27 +224,26 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
         model = GPT(cfg)
     engine = hetmem.initialize(model, config, init_fn=model.init_weights)
     init_s = time.perf_counter() - started
-    steps, recorded = [], {}
+    steps, recorded = [], []
     swap = engine.manager.nvme.swap
     for i, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
         loss = engine(x, y)
         engine.backward(loss)
-        last = i == len(batches) - 1 and i > 0  # its requests are recorded for the disk's figure
-        with swap.recording() if last else contextlib.nullcontext() as recorder:
+        with swap.recording() if i > 0 else contextlib.nullcontext() as recorder:  # steady steps: replayed later
             engine.step()
         result = engine.last_step
-        if last:
-            recorded = {"records": recorder.records, "requests": len(recorder.records), "seconds": result.seconds,
-                        "io_bytes": recorder.bytes(), "step_io_bytes": result.io_bytes,
-                        "max_inflight": max((r.inflight for r in recorder.records), default=0)}
+        if recorder is not None and recorder.records:
+            recorded.append({"step": i, "records": recorder.records, "requests": len(recorder.records),
+                             "seconds": result.seconds, "io_bytes": recorder.bytes(), "step_io_bytes": result.io_bytes,
+                             "max_inflight": max(r.inflight for r in recorder.records)})
         steps.append({"step": i, "warmup": i == 0, "seconds": time.perf_counter() - t0, "loss": loss.item(),
                       "optimizer_s": result.seconds, "optimizer_io_wait_s": result.io_wait_s,
                       "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes})
         if progress:
             progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
                      f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
-    out = {"steps": steps, "init_s": init_s, "recorded_step": recorded,
+    out = {"steps": steps, "init_s": init_s, "recorded_steps": recorded,
            "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
            "chunk_bytes": max(c.nbytes for c in engine.manager.chunks),
            "io_buffers": engine.manager.nvme.buffer_stats(),
@@ -351,12 +372,14 @@ def table(r: dict) -> str:
 
 def disk_lines(r: dict) -> str:
     d, kind = r["disk"], r["io_buffers"]["kind"]
-    own, rec = d["step_replay"], d["recorded_step"]
+    own = d["step_replay"]
+    low, high = own["step_vs_replay_range"]
     return "\n".join([
-        f"the step's own IO ({rec['requests']} requests, {rec['io_bytes'] / 1e9:.2f} GB, up to {rec['max_inflight']} in "
-        f"flight): {rec['seconds']:.2f} s in the step = {own['step_bytes_per_s'] / 1e9:.2f} GB/s [{kind}]; replayed "
-        f"alone {own['seconds']:.2f} s = {own['bytes_per_s'] / 1e9:.2f} GB/s [{own['buffer_kind']}] -> the step "
-        f"reached {own['step_vs_replay']:.0%} of the disk under its own pattern (target >= 90%)",
+        f"the step's own IO ({own['requests']:.0f} requests, {own['step_bytes'] / 1e9:.2f} GB, up to {own['max_inflight']} "
+        f"in flight; medians of {own['steps']} steady steps, each replayed alone after training): "
+        f"{own['step_s']:.2f} s in the step = {own['step_bytes_per_s'] / 1e9:.2f} GB/s [{kind}]; replayed "
+        f"{own['seconds']:.2f} s = {own['bytes_per_s'] / 1e9:.2f} GB/s [{own['buffer_kind']}] -> the step "
+        f"reached {own['step_vs_replay']:.0%} ({low:.0%}-{high:.0%}) of the disk under its own pattern (target >= 90%)",
         f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s [{kind}] (median of the steady steps): "
         f"{r['optimizer_vs_step_replay']:.0%} of the replay's rate; disk mixed read+write (2+2 chunk-sized requests "
         f"in flight) {d['mixed_bytes_per_s'] / 1e9:.2f} GB/s [{d['mixed_before']['buffer_kind']}] (median of "
