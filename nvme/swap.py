@@ -285,8 +285,9 @@ class SwapSpace:
 
     # -- IO --------------------------------------------------------------------------------
 
-    def store(self, key: str, tensor: torch.Tensor) -> Request:
-        """Write ``tensor``'s bytes as blob ``key`` (async).  Its size must be the declared one."""
+    def store(self, key: str, tensor: torch.Tensor) -> Request | StoreRequest:
+        """Write ``tensor``'s bytes as blob ``key`` (async).  Its size must be the declared one.  With
+        checksums the request is a ``StoreRequest``: done once the write and the checksum are."""
         with self._lock:
             blob = self._blob_for_io(key, tensor, "store")
             self._settle(blob)
