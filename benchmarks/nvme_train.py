@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", default="auto", help="chunk_size: the NVMe pipeline's unit (elements, bytes, 'auto')")
     p.add_argument("--pipeline-depth", default="auto", help="nvme_pipeline_depth: groups the step reads ahead")
     p.add_argument("--lock-buffers", default="auto", choices=("auto", "required", "off"), help="nvme_lock_buffers")
+    p.add_argument("--idle-poll-ms", type=float, default=0.0,
+                   help="also measure how long nothing of each steady step's IO was in flight, polling every "
+                        "this many ms (a diagnostic: the polling thread takes the GIL; 0: off)")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -128,6 +131,7 @@ def replay_summary(replays: list[dict]) -> dict:
             "requests": statistics.median(r["requests"] for r in replays),
             "max_inflight": max(r["max_inflight"] for r in replays),
             "step_vs_replay": statistics.median(shares), "step_vs_replay_range": [min(shares), max(shares)],
+            "idle_share": None if replays[0]["idle_share"] is None else statistics.median(r["idle_share"] for r in replays),
             "buffer_kind": replays[0]["buffer_kind"]}
 
 
@@ -169,7 +173,7 @@ def measure(args, progress=None) -> dict:
     sampler = RssSampler()
     baseline = sampler.peak
     sampler.start()
-    run = train(cfg, config, batches, progress)
+    run = train(cfg, config, batches, progress, idle_poll_s=args.idle_poll_ms / 1e3 or None)
     steps, init_s = run["steps"], run["init_s"]
     peak = sampler.stop()
     after = disk_mixed(directory, config, run["chunk_bytes"], sample)
@@ -179,7 +183,8 @@ def measure(args, progress=None) -> dict:
     for recorded in run["recorded_steps"]:
         replayed = step_disk(directory, config, recorded.pop("records"))
         replays.append({**replayed, "step_s": recorded["seconds"], "step_bytes": recorded["io_bytes"],
-                        "max_inflight": recorded["max_inflight"],
+                        "max_inflight": recorded["max_inflight"], "idle_s": recorded["idle_s"],
+                        "idle_share": None if recorded["idle_s"] is None else recorded["idle_s"] / recorded["recorded_s"],
                         "step_vs_replay": replayed["seconds"] / recorded["seconds"]})  # the >= 90% target
         if progress:
             progress(f"step {recorded['step']}'s own requests replayed: {replayed['bytes'] / 1e9:.2f} GB in "
@@ -217,8 +222,9 @@ def measure(args, progress=None) -> dict:
     }
 
 
-def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict:
-    """One engine from scratch (meta-device model), a warm-up step and the steady steps."""
+def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None, idle_poll_s: float | None = None) -> dict:
+    """One engine from scratch (meta-device model), a warm-up step and the steady steps (their swap
+    requests recorded; ``idle_poll_s``: and the time none was in flight)."""
     started = time.perf_counter()
     with torch.device("meta"):
         model = GPT(cfg)
@@ -230,13 +236,14 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict
         t0 = time.perf_counter()
         loss = engine(x, y)
         engine.backward(loss)
-        with swap.recording() if i > 0 else contextlib.nullcontext() as recorder:  # steady steps: replayed later
+        with swap.recording(idle_poll_s) if i > 0 else contextlib.nullcontext() as recorder:  # replayed later
             engine.step()
         result = engine.last_step
         if recorder is not None and recorder.records:
             recorded.append({"step": i, "records": recorder.records, "requests": len(recorder.records),
                              "seconds": result.seconds, "io_bytes": recorder.bytes(), "step_io_bytes": result.io_bytes,
-                             "max_inflight": max(r.inflight for r in recorder.records)})
+                             "max_inflight": max(r.inflight for r in recorder.records),
+                             "idle_s": recorder.idle_s, "recorded_s": recorder.elapsed_s})
         steps.append({"step": i, "warmup": i == 0, "seconds": time.perf_counter() - t0, "loss": loss.item(),
                       "optimizer_s": result.seconds, "optimizer_io_wait_s": result.io_wait_s,
                       "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes})
@@ -379,7 +386,8 @@ def disk_lines(r: dict) -> str:
         f"in flight; medians of {own['steps']} steady steps, each replayed alone after training): "
         f"{own['step_s']:.2f} s in the step = {own['step_bytes_per_s'] / 1e9:.2f} GB/s [{kind}]; replayed "
         f"{own['seconds']:.2f} s = {own['bytes_per_s'] / 1e9:.2f} GB/s [{own['buffer_kind']}] -> the step "
-        f"reached {own['step_vs_replay']:.0%} ({low:.0%}-{high:.0%}) of the disk under its own pattern (target >= 90%)",
+        f"reached {own['step_vs_replay']:.0%} ({low:.0%}-{high:.0%}) of the disk under its own pattern (target >= 90%)"
+        + ("" if own.get("idle_share") is None else f"; nothing of it in flight {own['idle_share']:.0%} of the step"),
         f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s [{kind}] (median of the steady steps): "
         f"{r['optimizer_vs_step_replay']:.0%} of the replay's rate; disk mixed read+write (2+2 chunk-sized requests "
         f"in flight) {d['mixed_bytes_per_s'] / 1e9:.2f} GB/s [{d['mixed_before']['buffer_kind']}] (median of "

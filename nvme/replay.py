@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -49,24 +50,52 @@ class IoRecord:
 
 
 class IoRecorder:
-    """Records the requests a swap space issues while it is active (a context manager)."""
+    """Records the requests a swap space issues while it is active (a context manager).
 
-    def __init__(self, swap):
+    ``idle_poll_s``: also measure ``idle_s``, the time nothing of the recording was in flight
+    (the disk idle for this workload), by a thread that polls the requests' status every
+    ``idle_poll_s`` seconds (a diagnostic: it takes the GIL that often)."""
+
+    def __init__(self, swap, idle_poll_s: float | None = None):
+        if idle_poll_s is not None and not idle_poll_s > 0:
+            raise ValueError(f"idle_poll_s={idle_poll_s!r} must be > 0 seconds (or None: no polling)")
         self._swap = swap
         self.records: list[IoRecord] = []  # in issue order
+        self.elapsed_s = 0.0               # the recording's length
+        self.idle_s: float | None = None   # with idle_poll_s: seconds with nothing in flight
         self._outstanding: list = []       # the recording's requests possibly still in flight
         self._started = 0.0
+        self._poll_s = idle_poll_s
+        self._poller: threading.Thread | None = None
+        self._halt = threading.Event()
 
     def __enter__(self) -> "IoRecorder":
         if self._swap._recorder is not None:
             raise ValueError(f"swap space {self._swap.path} is already recording; nest no recordings")
         self._started = time.perf_counter()
         self._swap._recorder = self
+        if self._poll_s is not None:
+            self.idle_s = 0.0
+            self._poller = threading.Thread(target=self._poll_idle, name="hetmem-swap-idle-poll", daemon=True)
+            self._poller.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._swap._recorder = None
+        if self._poller is not None:
+            self._halt.set()
+            self._poller.join()
+        self.elapsed_s = time.perf_counter() - self._started
         self._outstanding = []
+
+    def _poll_idle(self) -> None:
+        last = self._started
+        while not self._halt.is_set():
+            now = time.perf_counter()
+            if not any(not _landed(r) for r in list(self._outstanding)):
+                self.idle_s += now - last
+            last = now
+            time.sleep(self._poll_s)
 
     def add(self, op: str, key: str, offset: int, nbytes: int, request) -> None:
         """Note a request just issued (``request``: its object, to count what is in flight)."""
@@ -77,6 +106,18 @@ class IoRecorder:
 
     def bytes(self, op: str | None = None) -> int:
         return sum(r.nbytes for r in self.records if op is None or r.op == op)
+
+
+def _landed(request) -> bool:
+    """Whether a swap request's IO finished (its completion may still be running); never blocks and
+    never runs the completion."""
+    io = getattr(request, "io", request)  # a StoreRequest's write
+    if io._finished:
+        return True
+    try:
+        return bool(io.file._engine.poll(io._id)[0])
+    except (IndexError, KeyError):  # the engine forgot it: finished
+        return True
 
 
 def _check_records(records: list[IoRecord]) -> None:

@@ -379,9 +379,10 @@ class SwapSpace:
         return {**self._bytes, "checksum_bytes": crc["bytes"], "checksum_seconds": crc["seconds"],
                 "checksum_inline_seconds": crc["inline_seconds"]}
 
-    def recording(self) -> IoRecorder:
-        """A context manager recording every store and load issued inside it (its ``records``)."""
-        return IoRecorder(self)
+    def recording(self, idle_poll_s: float | None = None) -> IoRecorder:
+        """A context manager recording every store and load issued inside it (its ``records``);
+        ``idle_poll_s``: also measure the time nothing of it was in flight (``idle_s``)."""
+        return IoRecorder(self, idle_poll_s)
 
     @property
     def file(self) -> AsyncFile:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import hetmem.nvme.swap as swap_module
 from hetmem.nvme import SwapSpace
-from hetmem.nvme.replay import IoRecord, replay
+from hetmem.nvme.replay import IoRecord, IoRecorder, replay
 
 MiB = 1 << 20
 SETTINGS = dict(block_size=256 * 1024, queue_depth=4, threads=1)
@@ -94,3 +96,39 @@ def test_a_recording_does_not_nest(tmp_path):
         with swap.recording() as rec:  # the first one ended: a new one may start
             swap.store("A", _pattern(4096, seed=1)).wait()
         assert [r.key for r in rec.records] == ["A"]
+
+
+
+class _FakeEngine:
+    """An engine whose one request is in flight until ``landed`` is set; counts the polls."""
+
+    def __init__(self):
+        self.landed = False
+        self.polls = 0
+        self.polled = threading.Event()  # set at every 20th poll
+
+    def poll(self, rid: int) -> tuple:
+        self.polls += 1
+        if self.polls % 20 == 0:
+            self.polled.set()
+        return (self.landed,)
+
+
+def test_idle_time_counts_only_when_nothing_is_in_flight():
+    engine = _FakeEngine()
+    request = SimpleNamespace(_finished=False, _id=1, file=SimpleNamespace(_engine=engine))
+    swap = SimpleNamespace(_recorder=None, path="fake.swap")
+    with pytest.raises(ValueError, match="idle_poll_s=0"):
+        IoRecorder(swap, idle_poll_s=0)
+    recorder = IoRecorder(swap, idle_poll_s=0.0005)
+    recorder._outstanding.append(request)  # in flight from the start
+    with recorder:
+        assert engine.polled.wait(60)
+        assert recorder.idle_s == 0.0  # polled 20 times, in flight every time
+        engine.polled.clear()
+        engine.landed = True
+        assert engine.polled.wait(60)  # the next 20 polls
+        while recorder.idle_s == 0.0:  # (the poller adds an interval after the poll that saw it land)
+            assert engine.polled.wait(60)
+            engine.polled.clear()
+    assert 0 < recorder.idle_s <= recorder.elapsed_s and swap._recorder is None
