@@ -174,7 +174,7 @@ def replay(records: list[IoRecord], directory: str, *, backend: str, block_size:
     pool = IoBufferPool(count * round_up(largest), lock=lock)
     buffers = [pool.take(largest) for _ in range(count)]  # uint8, ``largest`` bytes each
     generator = torch.Generator().manual_seed(0)
-    for b in buffers:  # written data that compresses like the real state (not zeros)
+    for b in buffers:  # random bytes: a disk that compresses or skips zeros must not look faster
         b.copy_(torch.randint(0, 256, (largest,), dtype=torch.uint8, generator=generator))
     path = os.path.join(directory, f".hetmem-replay-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
     moved = {op: 0 for op in OPS}
