@@ -290,7 +290,7 @@ def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, 
             seconds, crc = {}, {}
             for on in ((True, False) if (r + i) % 2 == 0 else (False, True)):
                 swap = engines[on].manager.nvme.swap
-                stats0, t0 = swap.stats, time.perf_counter()
+                stats0, t0 = dict(swap.stats), time.perf_counter()
                 step_once(engines[on], x, y)
                 seconds[on] = time.perf_counter() - t0
                 crc = {k: swap.stats[k] - stats0[k] for k in ("checksum_seconds", "checksum_inline_seconds")} \

@@ -193,12 +193,15 @@ class SwapSpace:
         self._owned_bytes = owned_bytes or padded_nbytes
         # (name, function(ptr, nbytes)) of the blob checksum; crc32c unless the op is missing
         self.checksum_algorithm, checksum_fn = blob_checksum() if checksum else ("off", None)
-        # the threads taking and verifying checksums, for the swap space's life (checksum=True)
-        self._checksums = ChecksumWorkers(checksum_fn, name) if checksum else None
         self._lock = threading.RLock()          # guards _blobs, _size and the blob states
         self._blobs: dict[str, _Blob] = {}      # key -> layout and state, in declaration order
         self._size = 0                           # bytes of the file reserved so far
-        self._bytes = {"stored_bytes": 0, "loaded_bytes": 0}  # blob bytes issued, in total
+        # live totals: blob bytes issued; checksum bytes and seconds on any thread, and the part
+        # a waiting thread computed itself (the checksum workers add to these)
+        self.stats = {"stored_bytes": 0, "loaded_bytes": 0, "checksum_bytes": 0, "checksum_seconds": 0.0,
+                      "checksum_inline_seconds": 0.0}
+        # the threads taking and verifying checksums, for the swap space's life (checksum=True)
+        self._checksums = ChecksumWorkers(checksum_fn, name, self.stats) if checksum else None
         self._recorder: IoRecorder | None = None  # set while recording() runs
         self._file: AsyncFile | None = None
         self._dir_lock: _DirLock | None = None
@@ -299,7 +302,7 @@ class SwapSpace:
             if self._checksums is not None:  # taken on the crc worker while the write is in flight
                 req = StoreRequest(req, self._checksums.take(tensor, blob.nbytes))
             blob.state, blob.writing, blob.crc = BlobState.WRITING, req, None
-            self._bytes["stored_bytes"] += blob.nbytes
+            self.stats["stored_bytes"] += blob.nbytes
             if self._recorder is not None:
                 self._recorder.add("write", key, blob.offset, io_bytes, req)
             return req
@@ -324,7 +327,7 @@ class SwapSpace:
             if self._checksums is not None:
                 self._checksums.settle(req)  # verified on the worker as soon as it lands
             blob.loads.append(req)
-            self._bytes["loaded_bytes"] += blob.nbytes
+            self.stats["loaded_bytes"] += blob.nbytes
             if self._recorder is not None:
                 self._recorder.add("read", key, blob.offset, io_bytes, req)
             return req
@@ -369,15 +372,6 @@ class SwapSpace:
         return verify
 
     # -- introspection ---------------------------------------------------------------------
-
-    @property
-    def stats(self) -> dict:
-        """Blob bytes stored and loaded; checksum bytes and seconds (all threads), and the seconds a
-        waiting thread computed itself (``checksum_inline_seconds``)."""
-        crc = self._checksums.stats if self._checksums is not None else {"bytes": 0, "seconds": 0.0,
-                                                                          "inline_seconds": 0.0}
-        return {**self._bytes, "checksum_bytes": crc["bytes"], "checksum_seconds": crc["seconds"],
-                "checksum_inline_seconds": crc["inline_seconds"]}
 
     def recording(self, idle_poll_s: float | None = None) -> IoRecorder:
         """A context manager recording every store and load issued inside it (its ``records``);

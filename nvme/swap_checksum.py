@@ -16,8 +16,8 @@ inside the checksum function:
   the polling thread.  A load the worker has not reached yet is settled, and verified, by
   whoever waits for it first: a corrupted read is never reported done.
 
-``stats`` counts the checksum time on the workers and the part computed inline by a waiting
-thread (``inline_seconds``: the critical path's share).
+The checksum bytes and time go into the swap space's live ``stats`` dict: ``checksum_seconds`` on
+any thread, ``checksum_inline_seconds`` the part a waiting thread computed itself.
 """
 from __future__ import annotations
 
@@ -108,13 +108,13 @@ class StoreRequest:
 
 
 class ChecksumWorkers:
-    """The crc and verify workers of one swap space and their time; ``fn(ptr, nbytes) -> int``
-    is the checksum (GIL released inside)."""
+    """The crc and verify workers of one swap space; ``fn(ptr, nbytes) -> int`` is the checksum (GIL
+    released inside); ``stats``: the swap space's dict, whose checksum_* entries they add to."""
 
-    def __init__(self, fn: Callable[[int, int], int], name: str):
+    def __init__(self, fn: Callable[[int, int], int], name: str, stats: dict):
         self._fn = fn
         self._stats_lock = threading.Lock()
-        self.stats = {"bytes": 0, "seconds": 0.0, "inline_seconds": 0.0}  # all threads; inline: waiters'
+        self.stats = stats  # checksum_bytes / _seconds (all threads) / _inline_seconds (waiting threads)
         self._crc = _Worker(f"hetmem-swap-crc-{name}")
         self._verify = _Worker(f"hetmem-swap-verify-{name}")
 
@@ -125,10 +125,10 @@ class ChecksumWorkers:
         seconds = time.perf_counter() - started
         on_worker = threading.current_thread() in (self._crc, self._verify)
         with self._stats_lock:
-            self.stats["bytes"] += nbytes
-            self.stats["seconds"] += seconds
+            self.stats["checksum_bytes"] += nbytes
+            self.stats["checksum_seconds"] += seconds
             if not on_worker:
-                self.stats["inline_seconds"] += seconds
+                self.stats["checksum_inline_seconds"] += seconds
         return value
 
     def take(self, tensor: torch.Tensor, nbytes: int) -> Future:

@@ -80,6 +80,7 @@ def test_store_checksum_is_of_the_bytes_written(tmp_path, backend):
     crc32c of the bytes in the file."""
     sizes = {"A": 2 * MiB + 17, "B": 4096}
     with SwapSpace(tmp_path, sizes, backend=backend, checksum=True) as swap:
+        stats = swap.stats  # a live dict (the pipeline tuner keeps it and reads it later)
         gate = _Gate(swap)
         gate.opened.clear()
         data = _pattern(sizes["A"], seed=11)
@@ -100,7 +101,9 @@ def test_store_checksum_is_of_the_bytes_written(tmp_path, backend):
             assert stored == crc32c(on_disk)
         else:  # the zlib fallback (no aio op)
             assert stored == zlib.crc32(on_disk)
-        assert swap.stats["checksum_inline_seconds"] == 0.0  # no checksum on this thread
+        assert stats["checksum_inline_seconds"] == 0.0  # no checksum on this thread
+        assert stats["stored_bytes"] == sizes["A"] and stats["checksum_bytes"] == sizes["A"]
+        assert stats["checksum_seconds"] > 0 and stats is swap.stats
 
 
 def test_failed_store_keeps_its_checksum_off_the_blob(tmp_path):
