@@ -24,7 +24,7 @@ import torch
 
 from hetmem.nvme import SwapSpace, aligned_tensor
 from hetmem._core.units import format_bytes
-from hetmem.nvme.io_pool import IoBufferPool, MemlockError, plan_parts
+from hetmem.nvme.io_pool import IoBufferPool, MemlockError, round_up
 
 from .chunk import Chunk
 from .spill import spill_key
@@ -64,16 +64,28 @@ def check_nvme_dir(directory: str) -> None:
         raise _unusable(directory, "this process may not create files in it")
 
 
+def pool_bytes(chunks: list[Chunk], host_limit: int) -> int:
+    """The IO pool's cap: the host bytes chunks may hold (at most all of them, page-padded) and
+    two of the largest chunks of headroom."""
+    padded = [round_up(c.nbytes) for c in chunks]
+    return min(host_limit, sum(padded)) + 2 * max(padded)
+
+
+def large_payload(chunks: list[Chunk]) -> int:
+    """Payloads this large or larger (fp32 states, beside half-size low-precision parameters and
+    gradients) are kept apart from the smaller ones in the IO pool."""
+    return max(round_up(c.nbytes) for c in chunks) // 2 + 1
+
+
 class NvmeTier:
     def __init__(self, chunks: list[Chunk], directory: str, *, backend: str, block_size: int, queue_depth: int,
                  threads: int, checksum: bool, host_limit: int, lock: str = "auto", pin: bool = False,
                  manager=None):
         check_nvme_dir(directory)
         # every NVMe-backed host payload, for the whole run (see the module docstring)
-        parts = plan_parts([c.nbytes for c in chunks], host_limit)  # size, reserve, small part
-        size = parts.pop("capacity")
+        size = pool_bytes(chunks, host_limit)
         try:
-            self.pool = IoBufferPool(size, lock=lock, pin=pin, **parts)
+            self.pool = IoBufferPool(size, lock=lock, pin=pin, large=large_payload(chunks))
         except (OSError, RuntimeError) as exc:  # mmap / pinned allocation refused (MemlockError passes)
             if isinstance(exc, MemlockError):
                 raise

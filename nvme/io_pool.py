@@ -17,19 +17,8 @@ it for the whole run, and carves every NVMe-backed chunk's host payload out of i
 - pinned through the accelerator seam instead when the compute device has memory of its own
   (``pin=True``: page-locked memory the device copies from asynchronously).
 
-The region is cut into two parts, each with a best-fit free list of its own (coalescing within
-the part; chunks come in a few sizes, tens to hundreds of blocks):
-
-- ``small``: the first ``small_bytes``, for payloads below ``small`` bytes only (a layer's norms
-  and biases, a few pages each).  Served from the main part among multi-MiB payloads they split
-  its free ranges, and the NVMe tier then spilled chunks to make a range whole again; apart,
-  they cannot.  A small payload that finds its part full falls back to the main part.
-- main: everything else.  Blocks of at least ``large`` bytes are carved from the top of it,
-  smaller ones from the bottom, so the two kinds do not interleave.  Its last ``reserve``
-  bytes are headroom for what the host budget does not count (a payload still viewed after its
-  chunk left, a checkpoint's staging copy, free bytes too scattered for a block): neither
-  prefaulted nor locked, and used only when nothing below them fits, so a run that never needs
-  them never has them in memory (``resident_bytes()`` asks the kernel what is).  A block goes back to the pool when the last tensor viewing it dies (a
+Blocks come from a best-fit free list with coalescing (chunks come in a few sizes, tens to
+hundreds of blocks).  A block goes back to the pool when the last tensor viewing it dies (a
 finalizer on the buffer object under its storage), so a view kept by user code or autograd never
 sees its bytes handed out again.  ``take`` returns None when no free range is large enough (full,
 or fragmented); the caller decides what then.
@@ -44,8 +33,6 @@ import os
 import resource
 import threading
 import weakref
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -91,76 +78,17 @@ def _lock_advice(nbytes: int) -> str:
             f"nvme_lock_buffers='off' to use unlocked buffers without this message")
 
 
-def _byte_count(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be a whole number of bytes >= {minimum}")
-    return value
-
-
-@dataclass
-class _Part:
-    """One part of the region (see the module docstring) with its own free list."""
-    name: str          # "small", "main" or "reserve"
-    start: int         # offset of its first byte in the region
-    end: int           # offset past its last byte
-    free: list[list[int]] = field(default_factory=list)  # [offset, length], sorted, coalesced
-    in_use: int = 0    # bytes of its blocks handed out
-    peak_in_use: int = 0
-
-    def __post_init__(self):
-        self.free = [[self.start, self.end - self.start]] if self.end > self.start else []
-
-
-def plan_parts(payload_bytes: list[int], host_limit: int) -> dict:
-    """The pool's size and parts for payloads of these sizes under a host budget of ``host_limit``:
-    capacity = the bytes they may hold at once (at most all of them, page-padded) + a reserve of two
-    of the largest; ``large`` = half the largest + 1; ``small`` = a sixteenth of the largest, with a
-    part that holds every payload below it (at most ``host_limit``)."""
-    if not payload_bytes:
-        raise ValueError("plan_parts needs at least one payload size")
-    padded = [round_up(max(n, 1)) for n in payload_bytes]
-    largest = max(padded)
-    small = largest // 16
-    small_bytes = min(host_limit, sum(n for n in padded if n < small))
-    reserve = 2 * largest
-    return {"capacity": min(host_limit, sum(padded)) + reserve, "large": largest // 2 + 1,
-            "small": small if small_bytes else None, "small_bytes": round_up(small_bytes), "reserve": reserve}
-
-
-def _carve(free: list[list[int]], offset: int, length: int) -> None:
-    """Take [offset, offset + length) out of the free range holding it (splitting it when the block
-    sits inside)."""
-    at = next(i for i, (start, size) in enumerate(free) if start <= offset and offset + length <= start + size)
-    start, size = free[at]
-    left, right = offset - start, start + size - offset - length
-    pieces = ([[start, left]] if left else []) + ([[offset + length, right]] if right else [])
-    free[at:at + 1] = pieces
-
-
 class IoBufferPool:
     """One aligned host region of ``capacity`` bytes handing out page-aligned blocks; see the module
     docstring."""
 
     def __init__(self, capacity: int, *, prefault: bool = True, huge: bool = True, lock: str = "auto",
-                 pin: bool = False, large: int | None = None, small: int | None = None, small_bytes: int = 0,
-                 reserve: int = 0):
+                 pin: bool = False, large: int | None = None):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity={capacity!r} must be a positive number of bytes")
         if lock not in LOCK_MODES:
             raise ValueError(f"nvme_lock_buffers={lock!r} is not a lock mode; use one of {', '.join(LOCK_MODES)}")
-        small_bytes = round_up(_byte_count("small_bytes", small_bytes))
-        reserve = round_up(_byte_count("reserve", reserve))
-        if small is not None:
-            _byte_count("small", small, 1)
         self.capacity = round_up(capacity)        # bytes, fixed for the pool's life
-        if small_bytes + reserve >= self.capacity:
-            raise ValueError(f"small_bytes={small_bytes} + reserve={reserve} leave nothing of capacity="
-                             f"{self.capacity} for the main part; give a larger capacity or smaller parts")
-        main_end = self.capacity - reserve
-        # the parts, bottom to top (the module docstring); the reserve is the main part's top
-        self._parts = [_Part(name, start, end) for name, start, end in
-                       (("small", 0, small_bytes), ("main", small_bytes, self.capacity)) if end > start]
-        self.prepared = main_end                  # bytes from the start that are prefaulted and locked
         self.properties = ["aligned"]             # what the memory is (``kind`` joins them)
         if pin:  # page-locked by the accelerator's host allocator: resident and locked already
             raw = torch.empty(self.capacity + PAGE, dtype=torch.uint8, pin_memory=True)
@@ -173,8 +101,8 @@ class IoBufferPool:
             if huge and hasattr(mmap, "MADV_HUGEPAGE"):
                 self._owner.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, or it is too late
             self._array = np.frombuffer(self._owner, dtype=np.uint8)  # uint8, capacity bytes
-            if prefault:  # one write per page faults every page in (not the reserve's)
-                self._array[:self.prepared].reshape(-1, PAGE)[:, 0] = 0
+            if prefault:
+                self._array.reshape(-1, PAGE)[:, 0] = 0  # one write per page faults every page in
                 self.properties.append("prefaulted")
             if huge and hasattr(mmap, "MADV_HUGEPAGE"):
                 self.properties.append("huge")
@@ -182,15 +110,15 @@ class IoBufferPool:
         if not pin and lock != "off":
             self._lock(lock)
         self._mutex = threading.Lock()            # finalizers run on any thread
+        self._free: list[list[int]] = [[0, self.capacity]]  # [offset, length], sorted, coalesced
         self._live: dict[int, int] = {}           # offset -> length of blocks handed out
         self.in_use = 0                           # bytes in blocks handed out
         self.peak_in_use = 0                      # the most bytes handed out at once
         self.takes = 0                            # blocks handed out, in total
         self.refusals = 0                         # takes no free range could serve (full or fragmented)
-        # blocks of at least this many bytes are carved from the top of their part, smaller ones
+        # blocks of at least this many bytes are carved from the top of the region, smaller ones
         # from the bottom, so the two kinds do not interleave (fewer ranges too small for either)
         self.large = large
-        self.small = small if small_bytes else None  # blocks below this go to the small part first
 
     @property
     def kind(self) -> str:
@@ -198,11 +126,11 @@ class IoBufferPool:
         return "+".join(self.properties)
 
     def _lock(self, mode: str) -> None:
-        if _lib().mlock(self.address, self.prepared) == 0:
+        if _lib().mlock(self.address, self.capacity) == 0:
             self.properties.append("locked")  # munmap unlocks when the region goes
             return
         err = ctypes.get_errno()
-        message = f"{_lock_advice(self.prepared)} ({errno.errorcode.get(err, err)}: {os.strerror(err)})"
+        message = f"{_lock_advice(self.capacity)} ({errno.errorcode.get(err, err)}: {os.strerror(err)})"
         if mode == "required":
             raise MemlockError(err, message.replace("; raise", " and nvme_lock_buffers='required'; raise", 1))
         _warn_once(message)
@@ -214,15 +142,21 @@ class IoBufferPool:
         range is large enough."""
         length = round_up(max(numel * dtype.itemsize, 1))
         with self._mutex:
-            found = None if self._array is None else self._find(length)
-            if found is None:
+            fits = [entry for entry in self._free if entry[1] >= length and self._array is not None]
+            if not fits:
                 self.refusals += 1
                 return None
-            part, offset = found
-            _carve(part.free, offset, length)
+            if self.large is not None and length >= self.large:
+                entry = fits[-1]                   # the highest range, carved from its end
+                offset = entry[0] + entry[1] - length
+            else:
+                entry = min(fits, key=lambda e: e[1])  # best fit: the big ranges stay whole
+                offset = entry[0]
+                entry[0] += length
+            entry[1] -= length
+            if entry[1] == 0:
+                self._free.remove(entry)
             self._live[offset] = length
-            part.in_use += length
-            part.peak_in_use = max(part.peak_in_use, part.in_use)
             self.in_use += length
             self.peak_in_use = max(self.peak_in_use, self.in_use)
             self.takes += 1
@@ -230,36 +164,11 @@ class IoBufferPool:
         weakref.finalize(block, self._give_back, offset)
         return torch.frombuffer(block, dtype=torch.uint8).view(dtype)[:numel]
 
-    def _find(self, length: int) -> tuple[_Part, int] | None:
-        """The part and offset a block of ``length`` bytes is carved at: small blocks try the small part
-        first, then every block the main part.  Within a part, blocks of ``large`` bytes or more go as
-        high as they fit below the reserve, smaller ones to the smallest range that holds them (the
-        big ranges stay whole), lowest first; the reserve is used only when nothing below it fits."""
-        for part in self._parts:
-            if part.name == "small" and (self.small is None or length >= self.small):
-                continue
-            fits = [entry for entry in part.free if entry[1] >= length]
-            if not fits:
-                continue
-            if self.large is not None and length >= self.large:
-                below = [e for e in fits if min(e[0] + e[1], self.prepared) - e[0] >= length]
-                if below:
-                    return part, min(below[-1][0] + below[-1][1], self.prepared) - length
-                return part, fits[0][0]  # the lowest range that holds it, reaching into the reserve
-            best = min(fits, key=lambda e: (e[0] + length > self.prepared, e[1], e[0]))
-            return part, best[0]
-        return None
-
-    def _part_of(self, offset: int) -> _Part:
-        return next(part for part in self._parts if part.start <= offset < part.end)
-
     def _give_back(self, offset: int) -> None:
         with self._mutex:
             length = self._live.pop(offset)
             self.in_use -= length
-            part = self._part_of(offset)
-            part.in_use -= length
-            free = part.free
+            free = self._free
             at = 0
             while at < len(free) and free[at][0] < offset:
                 at += 1
@@ -287,22 +196,21 @@ class IoBufferPool:
             if length is None:
                 return 0
             run = length
-            for start, size in self._part_of(offset).free:
+            for start, size in self._free:
                 if start + size == offset or start == offset + length:
                     run += size
             return run
 
     def largest_free(self) -> int:
         with self._mutex:
-            return max((length for part in self._parts for _, length in part.free), default=0)
+            return max((length for _, length in self._free), default=0)
 
     def resident_bytes(self) -> int:
-        """Bytes of the region in memory now, by mincore(2) (the kernel's word, not this pool's
-        bookkeeping); the capacity when that cannot be asked."""
+        """Bytes of the region in memory now, by mincore(2): the kernel's word, not this pool's
+        bookkeeping (the benchmarks' RSS breakdown reads it); the capacity when that cannot be asked."""
         if self._array is None:
             return 0
-        pages = self.capacity // PAGE
-        vec = np.zeros(pages, dtype=np.uint8)
+        vec = np.zeros(self.capacity // PAGE, dtype=np.uint8)
         mincore = getattr(_lib(), "mincore", None)
         if mincore is None or mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.capacity),
                                       vec.ctypes.data_as(ctypes.c_void_p)) != 0:
@@ -313,18 +221,14 @@ class IoBufferPool:
         """Drop the pool's own hold on the region: it is unmapped once no block is viewed any more
         (take() then returns None)."""
         with self._mutex:
-            for part in self._parts:
-                part.free.clear()
+            self._free.clear()
         self._array = self._owner = None
 
     def stats(self) -> dict:
         with self._mutex:
             return {"kind": self.kind, "capacity": self.capacity, "in_use": self.in_use,
                     "peak_in_use": self.peak_in_use, "live_blocks": len(self._live), "takes": self.takes,
-                    "refusals": self.refusals, "free_ranges": sum(len(part.free) for part in self._parts),
-                    "prepared": self.prepared,
-                    "parts": {part.name: {"bytes": part.end - part.start, "in_use": part.in_use,
-                                          "peak_in_use": part.peak_in_use} for part in self._parts}}
+                    "refusals": self.refusals, "free_ranges": len(self._free)}
 
     def __repr__(self) -> str:
         return f"<IoBufferPool {self.kind}: {self.in_use}/{self.capacity} B in {len(self._live)} blocks>"
