@@ -187,10 +187,15 @@ def process_parts(baseline: dict[str, int], engine_malloced: int = 0) -> dict[st
 
 
 def breakdown_now(engine, baseline_rss: int, baseline: dict[str, int]) -> dict:
-    """``rss_breakdown`` of this process now: hetmem's parts and the process's parts."""
+    """``rss_breakdown`` of this process now: hetmem's parts and the process's parts.  Reading them
+    takes a few milliseconds while the training thread goes on, so VmRSS is read before and after:
+    ``rss`` is the later one (the parts were read up to then), ``rss_moved`` how far it moved
+    meanwhile (what ``unaccounted`` may be off by, mid-step)."""
+    before = status_bytes()["VmRSS"]
     parts = engine_parts(engine)
     parts.update(process_parts(baseline, malloced_engine_bytes(engine, parts)))
-    return rss_breakdown(status_bytes()["VmRSS"], baseline_rss, parts)
+    after = status_bytes()["VmRSS"]
+    return {**rss_breakdown(after, baseline_rss, parts), "rss_moved": after - before}
 
 
 class PeakSampler:
@@ -235,5 +240,7 @@ def rss_breakdown(rss: int, baseline: int, parts: dict[str, int]) -> dict:
 def format_breakdown(b: dict, unit: int = 1 << 20) -> str:
     """One line: 'RSS 650 MiB = baseline 227 + chunks.master 128 + ... + unaccounted 40 (MiB)'."""
     parts = " + ".join(f"{name} {value / unit:.0f}" for name, value in b["parts"].items() if value)
+    moved = f"; RSS moved {b['rss_moved'] / unit:+.0f} MiB while the parts were read" \
+        if abs(b.get("rss_moved", 0)) >= unit else ""
     return (f"RSS {b['rss'] / unit:.0f} MiB = baseline {b['baseline'] / unit:.0f} + {parts} + "
-            f"unaccounted {b['unaccounted'] / unit:.0f} (MiB)")
+            f"unaccounted {b['unaccounted'] / unit:.0f} (MiB){moved}")
