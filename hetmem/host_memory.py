@@ -11,7 +11,8 @@ The threshold is 256 KiB, not 1 MiB: a step's activations and autograd temporari
 hundred KiB (a 2x128x1024 bf16 activation is 512 KiB) came from the heap below 1 MiB, and their
 holes stayed resident between and during steps.  On the 151.5M GPT with state on NVMe
 (README "Memory overhead") glibc's heap held 30-43 MiB free at the peak of a step with 1 MiB and
-1-2 MiB with 256 KiB, and peak RSS fell by 24-33 MiB, at no measurable cost in s/step.
+1-2 MiB with 256 KiB, and peak RSS fell from 819-840 to 796-798 MiB; the price is about a quarter
+more minor page faults per step (some 0.1 s of system CPU per step on that model).
 ``HETMEM_MMAP_THRESHOLD`` overrides it (a size such as "1MiB", 64 KiB to 32 MiB, or "glibc" to
 leave glibc's adaptive threshold alone); a value that is neither raises ValueError naming it.
 
