@@ -175,7 +175,9 @@ def process_parts(baseline: dict[str, int], engine_malloced: int = 0) -> dict[st
 
     - ``temporaries``: glibc's bytes in use beyond the baseline and the engine's own malloc'ed bytes
       (``engine_malloced``): activations, autograd's gradients before they land in a chunk, the IO
-      engine's staging buffers, tensors' and C++ objects' small allocations;
+      engine's staging buffers, tensors' and C++ objects' small allocations (glibc counts bytes
+      handed out, touched or not: a buffer never written counts here without being resident, so
+      ``unaccounted`` may go a few MiB below 0: -4 to -6 MiB on a 0.4M-parameter GPT);
     - ``allocator_free``: resident pages of glibc's heaps that hold nothing (its holes);
     - ``files_mapped_since_baseline``: file-backed pages (the C++ ops' libraries, torch code paged in).
     """
