@@ -57,8 +57,8 @@ def small_engine_breakdown(nvme_dir: str) -> dict:
     lazy = preload_lazy_torch_modules()
     baseline_rss, baseline = status_bytes()["VmRSS"], allocator_state()
     with torch.device("meta"):
-        model = GPT(GPTConfig(block_size=32, n_layer=4, n_head=2, d_model=128, checkpoint=True))
-    engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget="1MiB", host_budget="4MiB",
+        model = GPT(GPTConfig(block_size=32, n_layer=4, n_head=4, d_model=256, checkpoint=True))
+    engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget="4MiB", host_budget="24MiB",
                                                     nvme_dir=nvme_dir, dtype="bf16", memory_trace=False),
                                init_fn=model.init_weights)
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -79,7 +79,10 @@ def test_a_small_engines_parts_add_up_to_its_measured_rss(tmp_path):
     assert r["ok"], r
     for b in (r["at_end"], r["at_peak"]):
         assert b["baseline"] + b["accounted"] + b["unaccounted"] == b["rss"]
-        assert abs(b["unaccounted"]) <= 12 << 20, b  # what no part explains: Python's arenas, thread stacks
+        # what no part explains (Python's arenas; -11 MiB here from buffers glibc handed out that were
+        # never written: `temporaries` counts them) and how far RSS moved while a mid-step snapshot
+        # read the parts; counting the IO pool (24 MiB + its headroom) twice or not at all would fail
+        assert abs(b["unaccounted"]) <= (20 << 20) + abs(b["rss_moved"]), b
         assert b["parts"]["chunks.param"] > 0 and b["parts"]["io_pool_unused"] >= 0
     assert r["at_peak"]["rss"] >= r["at_end"]["rss"] - (4 << 20)
     assert r["lazy_imports"] >= 0
