@@ -36,7 +36,8 @@ from hetmem.lifecycle import Lifecycle, Phase
 from hetmem.loss_scaler import LossScaler
 from hetmem.materialize import DTYPES, create_chunks, fill_chunks, move_buffers
 from hetmem.module_state import ModuleStateHooks
-from hetmem.nvme.pipeline_plan import PipelinePlan, plan_pipeline
+from hetmem.nvme.pipeline_plan import PipelinePlan, nvme_chunk_cap, plan_pipeline
+from hetmem.nvme.pipeline_tuner import PipelineTuner, swap_traffic
 from hetmem.optimizer import ChunkedAdam, StepResult
 from hetmem.optimizer_groups import HetmemOptimizer, config_group, resolve_user_groups
 from hetmem.placement import place_all_if_it_fits, release_residency
@@ -65,6 +66,9 @@ class Engine:
         self.budgets: Budgets = resolve_budgets(config, self.accelerator)
         self.param_dtype = DTYPES[config.dtype]
         max_chunk = self._auto_chunk_elements(self.budgets.usable)
+        if config.nvme_dir is not None and config.chunk_size == "auto":  # a unit sized for the disk
+            max_chunk = min(max_chunk, nvme_chunk_cap(sum(p.numel() for p in model.parameters()), config.param_bytes,
+                                                      config.mixed_precision, self.budgets.host) or max_chunk)
         chunk_elements = None if config.chunk_size == "auto" else config.chunk_size
         if chunk_elements is not None and chunk_elements % 4096:
             chunk_elements = -(-chunk_elements // 4096) * 4096
@@ -114,8 +118,12 @@ class Engine:
                                 and self.data_parallel is None,   # data parallel: never overlapped
                                 shard=None if self.data_parallel is None else
                                 self.data_parallel.sharded_step(self.manager, lambda: self.tracer.store.schedule))
+        self.pipeline_tuner = None  # re-plans the NVMe step's depth from measured steps (nvme/pipeline_tuner.py)
         if self.nvme_plan is not None:  # groups read from NVMe ahead of the one updated
-            self.adam.pipeline.read_ahead = self.nvme_plan.depth
+            self._use_plan(self.nvme_plan)
+            self.pipeline_tuner = PipelineTuner(self.nvme_plan, self.layout.groups, self.budgets.host,
+                                                config.nvme_pipeline_depth, self._use_plan,
+                                                traffic=swap_traffic(self.manager.nvme))
         self.scheduler.apply_step = self.adam.apply_through          # the next forward waits per group
         self.scheduler.ready_for_prefetch = self.adam.ready_for_prefetch
         self.scheduler.read_state_early = self.adam.read_state_early  # during backward
@@ -132,7 +140,7 @@ class Engine:
         self._stepped_at = 0          # micro_step when gradients were last consumed (step, zero_grad)
         self._in_slot_pending = False  # a warm-up finished; decide in-slot gradients after the step
         self.all_resident = False      # every chunk stays on the device (hetmem/placement.py)
-        logger.info("hetmem engine: %d parameters in %d chunk groups of %d elements on %s; device budget %s",
+        logger.info("hetmem engine: %d parameters in %d chunk groups of up to %d elements on %s; device budget %s",
                     self.layout.numel, len(self.layout.groups), self.layout.chunk_elements, self.device,
                     format_bytes(self.budgets.device))
         if self.recorder is not None:
@@ -174,7 +182,7 @@ class Engine:
         if self.config.nvme_dir is not None:  # the optimizer step's pipeline (hetmem/nvme/pipeline_plan.py)
             sizes = [sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups]
             self.nvme_plan = plan_pipeline(max(sizes), self.budgets.host, self.config.nvme_pipeline_depth,
-                                           total_bytes=sum(sizes))
+                                           total_bytes=sum(sizes), groups=len(sizes))
 
     def _attach_nvme(self) -> None:
         """Chunks past host_budget live in a swap space under nvme_dir (chunk_manager/nvme_tier.py)."""
@@ -189,6 +197,9 @@ class Engine:
                         lock=config.nvme_lock_buffers, pin=self.accelerator.pin_host,
                         manager=self.manager)
         self.manager.attach_nvme(tier, host_limit=self.budgets.host)
+
+    def _use_plan(self, plan: PipelinePlan) -> None:
+        self.nvme_plan, self.adam.pipeline.read_ahead = plan, plan.depth
 
     def _on_schedule_change(self, reason: str) -> None:
         self.tracer.mark_stale(reason)
@@ -314,6 +325,8 @@ class Engine:
             self.all_resident = place_all_if_it_fits(
                 self.manager, self.accelerator, peak_non_model=self.tracer.store.peak_non_model,
                 usable=self.budgets.usable, bring_to_host=self.scheduler.bring_to_host)
+        if self.pipeline_tuner is not None:  # this step's figures, or an overlapped one's before it
+            self.pipeline_tuner.observe(self.adam.last_result)
         if self.recorder is not None:
             self.recorder.end_step(self.adam.last_result)
         return True

@@ -203,3 +203,16 @@ def test_a_host_budget_too_small_for_the_nvme_pipeline_is_one_line_without_devic
     assert err.startswith("hetmem train: error: host_budget=64.00 KiB is too small for the NVMe pipeline")
     assert "raise host_budget to at least" in err and err.count("\n") == 1
     assert "hetmem profile" not in err  # it measures the device budget, which is not what is short here
+
+
+def test_train_chunk_size_flag_sets_the_unit_and_bad_values_are_one_line(tmp_path, capsys):
+    assert main([*TINY, "--steps", "1", "--out", str(tmp_path / "run"), "--chunk-size", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "groups of up to 8,192 parameters (each trimmed to the parameters it holds)" in out
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["extra"] == {"chunk_size": 8192}
+    for bad in ("0", "1.5", "lots"):
+        assert main([*TINY, "--steps", "1", "--out", str(tmp_path / bad), "--chunk-size", bad]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"hetmem train: error: --chunk-size {bad!r} is not a chunk size: give parameters per chunk "
+                       f"(an int > 0, e.g. 4194304), bytes of them (e.g. 64MiB) or auto\n")
+        assert not (tmp_path / bad).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes hetmem may keep on the device, e.g. 12MiB (default: %(default)s)")
     parser.add_argument("--host-budget", default=d.host_budget, help="chunk bytes in host memory (default: %(default)s)")
     parser.add_argument("--nvme-dir", default=None, help="a folder for the NVMe tier (default: off)")
+    parser.add_argument("--chunk-size", default=None, metavar="SIZE",
+                        help="parameters per chunk (e.g. 4194304), bytes of them (e.g. 64MiB), or auto: sized from "
+                             "the device budget, and with --nvme-dir from the host budget and the disk (default: "
+                             "auto; with --resume: the run's)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                         help="after the warm-up: cosine decay to 10%% of --lr, or constant (default: %(default)s)")
@@ -65,14 +70,34 @@ def _options(args: argparse.Namespace):
         options = read_options(out)
         changes = {"steps": args.steps, "save_every": args.save_every}
         changes = {k: v for k, v in changes.items() if v is not None}
+        if args.chunk_size is not None:  # checkpoints load into any chunk size
+            changes["extra"] = {**options.extra, "chunk_size": chunk_size_option(args.chunk_size)}
         return TrainOptions.from_dict({**options.to_dict(), **changes}), out
     options = TrainOptions(d_model=args.d_model, n_layer=args.layers, n_head=args.heads, block_size=args.block_size,
                            batch_size=args.batch_size, steps=args.steps or TrainOptions().steps, dtype=args.dtype,
                            device=args.device, device_budget=args.device_budget, host_budget=args.host_budget,
                            nvme_dir=args.nvme_dir, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, save_every=args.save_every or 0, seed=args.seed,
-                           checkpointing=not args.no_checkpointing, corpus=args.corpus)
+                           checkpointing=not args.no_checkpointing, corpus=args.corpus,
+                           extra={} if args.chunk_size is None else {"chunk_size": chunk_size_option(args.chunk_size)})
     return options, Path(args.out) if args.out else default_run_dir()
+
+
+def chunk_size_option(text: str) -> int | str:
+    """--chunk-size as a config value (elements, a size string, or "auto"), checked like the config's
+    ``chunk_size``; ValueError naming the flag, the value and the fix."""
+    from hetmem.config import Config
+
+    text = text.strip()
+    value: int | str = int(text) if text.isdigit() else text
+    try:
+        if re.fullmatch(r"[-+]?[\d.]+(e[-+]?\d+)?", text, re.IGNORECASE) and not text.isdigit():
+            raise ValueError("a bare number counts parameters: a whole number > 0")
+        Config(chunk_size=value)
+    except ValueError:
+        raise ValueError(f"--chunk-size {text!r} is not a chunk size: give parameters per chunk (an int > 0, e.g. "
+                         f"4194304), bytes of them (e.g. 64MiB) or auto") from None
+    return value
 
 
 def _build_ops(options) -> None:
@@ -130,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: GPT, {cfg.n_layer} layers x d_model {cfg.d_model}, {params:,} parameters; "
               f"parameters + Adam state {format_bytes(size)} = {size / budget:.1f}x the device budget "
               f"({format_bytes(budget)} on {engine.device})")
-        print(f"chunks: {len(engine.layout.groups)} groups, capacity {engine.layout.chunk_elements:,} elements, "
-              f"{options.dtype}")
+        print(f"chunks: {len(engine.layout.groups)} groups of up to {engine.layout.chunk_elements:,} parameters "
+              f"(each trimmed to the parameters it holds), {options.dtype}"
+              + ("" if engine.nvme_plan is None else f"; NVMe step pipeline: {engine.nvme_plan.depth} read ahead"))
         try:
             _train_with_progress(engine, options, scheduler, state, out / CHECKPOINTS, args)
         except KeyboardInterrupt:

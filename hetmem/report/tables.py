@@ -65,7 +65,7 @@ def header_lines(summary: dict[str, Any]) -> list[str]:
         f"model {model['name']}: {model['parameters']:,} parameters "
         f"({model['trainable_parameters']:,} trainable), {meta['dtype']} on {meta['device']}",
         f"budgets: device {budget(budgets['device'], 'device')}, host {budget(budgets['host'], 'host')}, "
-        f"nvme {nvme}; chunks of {meta['chunk_elements']:,} elements",
+        f"nvme {nvme}; chunks of up to {meta['chunk_elements']:,} elements",  # the capacity: chunks are trimmed
         f"showing {which}",
         f"trace created {meta['created']} by hetmem {meta['hetmem_version']}, torch {meta['torch_version']}",
     ] + loss_lines(summary.get("losses", []))

@@ -43,7 +43,7 @@ def test_text_has_the_numbers_in_a_terminal_width(report):
     text = report.to_text()
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "model two-linear: 1,700,000 parameters (1,700,000 trainable), bf16 on cpu" in text
-    assert "budgets: device 64.00 MiB, host 256.00 MiB, nvme 1.00 GiB; chunks of 1,048,576 elements" in text
+    assert "budgets: device 64.00 MiB, host 256.00 MiB, nvme 1.00 GiB; chunks of up to 1,048,576 elements" in text
     assert "showing step 1 (2 steps recorded, 1 of them warm-up)" in text
     peaks = _section(text, "Peak memory per tier")
     assert _row(peaks, "device") == ["device", "26.00", "MiB", "64.00", "MiB", "40.6%", "2", "pre_backward",
