@@ -109,7 +109,8 @@ def checksum_cost(directory: str, recommended: dict, total_bytes: int, chunk_byt
         for state in ("off", "on"):
             runs[state].append(measure_swap(directory, total_bytes=total_bytes, chunk_bytes=chunk_bytes,
                                             checksum=state == "on", **setting))
-    swap = {state: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for state, rs in runs.items()}
+    swap = {state: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "buffer_kind"}
+            | {"buffer_kind": rs[0]["buffer_kind"]} for state, rs in runs.items()}
     return {"checksum": measure_checksum(chunk_bytes), "swap": swap, "repeats": repeats}
 
 
@@ -120,16 +121,18 @@ def _fmt_setting(s: dict) -> str:
 def format_table(report: dict) -> str:
     from hetmem.units import format_bytes
 
+    kind = f"[{report['buffer_kind']}]"  # the buffers' kind, next to every figure
     lines = [f"hetmem NVMe swap benchmark on {report['directory']}: {format_bytes(report['chunk_bytes'])} chunks, "
              f"{format_bytes(report['total_bytes'])} per pass, "
-             f"{'O_DIRECT' if report['o_direct'] else 'buffered (O_DIRECT refused; figures include fsync)'}"]
+             f"{'O_DIRECT' if report['o_direct'] else 'buffered (O_DIRECT refused; figures include fsync)'}, "
+             f"buffers {report['buffer_kind']} (the NVMe tier's IO pool kind)"]
     base = report["baseline"]
     lines.append(f"baseline, single-threaded buffered os.pwrite+fsync / os.preadv (cache dropped with "
                  f"posix_fadvise): write {base['write_bytes_per_s'] / GB:.2f} GB/s, "
-                 f"read {base['read_bytes_per_s'] / GB:.2f} GB/s")
+                 f"read {base['read_bytes_per_s'] / GB:.2f} GB/s [{base['buffer_kind']}]")
     lines.append("")
     lines.append(f"{'backend':10s} {'threads':>7s} {'block':>6s} {'qd':>3s}  {'write GB/s':>10s} {'read GB/s':>10s}"
-                 f" {'CPU ms/GB':>10s}")
+                 f" {'CPU ms/GB':>10s}  {kind}")
     for e in report["results"]:
         w = f"{e['write_median'] / GB:.2f}" + (f" ({len(e['write'])})" if len(e["write"]) > 1 else "")
         r = f"{e['read_median'] / GB:.2f}" + (f" ({len(e['read'])})" if len(e["read"]) > 1 else "")
@@ -140,7 +143,7 @@ def format_table(report: dict) -> str:
     for op in ("write", "read"):
         b = report["best"][op]
         ratio = b["bytes_per_s"] / base[f"{op}_bytes_per_s"]
-        lines.append(f"best {op:5s}: {_fmt_setting(b)}: {b['bytes_per_s'] / GB:.2f} GB/s "
+        lines.append(f"best {op:5s}: {_fmt_setting(b)}: {b['bytes_per_s'] / GB:.2f} GB/s {kind} "
                      f"(median of {b['samples']}), {ratio:.1f}x the baseline")
         fio = report.get("fio", {}).get(op)
         if isinstance(fio, dict):
@@ -148,7 +151,7 @@ def format_table(report: dict) -> str:
             lines.append(f"    vs fio (same file and memory, fio's request pattern, shuffled rounds, median of "
                          f"{len(fio['samples']['hetmem'])}): hetmem "
                          f"{m['hetmem'] / GB:.2f}, fio io_uring {m['fio io_uring'] / GB:.2f}, fio libaio "
-                         f"{m['fio libaio'] / GB:.2f} GB/s; hetmem/fio = "
+                         f"{m['fio libaio'] / GB:.2f} GB/s [{fio['buffer_kind']}]; hetmem/fio = "
                          f"{m['hetmem'] / max(m['fio io_uring'], m['fio libaio']):.2f} (of the better fio engine)")
         elif fio:
             lines.append(f"    fio: {fio}")
@@ -157,24 +160,27 @@ def format_table(report: dict) -> str:
         m = fio["median"]
         parts = [f"{k} {v['read'] / GB:.2f} + {v['write'] / GB:.2f} = {v['total'] / GB:.2f}" for k, v in m.items()]
         lines.append(f"mixed vs fio (read + write GB/s, same file and memory, shuffled rounds, median of "
-                     f"{len(fio['samples']['hetmem'])}, setting {_fmt_setting(fio['setting'])}): " + "; ".join(parts))
+                     f"{len(fio['samples']['hetmem'])}, setting {_fmt_setting(fio['setting'])}, "
+                     f"[{fio['buffer_kind']}]): " + "; ".join(parts))
     elif fio:
         lines.append(f"mixed vs fio: {fio}")
     for m in report["mixed"]:
         lines.append(f"mixed (reads and writes in flight at once, best {m['best_for']} setting "
                      f"{_fmt_setting(m)}): read {m['read_bytes_per_s'] / GB:.2f} + write "
-                     f"{m['write_bytes_per_s'] / GB:.2f} = {m['total_bytes_per_s'] / GB:.2f} GB/s")
+                     f"{m['write_bytes_per_s'] / GB:.2f} = {m['total_bytes_per_s'] / GB:.2f} GB/s "
+                     f"[{m['buffer_kind']}]")
     ratios = report["small_block_ratio"]
     if ratios:
         parts = [f"{b} write {r.get('write', float('nan')):.2f} read {r.get('read', float('nan')):.2f}"
                  for b, r in ratios.items()]
-        lines.append("1 MiB @ qd32 / best 8 MiB (1 thread): " + "; ".join(parts))
+        lines.append(f"1 MiB @ qd32 / best 8 MiB (1 thread) {kind}: " + "; ".join(parts))
     lines.append(f"recommended setting (highest mixed total): {json.dumps(report['recommended'])}")
     grid = report.get("fio_grid")
     if isinstance(grid, list) and grid:
         lines.append("")
         lines.append(f"fio side by side ({grid[0]['setting']['backend']} backend, 1 thread; same file and memory, "
-                     f"fio's request pattern, shuffled rounds, median of {len(grid[0]['samples']['hetmem'])}), GB/s:")
+                     f"fio's request pattern, shuffled rounds, median of {len(grid[0]['samples']['hetmem'])}), GB/s "
+                     f"[{grid[0]['buffer_kind']}]:")
         lines.append(f"{'op':5s} {'block':>6s} {'qd':>3s} {'hetmem':>7s} {'fio io_uring':>12s} {'fio libaio':>10s} "
                      f"{'hetmem/best fio':>15s}")
         for row in grid:
@@ -193,7 +199,7 @@ def format_table(report: dict) -> str:
                      f"off -> on (median of {c['repeats']}): store {off['store_bytes_per_s'] / GB:.2f} -> "
                      f"{on['store_bytes_per_s'] / GB:.2f} GB/s, load {off['load_bytes_per_s'] / GB:.2f} -> "
                      f"{on['load_bytes_per_s'] / GB:.2f} GB/s (first store into fresh swap: "
-                     f"{off['first_store_bytes_per_s'] / GB:.2f} GB/s)")
+                     f"{off['first_store_bytes_per_s'] / GB:.2f} GB/s) [{on['buffer_kind']}]")
     return "\n".join(lines)
 
 

@@ -9,8 +9,13 @@ for a few steps with nvme_dir set.  In the same run:
   IO pool hands out (hetmem/nvme/io_pool.py; the kind is printed next to both figures);
 - the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
   peak above that baseline can be compared with the budgets;
-- each optimizer step's bytes read + written over its duration is compared with the disk's
-  mixed figure (the goal: >= 90%, the CPU Adam hidden behind the IO);
+- the step's own disk time: the swap space's requests during each steady optimizer step are
+  recorded (order, read/write, blob, bytes, how many in flight) and each step's are replayed alone
+  after training, through the same IO settings and buffers of the same kind
+  (hetmem/nvme/replay.py); a step's bytes over its wall time, over its replay's rate, is the
+  share of the disk it reached (the goal: >= 90%, the CPU Adam and the checksums hidden behind
+  the IO; the median over the steps is reported); it is also compared with the generic mixed
+  figure above;
 - the IO pool's figures (payloads handed out, spills to defragment it) and the pipeline's plan
   (``--pipeline-depth``, ``--chunk-size``: its unit) are reported;
 - swap checksums (``nvme_checksum``, on by default): two more engines, checksums on and off,
@@ -26,6 +31,7 @@ for a few steps with nvme_dir set.  In the same run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -47,6 +53,7 @@ from hetmem.corpus import load_corpus, random_batch
 from hetmem.models.gpt import GPT, GPTConfig
 from hetmem.nvme.bench import measure_mixed
 from hetmem.nvme.io_pool import IoBufferPool
+from hetmem.nvme.replay import replay
 from hetmem.train_job import state_bytes
 from hetmem.units import format_bytes, parse_size
 
@@ -70,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", default="auto", help="chunk_size: the NVMe pipeline's unit (elements, bytes, 'auto')")
     p.add_argument("--pipeline-depth", default="auto", help="nvme_pipeline_depth: groups the step reads ahead")
     p.add_argument("--lock-buffers", default="auto", choices=("auto", "required", "off"), help="nvme_lock_buffers")
+    p.add_argument("--idle-poll-ms", type=float, default=0.0,
+                   help="also measure how long nothing of each steady step's IO was in flight, polling every "
+                        "this many ms (a diagnostic: the polling thread takes the GIL; 0: off)")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -106,8 +116,35 @@ def disk_mixed(directory: str, config: hetmem.Config, chunk_bytes: int, total: i
     return {**result, "buffer_kind": pool.kind}
 
 
+def replay_summary(replays: list[dict]) -> dict:
+    """Medians over the replayed steps: the replay's rate (the step's disk rate), the steps' own rate,
+    and the share of the disk the steps reached (step_vs_replay: replay time / step time, same bytes)."""
+    if not replays:
+        raise ValueError("no steady step moved NVMe bytes to replay; give --steps >= 1 and budgets that put "
+                         "the optimizer state on NVMe")
+    shares = [r["step_vs_replay"] for r in replays]
+    return {"steps": len(replays), "bytes_per_s": statistics.median(r["bytes_per_s"] for r in replays),
+            "seconds": statistics.median(r["seconds"] for r in replays),
+            "step_s": statistics.median(r["step_s"] for r in replays),
+            "step_bytes": statistics.median(r["step_bytes"] for r in replays),
+            "step_bytes_per_s": statistics.median(r["step_bytes"] / r["step_s"] for r in replays),
+            "requests": statistics.median(r["requests"] for r in replays),
+            "max_inflight": max(r["max_inflight"] for r in replays),
+            "step_vs_replay": statistics.median(shares), "step_vs_replay_range": [min(shares), max(shares)],
+            "idle_share": None if replays[0]["idle_share"] is None else statistics.median(r["idle_share"] for r in replays),
+            "buffer_kind": replays[0]["buffer_kind"]}
+
+
+def step_disk(directory: str, config: hetmem.Config, records: list) -> dict:
+    """The step's disk time: the recorded requests of one optimizer step replayed alone, at the engine's
+    IO settings, through buffers of the kind its IO pool hands out (``replay``'s result)."""
+    return replay(records, directory, backend=config.nvme_backend, block_size=config.nvme_block_size,
+                  queue_depth=config.nvme_queue_depth, threads=config.nvme_threads, lock=config.nvme_lock_buffers)
+
+
 def measure(args, progress=None) -> dict:
     directory = args.dir or tempfile.mkdtemp(prefix="hetmem-nvme-train-")
+    os.makedirs(directory, exist_ok=True)
     cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
                     d_model=args.d_model, checkpoint=True)
     chunk_size = int(args.chunk_size) if args.chunk_size.isdigit() else args.chunk_size
@@ -136,14 +173,26 @@ def measure(args, progress=None) -> dict:
     sampler = RssSampler()
     baseline = sampler.peak
     sampler.start()
-    run = train(cfg, config, batches, progress)
+    run = train(cfg, config, batches, progress, idle_poll_s=args.idle_poll_ms / 1e3 or None)
     steps, init_s = run["steps"], run["init_s"]
     peak = sampler.stop()
     after = disk_mixed(directory, config, run["chunk_bytes"], sample)
     if progress:
         progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
+    replays = []
+    for recorded in run["recorded_steps"]:
+        replayed = step_disk(directory, config, recorded.pop("records"))
+        replays.append({**replayed, "step_s": recorded["seconds"], "step_bytes": recorded["io_bytes"],
+                        "max_inflight": recorded["max_inflight"], "idle_s": recorded["idle_s"],
+                        "idle_share": None if recorded["idle_s"] is None else recorded["idle_s"] / recorded["recorded_s"],
+                        "step_vs_replay": replayed["seconds"] / recorded["seconds"]})  # the >= 90% target
+        if progress:
+            progress(f"step {recorded['step']}'s own requests replayed: {replayed['bytes'] / 1e9:.2f} GB in "
+                     f"{replayed['seconds']:.2f} s (the step: {recorded['seconds']:.2f} s)")
+    own = replay_summary(replays)
     checksums = checksum_cost(cfg, config, batches, args.checksum_repeats, progress)
-    disk_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
+    mixed_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
+    disk_rate = own["bytes_per_s"]  # the step's disk time = its bytes / this (overlap_gain)
     overlap = overlap_gain(cfg, config, batches, args.overlap_repeats, disk_rate, progress)
 
     steady = [s for s in steps if not s["warmup"]]
@@ -162,8 +211,10 @@ def measure(args, progress=None) -> dict:
                    "budgets_bytes": budgets, "overhead_bytes": peak - baseline - budgets},
         "time": {"init_s": init_s, "step_s_median": statistics.median(s["seconds"] for s in steady),
                  "optimizer_s_median": statistics.median(s["optimizer_s"] for s in steady)},
-        "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": disk_rate},
-        "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / disk_rate,
+        "disk": {"mixed_before": before, "mixed_after": after, "mixed_bytes_per_s": mixed_rate,
+                 "step_replay": own, "step_replays": replays},
+        "optimizer_bytes_per_s": opt_rate, "optimizer_vs_disk_mixed": opt_rate / mixed_rate,
+        "optimizer_vs_step_replay": opt_rate / disk_rate,
         "io_buffers": run["io_buffers"], "pipeline": run["pipeline"],
         "checksum": checksums,
         "overlap": overlap,
@@ -171,27 +222,36 @@ def measure(args, progress=None) -> dict:
     }
 
 
-def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None) -> dict:
-    """One engine from scratch (meta-device model), a warm-up step and the steady steps."""
+def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None, idle_poll_s: float | None = None) -> dict:
+    """One engine from scratch (meta-device model), a warm-up step and the steady steps (their swap
+    requests recorded; ``idle_poll_s``: and the time none was in flight)."""
     started = time.perf_counter()
     with torch.device("meta"):
         model = GPT(cfg)
     engine = hetmem.initialize(model, config, init_fn=model.init_weights)
     init_s = time.perf_counter() - started
-    steps = []
+    steps, recorded = [], []
+    swap = engine.manager.nvme.swap
     for i, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
         loss = engine(x, y)
         engine.backward(loss)
-        engine.step()
+        with swap.recording(idle_poll_s) if i > 0 else contextlib.nullcontext() as recorder:  # replayed later
+            engine.step()
         result = engine.last_step
+        if recorder is not None and recorder.records:
+            recorded.append({"step": i, "records": recorder.records, "requests": len(recorder.records),
+                             "seconds": result.seconds, "io_bytes": recorder.bytes(), "step_io_bytes": result.io_bytes,
+                             "max_inflight": max(r.inflight for r in recorder.records),
+                             "idle_s": recorder.idle_s, "recorded_s": recorder.elapsed_s})
         steps.append({"step": i, "warmup": i == 0, "seconds": time.perf_counter() - t0, "loss": loss.item(),
                       "optimizer_s": result.seconds, "optimizer_io_wait_s": result.io_wait_s,
                       "optimizer_compute_s": result.compute_s, "optimizer_io_bytes": result.io_bytes})
         if progress:
             progress(f"step {i}: {steps[-1]['seconds']:.1f} s (optimizer {result.seconds:.2f} s, "
                      f"{result.io_bytes / 1e9:.2f} GB moved; checksums {'on' if config.nvme_checksum else 'off'})")
-    out = {"steps": steps, "init_s": init_s, "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
+    out = {"steps": steps, "init_s": init_s, "recorded_steps": recorded,
+           "nvme_bytes": engine.manager.bytes_on(hetmem.Tier.NVME),
            "chunk_bytes": max(c.nbytes for c in engine.manager.chunks),
            "io_buffers": engine.manager.nvme.buffer_stats(),
            "pipeline": {"depth": engine.nvme_plan.depth, "group_bytes": engine.nvme_plan.group_bytes,
@@ -219,23 +279,25 @@ def engine_pair(cfg: GPTConfig, config: hetmem.Config, first_batch, key: str) ->
 def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, progress) -> dict:
     """Swap checksums' cost: two engines, checksums on and off, stepped in turn on the same
     batches (the order alternating), so a load change hits both: the median of the paired step
-    time ratios on/off, and the crc time the swap space counts as a share of the 'on' steps."""
+    time ratios on/off, and the crc time the swap space counts as a share of the 'on' steps: all of
+    it (its worker threads) and the part the training thread computed itself (inline)."""
     if repeats <= 0:
         return {}
     engines = engine_pair(cfg, config, batches[0], "nvme_checksum")
-    ratios, shares = [], []
+    ratios, shares, inline_shares = [], [], []
     for r in range(repeats):
         for i, (x, y) in enumerate(batches[1:]):
-            seconds, crc = {}, 0.0
+            seconds, crc = {}, {}
             for on in ((True, False) if (r + i) % 2 == 0 else (False, True)):
-                stats = engines[on].manager.nvme.swap.stats
-                crc0, t0 = stats["checksum_seconds"], time.perf_counter()
+                swap = engines[on].manager.nvme.swap
+                stats0, t0 = dict(swap.stats), time.perf_counter()
                 step_once(engines[on], x, y)
                 seconds[on] = time.perf_counter() - t0
-                if on:
-                    crc = stats["checksum_seconds"] - crc0
+                crc = {k: swap.stats[k] - stats0[k] for k in ("checksum_seconds", "checksum_inline_seconds")} \
+                    if on else crc
             ratios.append(seconds[True] / seconds[False])
-            shares.append(crc / seconds[True])
+            shares.append(crc["checksum_seconds"] / seconds[True])
+            inline_shares.append(crc["checksum_inline_seconds"] / seconds[True])
         if progress:
             progress(f"checksum comparison, repeat {r + 1}: median on/off so far {statistics.median(ratios):.3f}")
     algorithm = engines[True].manager.nvme.swap.checksum_algorithm
@@ -243,7 +305,8 @@ def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, 
         engine.close(keep_weights=False)
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {"algorithm": algorithm, "pairs": len(ratios), "ratio_on_off_median": statistics.median(ratios),
-            "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares)}
+            "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares),
+            "crc_inline_share_of_step_median": statistics.median(inline_shares)}
 
 
 def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, disk_rate: float,
@@ -305,15 +368,30 @@ def table(r: dict) -> str:
         f"time: init {t['init_s']:.1f} s, {t['step_s_median']:.2f} s/step, optimizer {t['optimizer_s_median']:.2f} s",
         f"pipeline: {r['pipeline']['groups']} chunk groups of up to {format_bytes(r['pipeline']['group_bytes'])}, "
         f"{r['pipeline']['depth']} read ahead ({r['pipeline']['reason']}); chunk padding {r['pipeline']['padding']:.3%}",
-        f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s [{r['io_buffers']['kind']}]; disk mixed "
-        f"read+write {r['disk']['mixed_bytes_per_s'] / 1e9:.2f} GB/s [{r['disk']['mixed_before']['buffer_kind']}] "
-        f"(median of before/after) -> {r['optimizer_vs_disk_mixed']:.0%} of the disk",
+        disk_lines(r),
         f"IO buffer pool: {format_bytes(r['io_buffers']['capacity'])}, peak {format_bytes(r['io_buffers']['peak_in_use'])}"
         f" in use, {r['io_buffers']['takes']} payloads handed out, {r['io_buffers']['defragment_spills']} "
         f"defragmenting spills, {r['io_buffers']['outside_pool']} outside the pool",
         checksum_line(r["checksum"]),
         overlap_line(r["overlap"]),
     ])
+
+
+def disk_lines(r: dict) -> str:
+    d, kind = r["disk"], r["io_buffers"]["kind"]
+    own = d["step_replay"]
+    low, high = own["step_vs_replay_range"]
+    return "\n".join([
+        f"the step's own IO ({own['requests']:.0f} requests, {own['step_bytes'] / 1e9:.2f} GB, up to {own['max_inflight']} "
+        f"in flight; medians of {own['steps']} steady steps, each replayed alone after training): "
+        f"{own['step_s']:.2f} s in the step = {own['step_bytes_per_s'] / 1e9:.2f} GB/s [{kind}]; replayed "
+        f"{own['seconds']:.2f} s = {own['bytes_per_s'] / 1e9:.2f} GB/s [{own['buffer_kind']}] -> the step "
+        f"reached {own['step_vs_replay']:.0%} ({low:.0%}-{high:.0%}) of the disk under its own pattern (target >= 90%)"
+        + ("" if own.get("idle_share") is None else f"; nothing of it in flight {own['idle_share']:.0%} of the step"),
+        f"optimizer step moves {r['optimizer_bytes_per_s'] / 1e9:.2f} GB/s [{kind}] (median of the steady steps): "
+        f"{r['optimizer_vs_step_replay']:.0%} of the replay's rate; disk mixed read+write (2+2 chunk-sized requests "
+        f"in flight) {d['mixed_bytes_per_s'] / 1e9:.2f} GB/s [{d['mixed_before']['buffer_kind']}] (median of "
+        f"before/after) -> {r['optimizer_vs_disk_mixed']:.0%} of that generic figure"])
 
 
 def overlap_line(o: dict) -> str:
@@ -330,7 +408,9 @@ def checksum_line(c: dict) -> str:
         return "swap checksums: not compared (--checksum-repeats 0)"
     return (f"swap checksums ({c['algorithm']}): step time on/off {c['ratio_on_off_median']:.3f} (median of "
             f"{c['pairs']} paired steps, quartiles {c['ratio_on_off_quartiles'][0]:.3f}-"
-            f"{c['ratio_on_off_quartiles'][1]:.3f}); crc32c itself {c['crc_share_of_step_median']:.2%} of the step")
+            f"{c['ratio_on_off_quartiles'][1]:.3f}); {c['algorithm']} itself {c['crc_share_of_step_median']:.2%} of "
+            f"the step on the swap space's worker threads, {c['crc_inline_share_of_step_median']:.2%} on the "
+            f"training thread")
 
 
 def main(argv: list[str] | None = None) -> int:

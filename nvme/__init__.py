@@ -13,7 +13,10 @@ Public API:
 - ``plan_pipeline(group_bytes, host_budget, depth)``: the NVMe optimizer step's read-ahead plan.
   (pipeline_plan.py)
 - ``SwapSpace(dir, blobs, ...)`` with ``store(key, t)`` / ``load(key, into=t)`` /
-  ``reserve(blobs)`` / ``close()``, and ``SwapChecksumError``.  (swap.py)
+  ``reserve(blobs)`` / ``recording()`` / ``close()``, and ``SwapChecksumError``; checksums taken
+  and verified on worker threads (swap_checksum.py).  (swap.py)
+- ``replay(records, dir, ...)``: a recorded workload's requests replayed alone, its disk time.
+  (replay.py)
 - ``probe_io(dir)``: which backends and O_DIRECT work there.  (probe.py)
 - ``IOConfig`` / ``load_io_config(path)``: the ``nvme_*`` config keys.  (config.py)
 - ``crc32c(tensor)``.  (checksum.py)

@@ -95,7 +95,7 @@ class Request:
     """One read or write in flight: ``done()`` polls, ``wait()`` blocks and raises on failure."""
 
     __slots__ = ("file", "op", "offset", "nbytes", "_id", "_tensor", "_on_success", "_lock", "_finished",
-                 "_error", "__weakref__")
+                 "_error", "_on_worker", "__weakref__")
 
     def __init__(self, file: "AsyncFile", rid: int, op: str, offset: int, nbytes: int, tensor: torch.Tensor | None,
                  on_success: Callable[[], None] | None):
@@ -105,20 +105,26 @@ class Request:
         self.nbytes = nbytes      # bytes asked for
         self._id = rid            # engine request id; forgotten by the engine once finished
         self._tensor = tensor     # kept alive until the IO is complete
-        self._on_success = on_success  # runs once after a successful IO (e.g. checksum check)
+        self._on_success = on_success  # runs once after a successful IO (e.g. checksum check), in the
+                                       # thread that finishes the request (wait, done or settle)
         self._lock = threading.Lock()
         self._finished = False
         self._error: BaseException | None = None
+        self._on_worker = False   # settle_on(): a worker thread runs the completion
 
     def done(self) -> bool:
         """True once the request finished, successfully or not (then ``wait()`` raises)."""
-        if self._finished:
-            return True
-        with self._lock:
+        if self._finished or self._on_worker:
+            return self._finished  # (a worker's request: polling never runs its completion here)
+        if not self._lock.acquire(blocking=False):
+            return False  # another thread is finishing it (e.g. a swap space's checksum worker)
+        try:
             if not self._finished:
                 if not self.file._engine.poll(self._id)[0]:
                     return False
                 self._finish(self.file._engine.wait(self._id))  # already done: returns at once
+        finally:
+            self._lock.release()
         return True
 
     def wait(self) -> None:
@@ -127,6 +133,16 @@ class Request:
         if self._error is not None:
             self.file._reported(self)
             raise self._error
+
+    def settle_on(self, submit: Callable[[Callable[[], None]], None]) -> None:
+        """Hand the completion to a worker thread: ``submit(job)`` must run ``job`` there; the job
+        blocks until the request finished and runs its completion (``on_success``, e.g. a checksum
+        check) on the worker, so that whoever waits finds it done.  ``done()`` then only reports
+        what the worker finished (it never runs the completion on the polling thread); ``wait()``
+        blocks until the worker is through, or finishes the request itself if the worker has not
+        begun it (never reporting it done before its completion ran)."""
+        self._on_worker = True
+        submit(self._settle)
 
     @property
     def error(self) -> BaseException | None:

@@ -9,8 +9,10 @@ Other benchmarks measure the disk in their own run with these, e.g.
 The workload is the swap's: whole chunks (one request each, ``inflight_chunks`` of them in
 flight per direction) at consecutive offsets of one preallocated file that was written
 once before timing (as fio lays its file out), so timed writes overwrite allocated blocks.
-Buffers come from ``aligned_empty``: with O_DIRECT nothing is staged and the page cache
-plays no part.  On a buffered file (O_DIRECT refused) write timings include an fsync and
+Buffers come from an ``IoBufferPool`` (hetmem/nvme/io_pool.py) of the kind the NVMe tier's own
+pool is (page-aligned, faulted in, huge pages asked for, locked where RLIMIT_MEMLOCK allows), so
+the figures are of the memory training reads into; every result names that kind
+(``buffer_kind``).  With O_DIRECT nothing is staged and the page cache plays no part.  On a buffered file (O_DIRECT refused) write timings include an fsync and
 the file's cached pages are dropped (posix_fadvise DONTNEED) before each read.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from hetmem.nvme.aio import AsyncFile
-from hetmem.nvme.buffers import aligned_empty, release_buffer
+from hetmem.nvme.io_pool import IoBufferPool, round_up
 from hetmem.nvme.config import (DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, DEFAULT_THREADS, FALLBACK_BACKEND,
                                 KERNEL_BACKENDS, IOConfig)
 
@@ -70,23 +72,38 @@ class BenchFile:
         self.remove()
 
 
-def chunk_buffers(count: int, chunk_bytes: int, seed: int = 0) -> list[torch.Tensor]:
-    """``count`` aligned chunk buffers of random bytes."""
+class ChunkBuffers(list):
+    """Chunk buffers (uint8 tensors) and ``kind``, the kind of memory they are (IoBufferPool.kind)."""
+
+    kind: str = "caller's"
+
+
+def chunk_buffers(count: int, chunk_bytes: int, seed: int = 0, *, lock: str = "auto") -> ChunkBuffers:
+    """``count`` chunk buffers of random bytes from a fresh IoBufferPool (``lock``: nvme_lock_buffers);
+    its memory goes when the last buffer does."""
+    pool = IoBufferPool(count * round_up(chunk_bytes), lock=lock)
     g = torch.Generator().manual_seed(seed)
-    buffers = []
+    buffers = ChunkBuffers()
+    buffers.kind = pool.kind
     for _ in range(count):
-        b = aligned_empty(chunk_bytes)
+        b = pool.take(chunk_bytes)
         b.copy_(torch.randint(0, 256, (chunk_bytes,), dtype=torch.uint8, generator=g))
         buffers.append(b)
+    pool.close()
     return buffers
 
 
-def release_all(buffers: Iterable[torch.Tensor]) -> None:
-    for b in buffers:
-        release_buffer(b)
+def release_all(buffers: list[torch.Tensor]) -> None:
+    """Drop the list's buffers (a pool's memory goes with its last buffer)."""
+    buffers.clear()
 
 
-def _drop_cached_pages(path: str) -> None:
+def kind_of(buffers) -> str:
+    """The buffer kind of ``buffers`` (ChunkBuffers), else "caller's"."""
+    return getattr(buffers, "kind", ChunkBuffers.kind)
+
+
+def drop_cached_pages(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -106,11 +123,12 @@ def measure_sequential(path: str, op: str, *, total_bytes: int, chunk_bytes: int
         raise ValueError(f"op={op!r} must be 'write' or 'read'")
     own = buffers is None
     buffers = chunk_buffers(inflight_chunks if op == "read" else 1, chunk_bytes) if own else buffers
+    kind = kind_of(buffers)
     try:
         with AsyncFile(path, backend=backend, block_size=block_size, queue_depth=queue_depth,
                        threads=threads) as f:
             if op == "read" and not f.direct:
-                _drop_cached_pages(path)
+                drop_cached_pages(path)
             inflight: deque = deque()
             started, cpu_started = time.perf_counter(), time.process_time()
             for i in range(total_bytes // chunk_bytes):
@@ -121,7 +139,7 @@ def measure_sequential(path: str, op: str, *, total_bytes: int, chunk_bytes: int
             while inflight:
                 inflight.popleft().wait()
             if op == "write" and not f.direct:
-                _drop_cached_pages(path)  # the fsync makes the buffered write reach the disk
+                drop_cached_pages(path)  # the fsync makes the buffered write reach the disk
             seconds = time.perf_counter() - started
             cpu_seconds = time.process_time() - cpu_started
             backend_used, direct = f.backend, f.direct
@@ -129,7 +147,7 @@ def measure_sequential(path: str, op: str, *, total_bytes: int, chunk_bytes: int
         if own:
             release_all(buffers)
     return {"op": op, "bytes": total_bytes, "seconds": seconds, "bytes_per_s": total_bytes / seconds,
-            "cpu_seconds": cpu_seconds, "backend": backend_used, "direct": direct}
+            "cpu_seconds": cpu_seconds, "backend": backend_used, "direct": direct, "buffer_kind": kind}
 
 
 def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend: str = "auto",
@@ -159,13 +177,14 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
         buffers = chunk_buffers(inflight_chunks + 1, chunk_bytes, seed=1)
     elif len(buffers) < inflight_chunks + 1:
         raise ValueError(f"measure_mixed needs {inflight_chunks + 1} buffers, got {len(buffers)}")
+    kind = kind_of(buffers)
     read_buffers, write_buffers = buffers[:inflight_chunks], buffers[-1:]
     moved = {"read": 0, "write": 0}
     try:
         with AsyncFile(path, backend=backend, block_size=block_size, queue_depth=queue_depth,
                        threads=threads) as f:
             if not f.direct:
-                _drop_cached_pages(path)
+                drop_cached_pages(path)
             inflight = {"read": deque(), "write": deque()}  # (issue number, request), oldest first
             issued = {"read": 0, "write": 0}
 
@@ -196,7 +215,7 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
                     if issued["read"] + issued["write"] < budget:
                         issue(direction)
             if not f.direct:
-                _drop_cached_pages(path)
+                drop_cached_pages(path)
             seconds = time.perf_counter() - started
             backend_used, direct = f.backend, f.direct
     finally:
@@ -205,13 +224,14 @@ def measure_mixed(directory: str, *, total_bytes: int, chunk_bytes: int, backend
     return {"read_bytes_per_s": moved["read"] / seconds, "write_bytes_per_s": moved["write"] / seconds,
             "total_bytes_per_s": (moved["read"] + moved["write"]) / seconds, "read_bytes": moved["read"],
             "write_bytes": moved["write"], "seconds": seconds, "backend": backend_used, "direct": direct,
-            "block_size": block_size, "queue_depth": queue_depth, "threads": threads}
+            "block_size": block_size, "queue_depth": queue_depth, "threads": threads, "buffer_kind": kind}
 
 
 def measure_buffered_baseline(path: str, *, total_bytes: int, chunk_bytes: int) -> dict:
     """Plain single-threaded buffered ``os.pwrite`` (plus fsync) and ``os.preadv`` of whole
     chunks, the file's cached pages dropped (posix_fadvise) before the read."""
-    buf = chunk_buffers(1, chunk_bytes, seed=3)[0]
+    buffers = chunk_buffers(1, chunk_bytes, seed=3)
+    buf = buffers[0]
     view = memoryview(buf.numpy())
     n = total_bytes // chunk_bytes
     try:
@@ -238,9 +258,10 @@ def measure_buffered_baseline(path: str, *, total_bytes: int, chunk_bytes: int) 
         finally:
             os.close(fd)
     finally:
-        release_buffer(buf)
+        del view, buf
+        release_all(buffers)
     return {"write_bytes_per_s": total_bytes / write_seconds, "read_bytes_per_s": total_bytes / read_seconds,
-            "write_seconds": write_seconds, "read_seconds": read_seconds}
+            "write_seconds": write_seconds, "read_seconds": read_seconds, "buffer_kind": buffers.kind}
 
 
 def measure_checksum(chunk_bytes: int = 64 * MiB, repeats: int = 5) -> dict:
@@ -249,15 +270,15 @@ def measure_checksum(chunk_bytes: int = 64 * MiB, repeats: int = 5) -> dict:
     from hetmem.nvme._op import aio_op
 
     name, fn = blob_checksum()
-    buf = chunk_buffers(1, chunk_bytes, seed=4)[0]
+    buffers = chunk_buffers(1, chunk_bytes, seed=4)
     try:
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            fn(buf.data_ptr(), chunk_bytes)
+            fn(buffers[0].data_ptr(), chunk_bytes)
             times.append(time.perf_counter() - started)
     finally:
-        release_buffer(buf)
+        release_all(buffers)
     op = aio_op()
     return {"algorithm": name, "implementation": op.crc32c_implementation() if op is not None else "zlib",
             "bytes_per_s": chunk_bytes / statistics.median(times)}
@@ -267,7 +288,7 @@ def measure_swap(directory: str, *, total_bytes: int, chunk_bytes: int, checksum
                  block_size: int = DEFAULT_BLOCK_SIZE, queue_depth: int = DEFAULT_QUEUE_DEPTH,
                  threads: int = DEFAULT_THREADS, inflight_chunks: int = 2) -> dict:
     """Store then load ``total_bytes`` of chunk blobs through a SwapSpace (checksum on or
-    off); {"store_bytes_per_s", "load_bytes_per_s"}.  One untimed store pass comes first:
+    off); {"store_bytes_per_s", "load_bytes_per_s", "first_store_bytes_per_s", "buffer_kind"}.  One untimed store pass comes first:
     the first write to preallocated (unwritten) extents costs about twice as much on ext4,
     and a training run pays it only in its first step.  The swap files are removed."""
     from hetmem.nvme.swap import SwapSpace
@@ -275,7 +296,7 @@ def measure_swap(directory: str, *, total_bytes: int, chunk_bytes: int, checksum
     n = total_bytes // chunk_bytes
     keys = [f"bench/{i}" for i in range(n)]
     buffers = chunk_buffers(inflight_chunks, chunk_bytes, seed=5)
-    rates = {}
+    rates = {"buffer_kind": buffers.kind}
     try:
         with SwapSpace(directory, {k: chunk_bytes for k in keys}, name=f"hetmem-bench-{os.getpid()}",
                        backend=backend, block_size=block_size, queue_depth=queue_depth, threads=threads,
@@ -324,6 +345,7 @@ def run_sweep(directory: str, *, total_bytes: int = 2 << 30, chunk_bytes: int = 
         baseline = measure_buffered_baseline(bench.path, total_bytes=total_bytes, chunk_bytes=chunk_bytes)
         note("baseline: buffered pwrite/pread")
         buffers = chunk_buffers(2, chunk_bytes)
+        kind = buffers.kind
         try:
             seen_direct = []
             cpu: dict[tuple, list[float]] = {}
@@ -372,6 +394,7 @@ def run_sweep(directory: str, *, total_bytes: int = 2 << 30, chunk_bytes: int = 
                            queue_depth=chosen["queue_depth"], threads=chosen["threads"])
     return {
         "directory": directory, "total_bytes": total_bytes, "chunk_bytes": chunk_bytes, "o_direct": direct,
+        "buffer_kind": kind,
         "probe": probe, "baseline": baseline, "results": results,
         "best": {op: {k: best[op][k] for k in ("backend", "block_size", "queue_depth", "threads")}
                  | {"bytes_per_s": _median(best[op][op]), "samples": len(best[op][op])} for op in best},

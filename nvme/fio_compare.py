@@ -111,6 +111,7 @@ def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, c
     depth = _mixed_depth(setting) if op == "mixed" else setting["queue_depth"]
     with shared_memory(depth * bs) as (memory, shared):
         buffers = ([shared[i * bs:(i + 1) * bs] for i in range(depth)] if memory else chunk_buffers(depth, bs))
+        kind = getattr(buffers, "kind", "")
         try:
             _interleave(directory, op, setting, total_bytes, repeats, path, memory, buffers, samples, commands)
         finally:
@@ -122,7 +123,8 @@ def compare_with_fio(directory: str, op: str, setting: dict, total_bytes: int, c
     else:
         median = {k: statistics.median(v) for k, v in samples.items()}
     return {"setting": setting, "samples": samples, "median": median, "commands": commands,
-            "same_memory": memory is not None}
+            "same_memory": memory is not None,
+            "buffer_kind": "fio's shared memory (both)" if memory else f"{kind} (hetmem; fio its own)"}
 
 
 def _mixed_depth(setting: dict) -> int:

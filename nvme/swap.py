@@ -21,8 +21,12 @@ Rules:
   failed raises ValueError; ``store`` while a load or store of that key is in flight
   raises ValueError (order them with ``wait()``).
 - ``checksum=True`` takes a CRC-32C (C++) of each blob at ``store`` and checks it when a
-  ``load`` completes; a mismatch makes ``wait()`` raise ``SwapChecksumError``.  Off by
-  default; ``stats`` reports its cost.
+  ``load`` completes; a mismatch makes ``wait()`` raise ``SwapChecksumError``.  Both run on
+  worker threads, off the caller's (hetmem/nvme/swap_checksum.py): a store's request is done
+  once its write and its checksum are, a load's once it is verified.  Off by default;
+  ``stats`` reports its cost (``checksum_inline_seconds``: the part a waiting thread computed).
+- ``recording()`` records the requests issued meanwhile (hetmem/nvme/replay.py), to replay
+  them on their own and time the disk under the same pattern.
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ import fcntl
 import logging
 import os
 import threading
-import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,8 @@ import torch
 from hetmem.nvme.aio import AsyncFile, Request, _check_tensor
 from hetmem.nvme.buffers import padded_nbytes
 from hetmem.nvme.checksum import blob_checksum
+from hetmem.nvme.replay import IoRecorder
+from hetmem.nvme.swap_checksum import ChecksumWorkers, StoreRequest
 from hetmem.nvme.config import DEFAULT_BACKEND, DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, DEFAULT_THREADS
 from hetmem._core.units import format_bytes
 
@@ -79,8 +84,8 @@ class _Blob:
     offset: int                     # file offset of the slot (aligned)
     slot_bytes: int                 # bytes reserved (nbytes rounded up to the alignment)
     state: BlobState = BlobState.EMPTY
-    crc: int | None = None          # checksum of the last store (checksum=True)
-    writing: Request | None = None  # the store in flight
+    crc: int | None = None          # checksum of the last store (checksum=True), once it landed
+    writing: Request | StoreRequest | None = None  # the store in flight
     loads: list[Request] = field(default_factory=list)  # loads possibly in flight
 
 
@@ -151,12 +156,15 @@ class _DirLock:
         self.fd = None
 
 
-def _remove_files(file: AsyncFile | None, swap_path: Path, lock: _DirLock | None) -> None:
-    """Close the engine (waiting for IO) and remove the swap and lock files."""
+def _remove_files(file: AsyncFile | None, swap_path: Path, lock: _DirLock | None,
+                  workers: ChecksumWorkers | None = None) -> None:
+    """Close the engine (waiting for IO), stop the checksum workers, remove the swap and lock files."""
     try:
         if file is not None and not file.closed:
             file.close()
     finally:
+        if workers is not None:
+            workers.stop()
         try:
             os.unlink(swap_path)
         except FileNotFoundError:
@@ -184,11 +192,17 @@ class SwapSpace:
         # owning their whole slot move it whole (no staging of a partial last page)
         self._owned_bytes = owned_bytes or padded_nbytes
         # (name, function(ptr, nbytes)) of the blob checksum; crc32c unless the op is missing
-        self.checksum_algorithm, self._checksum_fn = blob_checksum() if checksum else ("off", None)
+        self.checksum_algorithm, checksum_fn = blob_checksum() if checksum else ("off", None)
         self._lock = threading.RLock()          # guards _blobs, _size and the blob states
         self._blobs: dict[str, _Blob] = {}      # key -> layout and state, in declaration order
         self._size = 0                           # bytes of the file reserved so far
-        self.stats = {"stored_bytes": 0, "loaded_bytes": 0, "checksum_bytes": 0, "checksum_seconds": 0.0}
+        # live totals: blob bytes issued; checksum bytes and seconds on any thread, and the part
+        # a waiting thread computed itself (the checksum workers add to these)
+        self.stats = {"stored_bytes": 0, "loaded_bytes": 0, "checksum_bytes": 0, "checksum_seconds": 0.0,
+                      "checksum_inline_seconds": 0.0}
+        # the threads taking and verifying checksums, for the swap space's life (checksum=True)
+        self._checksums = ChecksumWorkers(checksum_fn, name, self.stats) if checksum else None
+        self._recorder: IoRecorder | None = None  # set while recording() runs
         self._file: AsyncFile | None = None
         self._dir_lock: _DirLock | None = None
         self._closed = False
@@ -201,11 +215,12 @@ class SwapSpace:
                                    threads=threads, direct=direct)
             self._commit(layout)
         except BaseException:
-            _remove_files(self._file, self.path, self._dir_lock)
+            _remove_files(self._file, self.path, self._dir_lock, self._checksums)
             raise
         # Remove the files if the object is dropped without close() (not after a crash:
         # the next run's stale-file cleanup handles that).
-        self._finalizer = weakref.finalize(self, _remove_files, self._file, self.path, self._dir_lock)
+        self._finalizer = weakref.finalize(self, _remove_files, self._file, self.path, self._dir_lock,
+                                           self._checksums)
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -273,19 +288,23 @@ class SwapSpace:
 
     # -- IO --------------------------------------------------------------------------------
 
-    def store(self, key: str, tensor: torch.Tensor) -> Request:
-        """Write ``tensor``'s bytes as blob ``key`` (async).  Its size must be the declared one."""
+    def store(self, key: str, tensor: torch.Tensor) -> Request | StoreRequest:
+        """Write ``tensor``'s bytes as blob ``key`` (async).  Its size must be the declared one.  With
+        checksums the request is a ``StoreRequest``: done once the write and the checksum are."""
         with self._lock:
             blob = self._blob_for_io(key, tensor, "store")
             self._settle(blob)
             if blob.writing is not None or blob.loads:
                 what = "a store" if blob.writing is not None else "a load"
                 raise ValueError(f"store({key!r}): {what} of this blob is still in flight; wait() for it first")
-            req = self._file.submit(True, tensor, blob.offset, nbytes=self._io_bytes(tensor, blob))
-            # the checksum is taken while the write is in flight (both only read the tensor)
-            crc = self._take_checksum(tensor, blob.nbytes) if self.checksum else None
-            blob.state, blob.writing, blob.crc = BlobState.WRITING, req, crc
+            io_bytes = self._io_bytes(tensor, blob)
+            req = self._file.submit(True, tensor, blob.offset, nbytes=io_bytes)
+            if self._checksums is not None:  # taken on the crc worker while the write is in flight
+                req = StoreRequest(req, self._checksums.take(tensor, blob.nbytes))
+            blob.state, blob.writing, blob.crc = BlobState.WRITING, req, None
             self.stats["stored_bytes"] += blob.nbytes
+            if self._recorder is not None:
+                self._recorder.add("write", key, blob.offset, io_bytes, req)
             return req
 
     def load(self, key: str, into: torch.Tensor) -> Request:
@@ -303,10 +322,14 @@ class SwapSpace:
             on_success = None
             if self.checksum:
                 on_success = self._verifier(blob, into)
-            req = self._file.submit(False, into, blob.offset, nbytes=self._io_bytes(into, blob),
-                                    on_success=on_success)
+            io_bytes = self._io_bytes(into, blob)
+            req = self._file.submit(False, into, blob.offset, nbytes=io_bytes, on_success=on_success)
+            if self._checksums is not None:
+                self._checksums.settle(req)  # verified on the worker as soon as it lands
             blob.loads.append(req)
             self.stats["loaded_bytes"] += blob.nbytes
+            if self._recorder is not None:
+                self._recorder.add("read", key, blob.offset, io_bytes, req)
             return req
 
     def _blob_for_io(self, key: str, tensor: torch.Tensor, what: str) -> _Blob:
@@ -331,28 +354,29 @@ class SwapSpace:
     def _settle(self, blob: _Blob) -> None:
         """Fold finished requests into the blob's state."""
         if blob.writing is not None and blob.writing.done():
-            blob.state = BlobState.FAILED if blob.writing.error is not None else BlobState.STORED
+            failed = blob.writing.error is not None
+            blob.state = BlobState.FAILED if failed else BlobState.STORED
+            if isinstance(blob.writing, StoreRequest) and not failed:
+                blob.crc = blob.writing.crc.result()  # done: returns at once
             blob.writing = None
         blob.loads = [r for r in blob.loads if not r.done()]
 
-    def _take_checksum(self, tensor: torch.Tensor, nbytes: int) -> int:
-        started = time.perf_counter()
-        value = self._checksum_fn(tensor.data_ptr(), nbytes)
-        self.stats["checksum_seconds"] += time.perf_counter() - started
-        self.stats["checksum_bytes"] += nbytes
-        return value
-
     def _verifier(self, blob: _Blob, into: torch.Tensor):
-        expected, key, offset, path = blob.crc, blob.key, blob.offset, str(self.path)
+        expected, key, offset, path, checksums = blob.crc, blob.key, blob.offset, str(self.path), self._checksums
 
-        def verify() -> None:
-            actual = self._take_checksum(into, blob.nbytes)
+        def verify() -> None:  # on the verify worker, or on the thread that waits first
+            actual = checksums.checksum(into, blob.nbytes)
             if actual != expected:
                 raise SwapChecksumError(key, path, offset, blob.nbytes, expected, actual, self.checksum_algorithm)
 
         return verify
 
     # -- introspection ---------------------------------------------------------------------
+
+    def recording(self, idle_poll_s: float | None = None) -> IoRecorder:
+        """A context manager recording every store and load issued inside it (its ``records``);
+        ``idle_poll_s``: also measure the time nothing of it was in flight (``idle_s``)."""
+        return IoRecorder(self, idle_poll_s)
 
     @property
     def file(self) -> AsyncFile:
@@ -370,6 +394,14 @@ class SwapSpace:
 
     def blob_nbytes(self, key: str) -> int:
         return self._blobs[key].nbytes
+
+    def stored_checksum(self, key: str) -> int | None:
+        """The checksum of blob ``key``'s last store once it landed (None: checksums off, never
+        stored, the store still in flight or failed)."""
+        with self._lock:
+            blob = self._blobs[key]
+            self._settle(blob)
+            return blob.crc if blob.state is BlobState.STORED else None
 
     def state(self, key: str) -> BlobState:
         with self._lock:
@@ -389,7 +421,7 @@ class SwapSpace:
             return
         self._closed = True
         self._finalizer.detach()
-        _remove_files(self._file, self.path, self._dir_lock)
+        _remove_files(self._file, self.path, self._dir_lock, self._checksums)
 
     def __enter__(self) -> "SwapSpace":
         return self

@@ -26,4 +26,6 @@ def test_state_three_times_the_budgets_trains_within_rss(tmp_path):
     losses = [s["loss"] for s in result["steps"]]
     assert all(0 < loss < 10 for loss in losses)
     assert result["model"]["bytes_on_nvme_at_end"] > 0
+    replays = result["disk"]["step_replays"]  # each steady step's own requests, replayed alone
+    assert len(replays) == 2 and all(r["bytes"] == r["step_bytes"] > 0 for r in replays)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("hetmem.swap")]  # closed: removed

@@ -15,6 +15,7 @@ def test_measure_mixed_reports_both_directions(tmp_path):
     assert r["read_bytes"] > 0 and r["write_bytes"] > 0
     assert r["read_bytes"] + r["write_bytes"] >= 32 * MiB
     assert abs(r["read_bytes_per_s"] + r["write_bytes_per_s"] - r["total_bytes_per_s"]) < 1e-6 * r["total_bytes_per_s"]
+    assert r["buffer_kind"].startswith("aligned+prefaulted")  # the IO pool's kind
     assert os.listdir(tmp_path) == []
 
 
@@ -24,6 +25,7 @@ def test_measure_sequential_moves_the_bytes(tmp_path):
         w = measure_sequential(bench.path, "write", total_bytes=16 * MiB, chunk_bytes=4 * MiB, backend="threads")
         r = measure_sequential(bench.path, "read", total_bytes=16 * MiB, chunk_bytes=4 * MiB, backend="threads")
         assert w["bytes"] == r["bytes"] == 16 * MiB and w["bytes_per_s"] > 0 and r["cpu_seconds"] >= 0
+        assert w["buffer_kind"] == r["buffer_kind"] and w["buffer_kind"].startswith("aligned+prefaulted")
     assert os.listdir(tmp_path) == []
 
 
@@ -43,3 +45,9 @@ def test_benchmark_main_json_and_config(tmp_path, capsys):
     assert load_io_config(config) == report["recommended"]
     assert {e["backend"] for e in report["results"]} <= {"threads", "python_threads"}
     assert os.listdir(data) == []
+    from hetmem.benchmarks.nvme_swap import format_table
+
+    table = format_table(report)  # every figure names the buffer kind
+    kind = f"[{report['buffer_kind']}]"
+    figure_lines = [line for line in table.splitlines() if "GB/s" in line]
+    assert figure_lines and all(kind in line for line in figure_lines), table
