@@ -65,8 +65,9 @@ def test_engine_parts_count_the_io_regions_unused_bytes_with_nvme(tmp_path):
         resident = pool.resident_bytes()  # the kernel's count (mincore): prefaulted, so all of it
         assert resident == pool.capacity
         assert parts["io_pool_unused"] == resident - pool.stats()["in_use"] >= 0
-        assert acc.malloced_engine_bytes(engine, parts) == sum(
-            v for k, v in parts.items() if k != "io_pool_unused") - pool.stats()["in_use"]
+        # the pool may hold a block beyond the chunks' bytes (a staged copy): never below 0
+        assert acc.malloced_engine_bytes(engine, parts) == max(0, sum(
+            v for k, v in parts.items() if k != "io_pool_unused") - pool.stats()["in_use"])
     finally:
         engine.close()
 
