@@ -2,10 +2,12 @@
 
 One GPT trains a few steps in a child process of its own (so RSS and its peak are the run's),
 once with every chunk in memory and once with the state on NVMe.  After initialize, after the
-warm-up step and after the last step, RSS is split (benchmarks/memory_accounting.py) into the
-baseline (interpreter, torch, the data: measured before the engine exists), hetmem's chunks per
-kind, the free buffers its pool keeps, file pages mapped since the baseline (the C++ ops'
-libraries), free bytes glibc keeps in its heap, and what is left unaccounted.
+warm-up step, after the last step and at the peak of the steps (a thread reading VmRSS), RSS is
+split (benchmarks/memory_accounting.py) into the baseline (interpreter, torch with the modules a
+step imports on first use, the data: measured before the engine exists), hetmem's chunks per
+kind, the free buffers its pool keeps, the IO pool's resident pages that hold no block, the
+step's temporaries (glibc's bytes in use beyond the baseline and the engine's), glibc's resident
+free heap, file pages mapped since the baseline (the C++ ops' libraries), and what is left.
 
     python benchmarks/memory_overhead.py [--d-model 768 --layers 8] [--json]
 """
@@ -46,8 +48,8 @@ def run(spec: dict) -> dict:
     import torch
 
     import hetmem
-    from hetmem.benchmarks.memory_accounting import (engine_parts, malloc_stats, padding_share, process_parts,
-                                                     rss_breakdown, smaps_rollup, status_bytes)
+    from hetmem.benchmarks.memory_accounting import (PeakSampler, allocator_state, breakdown_now, malloc_stats,
+                                                     padding_share, preload_lazy_torch_modules, status_bytes)
     from hetmem.corpus import load_corpus, random_batch
     from hetmem.models.gpt import GPT, GPTConfig
     from hetmem.train_job import state_bytes
@@ -60,26 +62,28 @@ def run(spec: dict) -> dict:
     config = hetmem.Config(device="cpu", device_budget=spec["device_budget"], host_budget=spec["host_budget"],
                            nvme_dir=spec["nvme_dir"], dtype=spec["dtype"], memory_trace=False,
                            optimizer=hetmem.AdamConfig(lr=1e-3))
-    baseline, baseline_smaps = status_bytes()["VmRSS"], smaps_rollup()
+    lazy_imports = preload_lazy_torch_modules()  # the steps import them anyway: in the baseline
+    baseline_rss, baseline = status_bytes()["VmRSS"], allocator_state()
     with torch.device("meta"):
         model = GPT(cfg)
     engine = hetmem.initialize(model, config, init_fn=model.init_weights)
 
     def snapshot(stage: str) -> dict:
-        parts = {**engine_parts(engine), **process_parts(baseline_smaps)}
         heap = malloc_stats() or {}
         return {"stage": stage, "peak_rss_so_far": status_bytes()["VmHWM"], "glibc_free_heap": heap.get("heap_free"),
-                **rss_breakdown(status_bytes()["VmRSS"], baseline, parts)}
+                **breakdown_now(engine, baseline_rss, baseline)}
 
     stages = [snapshot("after initialize")]
-    for i, (x, y) in enumerate(batches):
-        engine.backward(engine(x, y))
-        engine.step()
-        if i == 0 or i == len(batches) - 1:
-            stages.append(snapshot("after the warm-up step" if i == 0 else f"after step {i + 1}"))
+    with PeakSampler(lambda: snapshot("at the peak of the steps"), interval=0.01) as peak:
+        for i, (x, y) in enumerate(batches):
+            engine.backward(engine(x, y))
+            engine.step()
+            if i == 0 or i == len(batches) - 1:
+                stages.append(snapshot("after the warm-up step" if i == 0 else f"after step {i + 1}"))
+    if peak.at_peak is not None:
+        stages.append(peak.at_peak)
     out = {"parameters": engine.layout.numel, "state_bytes": state_bytes(engine.layout.numel, spec["dtype"]),
-           "chunk_padding": padding_share(engine.layout), "activations_peak": engine.tracer.store.peak_non_model,
-           "stages": stages}
+           "chunk_padding": padding_share(engine.layout), "torch_lazy_imports": lazy_imports, "stages": stages}
     engine.close(keep_weights=False)
     return out
 
@@ -108,13 +112,11 @@ def table(result: dict) -> str:
         where = "every chunk in memory" if name == "memory" else \
             f"state on NVMe, host_budget {r['spec']['host_budget']}"
         lines.append(f"{where}: {r['parameters']:,} parameters, state {r['state_bytes'] / MiB:.0f} MiB "
-                     f"(parameters + master + Adam moments), chunk padding {r['chunk_padding']:.1%}, activations' "
-                     f"peak {r['activations_peak'] / MiB:.0f} MiB, peak RSS {r['peak_rss_bytes'] / MiB:.0f} MiB")
+                     f"(parameters + master + Adam moments), chunk padding {r['chunk_padding']:.1%}, peak RSS "
+                     f"{r['peak_rss_bytes'] / MiB:.0f} MiB; the baseline holds {r['torch_lazy_imports'] / MiB:.0f} "
+                     f"MiB of torch modules a step imports on first use (torch._dynamo)")
         for s in r["stages"]:
-            heap = "" if s["glibc_free_heap"] is None else \
-                f"; glibc heap free {s['glibc_free_heap'] / MiB:.0f} MiB (resident unless trimmed)"
-            lines.append(f"  {s['stage']:>22s}: {format_breakdown(s)}; peak so far {s['peak_rss_so_far'] / MiB:.0f}"
-                         + heap)
+            lines.append(f"  {s['stage']:>24s}: {format_breakdown(s)}; peak so far {s['peak_rss_so_far'] / MiB:.0f}")
     return "\n".join(lines)
 
 

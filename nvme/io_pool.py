@@ -205,6 +205,18 @@ class IoBufferPool:
         with self._mutex:
             return max((length for _, length in self._free), default=0)
 
+    def resident_bytes(self) -> int:
+        """Bytes of the region in memory now, by mincore(2): the kernel's word, not this pool's
+        bookkeeping (the benchmarks' RSS breakdown reads it); the capacity when that cannot be asked."""
+        if self._array is None:
+            return 0
+        vec = np.zeros(self.capacity // PAGE, dtype=np.uint8)
+        mincore = getattr(_lib(), "mincore", None)
+        if mincore is None or mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.capacity),
+                                      vec.ctypes.data_as(ctypes.c_void_p)) != 0:
+            return self.capacity
+        return int(np.count_nonzero(vec & 1)) * PAGE
+
     def close(self) -> None:
         """Drop the pool's own hold on the region: it is unmapped once no block is viewed any more
         (take() then returns None)."""

@@ -42,3 +42,31 @@ def heap_freed_then_trimmed(blocks: int, block_bytes: int) -> dict:
     freed = rss()
     released = trim_freed_memory()
     return {"allocated": allocated, "freed": freed, "trimmed": rss(), "released": released, "kept": len(pins)}
+
+
+def small_engine_breakdown(nvme_dir: str) -> dict:
+    """A small GPT with state on NVMe: benchmarks/memory_accounting.py's breakdown at the end of its
+    steps and at their peak, in a fresh process (so the baseline is this engine's)."""
+    import torch
+
+    import hetmem
+    from hetmem.benchmarks.memory_accounting import (PeakSampler, allocator_state, breakdown_now,
+                                                     preload_lazy_torch_modules, status_bytes)
+    from hetmem.models.gpt import GPT, GPTConfig
+
+    lazy = preload_lazy_torch_modules()
+    baseline_rss, baseline = status_bytes()["VmRSS"], allocator_state()
+    with torch.device("meta"):
+        model = GPT(GPTConfig(block_size=32, n_layer=4, n_head=4, d_model=256, checkpoint=True))
+    engine = hetmem.initialize(model, hetmem.Config(device="cpu", device_budget="4MiB", host_budget="24MiB",
+                                                    nvme_dir=nvme_dir, dtype="bf16", memory_trace=False),
+                               init_fn=model.init_weights)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with PeakSampler(lambda: breakdown_now(engine, baseline_rss, baseline), interval=0.002) as peak:
+        for _ in range(3):
+            engine.backward(engine(x, x))
+            engine.step()
+    end = breakdown_now(engine, baseline_rss, baseline)
+    at_peak = peak.at_peak or end
+    engine.close(keep_weights=False)
+    return {"at_end": end, "at_peak": at_peak, "lazy_imports": lazy}
