@@ -101,7 +101,7 @@ def run_hetmem(accelerator, cfg: GPTConfig, budget: int, data) -> dict:
             if i == 2:  # after the warm-up: the budget check covers every later step
                 device.synchronize()
                 device.reset_peak_memory_stats()
-            waited, blocked = engine.scheduler.wait_s, engine.manager.blocked_s
+            waited = engine.scheduler.wait_s
             started = time.perf_counter()
             loss = engine(x, y)
             engine.backward(loss)
