@@ -238,8 +238,14 @@ class ChunkManager:
     def revert_to_blob(self, chunk: Chunk) -> None:
         """Forget the bytes memory holds for ``chunk``: its NVMe blob holds the ones wanted (a
         rolled-back speculative update, hetmem/speculation.py).  A host chunk gives its payload
-        back (read again when next needed); one elsewhere in memory is reloaded in place."""
-        self.wait(chunk)
+        back (read again when next needed); one elsewhere in memory is reloaded in place.  A
+        transfer of the bytes being forgotten that failed (a speculative write-back: logged where
+        it failed, the chunk back in memory) loses nothing: they are dropped here anyway."""
+        try:
+            self.wait(chunk)
+        except OSError as exc:
+            logger.info("%s: a transfer of the bytes being reverted had failed (%s); reverting to its blob",
+                        chunk.name, exc)
         if chunk.tier is Tier.NVME:
             chunk.nvme_valid = True
             return

@@ -194,6 +194,52 @@ def test_an_io_error_during_speculation_leaves_the_rest_to_the_step(tmp_path, mo
         engine.close()
 
 
+class _FailingWrite:
+    """A store request that lands and then reports an IO error (as a short write does)."""
+
+    def __init__(self, request):
+        self.request = request
+
+    def done(self) -> bool:
+        return self.request.done()
+
+    def wait(self) -> None:
+        self.request.wait()
+        raise OSError(errno.EIO, "injected write error")
+
+
+def test_a_failed_write_back_of_a_speculated_group_is_rolled_back_exactly(tmp_path, monkeypatch):
+    """The speculated groups' write-backs fail during backward: backward raises the IO error (as
+    any failed transfer it meets), the speculation is rolled back although the bytes it drops
+    never landed (a fuzz-found case: the rollback re-raised the write's error), and the engine
+    trains on exactly like the synchronous one whose backward was dropped."""
+    sync, spec = _pair(tmp_path)
+    data = batches(4, seed=3)
+    for engine in (sync, spec):
+        _train(engine, data[:2])
+    tier = spec.manager.nvme
+    real_store = tier.store
+
+    def store(chunk, payload):  # the speculated state's writes (to shadow blobs) fail
+        request = real_store(chunk, payload)
+        return _FailingWrite(request) if tier.speculative(chunk) else request
+
+    monkeypatch.setattr(tier, "store", store)
+    with pytest.raises(OSError, match="injected write error"):
+        spec.backward(spec(*data[2]))
+    monkeypatch.setattr(tier, "store", real_store)
+    sync.backward(sync(*data[2]))
+    sync.zero_grad()
+    spec.zero_grad()
+    assert not spec.adam.speculation.records and spec.adam.speculation.stats()["rolled_back_groups"] > 0
+    _assert_same_state(sync, spec)
+    for engine in (sync, spec):
+        _train(engine, data[3:])
+    _assert_same_state(sync, spec)
+    for engine in (sync, spec):
+        engine.close()
+
+
 @pytest.mark.parametrize("value,match", [("yes", "use 'auto'"), (1, "use 'auto'")])
 def test_step_speculation_values_are_checked(value, match):
     with pytest.raises(ValueError, match=f"step_speculation.*{match}"):
