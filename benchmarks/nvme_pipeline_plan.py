@@ -42,6 +42,7 @@ from hetmem.corpus import load_corpus, random_batch
 from hetmem.device import resolve_budgets, resolve_device
 from hetmem.engine import CHUNKS_PER_BUDGET
 from hetmem.layout import collect_parameters
+from hetmem.benchmarks.nvme_train import add_model_arguments
 from hetmem.models.gpt import GPT, GPTConfig
 from hetmem.units import format_bytes
 
@@ -50,14 +51,7 @@ DEFAULT_VARIANTS = ("old-depth2:old:2", "2M-depth1:2097152:1")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", default=None, help="folder for the swap spaces (default: a temporary folder)")
-    p.add_argument("--d-model", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
-    p.add_argument("--device-budget", default="64MiB")
-    p.add_argument("--host-budget", default="384MiB")
+    add_model_arguments(p, "folder for the swap spaces (default: a temporary folder)")
     p.add_argument("--rounds", type=int, default=4, help="steps of every variant after the warm-up step")
     p.add_argument("--overlap", choices=("on", "off"), default="off", help="overlap_step for every variant")
     p.add_argument("--variant", action="append", default=None, metavar="LABEL:CHUNK:DEPTH",

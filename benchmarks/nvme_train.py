@@ -59,9 +59,9 @@ from hetmem.train_job import state_bytes
 from hetmem.units import format_bytes, parse_size
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", default=None, help="folder for the swap space (default: a temporary folder)")
+def add_model_arguments(p: argparse.ArgumentParser, dir_help: str) -> None:
+    """The GPT, batch and budgets of the NVMe benchmarks (also benchmarks/nvme_pipeline_plan.py)."""
+    p.add_argument("--dir", default=None, help=dir_help)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--block-size", type=int, default=128)
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
     p.add_argument("--device-budget", default="64MiB")
     p.add_argument("--host-budget", default="384MiB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(p, "folder for the swap space (default: a temporary folder)")
     p.add_argument("--steps", type=int, default=4, help="steps after the warm-up step")
     p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
     p.add_argument("--checksum-repeats", type=int, default=1,

@@ -109,6 +109,17 @@ def _observers(engine, x, y, folder):
             "no-grad forward": lambda: torch.no_grad()(engine)(x, y), "second backward": lambda: engine.backward(engine(x, y))}
 
 
+def _rolled_back_then_trains_on(sync, spec, data) -> None:
+    """``spec``'s speculation was rolled back to ``sync``'s state; both then train identically."""
+    assert not spec.adam.speculation.records and spec.adam.speculation.stats()["rolled_back_groups"] > 0
+    _assert_same_state(sync, spec)
+    for engine in (sync, spec):
+        _train(engine, data)
+    _assert_same_state(sync, spec)
+    for engine in (sync, spec):
+        engine.close()
+
+
 @pytest.mark.parametrize("observer", ["zero_grad", "state_dict", "save_checkpoint", "no-grad forward", "second backward"])
 def test_what_reads_the_state_before_step_sees_it_from_before_the_update(tmp_path, observer):
     """bf16 keeps gradients in the parameters' slots, which the update overwrites: an observer
@@ -127,13 +138,7 @@ def test_what_reads_the_state_before_step_sees_it_from_before_the_update(tmp_pat
             spec.step()
         assert spec.step() is False  # the step was dropped: nothing left to apply
     sync.zero_grad()
-    assert not spec.adam.speculation.records and spec.adam.speculation.stats()["rolled_back_groups"] > 0
-    _assert_same_state(sync, spec)
-    for engine in (sync, spec):
-        _train(engine, data[3:])
-    _assert_same_state(sync, spec)
-    for engine in (sync, spec):
-        engine.close()
+    _rolled_back_then_trains_on(sync, spec, data[3:])
 
 
 def test_fp32_gradients_outlive_the_update_so_a_late_change_is_redone(tmp_path):
@@ -231,13 +236,7 @@ def test_a_failed_write_back_of_a_speculated_group_is_rolled_back_exactly(tmp_pa
     sync.backward(sync(*data[2]))
     sync.zero_grad()
     spec.zero_grad()
-    assert not spec.adam.speculation.records and spec.adam.speculation.stats()["rolled_back_groups"] > 0
-    _assert_same_state(sync, spec)
-    for engine in (sync, spec):
-        _train(engine, data[3:])
-    _assert_same_state(sync, spec)
-    for engine in (sync, spec):
-        engine.close()
+    _rolled_back_then_trains_on(sync, spec, data[3:])
 
 
 @pytest.mark.parametrize("value,match", [("yes", "use 'auto'"), (1, "use 'auto'")])
