@@ -10,9 +10,10 @@ for a few steps with nvme_dir set.  In the same run:
 - the process RSS is sampled every 20 ms (psutil) from before the engine exists, so the
   peak above that baseline can be compared with the budgets;
 - the step's own disk time: the swap space's requests during each steady optimizer step are
-  recorded (order, read/write, blob, bytes, how many in flight) and each step's are replayed alone
-  after training, through the same IO settings and buffers of the same kind
-  (hetmem/nvme/replay.py); a step's bytes over its wall time, over its replay's rate, is the
+  recorded (order, read/write, blob, bytes, how many in flight) and replayed alone right after
+  that step, before the next one, through the same IO settings and buffers of the same kind
+  (hetmem/nvme/replay.py): step and replay are paired in time, because this kind of virtual disk
+  drifts by tens of percent over a run; a step's bytes over its wall time, over its replay's rate, is the
   share of the disk it reached (the goal: >= 90%, the CPU Adam and the checksums hidden behind
   the IO; the median over the steps is reported); it is also compared with the generic mixed
   figure above;
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-sample", default="1GiB", help="bytes moved by each mixed disk measurement")
     p.add_argument("--checksum-repeats", type=int, default=1,
                    help="passes over the batches comparing checksums on and off step by step; 0: none")
+    p.add_argument("--checksum-engine", default="sync", choices=("sync", "waiting", "speculative"),
+                   help="the step those two engines take (as in the overlap comparison): on a CPU device the "
+                        "overlapped ones compute forward+backward beside the checksum workers")
     p.add_argument("--overlap-repeats", type=int, default=1,
                    help="passes over the batches comparing the synchronous, waiting and speculative steps "
                         "step by step; 0: none")
@@ -99,10 +103,23 @@ class RssSampler(threading.Thread):
         self.peak = self.process.memory_info().rss
         self._halt = threading.Event()
 
+        self._paused = threading.Event()
+
     def run(self) -> None:
         while not self._halt.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            if not self._paused.is_set():
+                self.peak = max(self.peak, self.process.memory_info().rss)
             time.sleep(self.period)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Samples are not taken inside (the replay's own buffers are not the engine's memory)."""
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self._paused.set()
+        try:
+            yield
+        finally:
+            self._paused.clear()
 
     def stop(self) -> int:
         self._halt.set()
@@ -180,7 +197,12 @@ def measure(args, progress=None) -> dict:
     sampler = RssSampler()
     baseline = sampler.peak
     sampler.start()
-    run = train(cfg, config, batches, progress, idle_poll_s=args.idle_poll_ms / 1e3 or None)
+
+    def replay_now(records: list) -> dict:  # the step just recorded, before the next one
+        with sampler.paused():
+            return step_disk(directory, config, records)
+
+    run = train(cfg, config, batches, progress, idle_poll_s=args.idle_poll_ms / 1e3 or None, replay_step=replay_now)
     steps, init_s = run["steps"], run["init_s"]
     peak = sampler.stop()
     after = disk_mixed(directory, config, run["chunk_bytes"], sample)
@@ -188,7 +210,7 @@ def measure(args, progress=None) -> dict:
         progress(f"disk mixed after: {after['total_bytes_per_s'] / 1e9:.2f} GB/s")
     replays = []
     for recorded in run["recorded_steps"]:
-        replayed = step_disk(directory, config, recorded.pop("records"))
+        replayed = recorded.pop("replayed")
         replays.append({**replayed, "step_s": recorded["seconds"], "step_bytes": recorded["io_bytes"],
                         "max_inflight": recorded["max_inflight"], "idle_s": recorded["idle_s"],
                         "idle_share": None if recorded["idle_s"] is None else recorded["idle_s"] / recorded["recorded_s"],
@@ -197,7 +219,7 @@ def measure(args, progress=None) -> dict:
             progress(f"step {recorded['step']}'s own requests replayed: {replayed['bytes'] / 1e9:.2f} GB in "
                      f"{replayed['seconds']:.2f} s (the step: {recorded['seconds']:.2f} s)")
     own = replay_summary(replays)
-    checksums = checksum_cost(cfg, config, batches, args.checksum_repeats, progress)
+    checksums = checksum_cost(cfg, config, batches, args.checksum_repeats, progress, args.checksum_engine)
     mixed_rate = statistics.median([before["total_bytes_per_s"], after["total_bytes_per_s"]])
     disk_rate = own["bytes_per_s"]  # the step's disk time = its bytes / this (overlap_gain)
     overlap = overlap_gain(cfg, config, batches, args.overlap_repeats, disk_rate, progress)
@@ -229,9 +251,11 @@ def measure(args, progress=None) -> dict:
     }
 
 
-def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None, idle_poll_s: float | None = None) -> dict:
+def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None, idle_poll_s: float | None = None,
+          replay_step=None) -> dict:
     """One engine from scratch (meta-device model), a warm-up step and the steady steps (their swap
-    requests recorded; ``idle_poll_s``: and the time none was in flight)."""
+    requests recorded; ``idle_poll_s``: and the time none was in flight; ``replay_step(records)``:
+    called right after each steady step, its result kept as the step's ``replayed``)."""
     started = time.perf_counter()
     with torch.device("meta"):
         model = GPT(cfg)
@@ -243,11 +267,12 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None, idle_po
         t0 = time.perf_counter()
         loss = engine(x, y)
         engine.backward(loss)
-        with swap.recording(idle_poll_s) if i > 0 else contextlib.nullcontext() as recorder:  # replayed later
+        with swap.recording(idle_poll_s) if i > 0 else contextlib.nullcontext() as recorder:
             engine.step()
         result = engine.last_step
         if recorder is not None and recorder.records:
-            recorded.append({"step": i, "records": recorder.records, "requests": len(recorder.records),
+            recorded.append({"step": i, "requests": len(recorder.records),
+                             "replayed": None if replay_step is None else replay_step(recorder.records),
                              "seconds": result.seconds, "io_bytes": recorder.bytes(), "step_io_bytes": result.io_bytes,
                              "max_inflight": max(r.inflight for r in recorder.records),
                              "idle_s": recorder.idle_s, "recorded_s": recorder.elapsed_s})
@@ -283,14 +308,16 @@ def engine_pair(cfg: GPTConfig, config: hetmem.Config, first_batch, key: str) ->
     return engines
 
 
-def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, progress) -> dict:
-    """Swap checksums' cost: two engines, checksums on and off, stepped in turn on the same
-    batches (the order alternating), so a load change hits both: the median of the paired step
-    time ratios on/off, and the crc time the swap space counts as a share of the 'on' steps: all of
-    it (its worker threads) and the part the training thread computed itself (inline)."""
+def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, progress,
+                  mode: str = "sync") -> dict:
+    """Swap checksums' cost: two engines taking the ``mode`` step (``OVERLAP_MODES``), checksums on
+    and off, stepped in turn on the same batches (the order alternating), so a load change hits
+    both: the median of the paired iteration time ratios on/off, and the crc time the swap space
+    counts as a share of the 'on' iterations: all of it (its worker threads) and the part the
+    training thread computed itself (inline)."""
     if repeats <= 0:
         return {}
-    engines = engine_pair(cfg, config, batches[0], "nvme_checksum")
+    engines = engine_pair(cfg, config.replace(**OVERLAP_MODES[mode]), batches[0], "nvme_checksum")
     ratios, shares, inline_shares = [], [], []
     for r in range(repeats):
         for i, (x, y) in enumerate(batches[1:]):
@@ -311,7 +338,7 @@ def checksum_cost(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, 
     for engine in engines.values():
         engine.close(keep_weights=False)
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return {"algorithm": algorithm, "pairs": len(ratios), "ratio_on_off_median": statistics.median(ratios),
+    return {"algorithm": algorithm, "engine": mode, "pairs": len(ratios), "ratio_on_off_median": statistics.median(ratios),
             "ratio_on_off_quartiles": [q[0], q[2]], "crc_share_of_step_median": statistics.median(shares),
             "crc_inline_share_of_step_median": statistics.median(inline_shares)}
 
@@ -334,7 +361,11 @@ def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, d
     batches, the order rotating each step, so a load change hits all.  Per step and engine:
     forward+backward seconds, step() seconds, their sum (the iteration), the groups speculation
     updated during backward and rolled back.  The target ratio is the iteration over
-    max(forward+backward, the step's disk time), both from the synchronous engine."""
+    max(forward+backward, the step's disk time), both from the synchronous engine.  Where the
+    compute device is this CPU, forward+backward and the step's own CPU work (the Adam kernels,
+    the bookkeeping: the synchronous step's main-thread seconds not blocked on transfers) share
+    its cores and cannot overlap, so the iteration is also given over max(forward+backward + that
+    work, disk): how far it is from what this machine allows (``shared_cpu_ratio``)."""
     if repeats <= 0:
         return {}
     engines = {}
@@ -376,7 +407,10 @@ def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, d
         groups = sum(g.trainable for g in engine.layout.groups)
         engine.close(keep_weights=False)
     fwd_bwd, disk = median(rows["sync"], "fwd_bwd_s"), step_disk_s(bytes_per_step["sync"], disk_rate)
+    step_cpu = statistics.median(max(0.0, row["step_work_s"] - row["step_blocked_s"]) for row in rows["sync"])
+    shared = torch.device(config.device).type == "cpu"  # forward+backward run on the same cores as the Adam
     out = {"pairs": len(rows["sync"]), "groups": groups, "fwd_bwd_s": fwd_bwd, "disk_s": disk,
+           "step_cpu_s": step_cpu, "cpu_shared": shared,
            "disk_bytes_per_step": bytes_per_step["sync"], "modes": {}, "rows": rows}
     for mode in modes:
         ratios = [a["total_s"] / b["total_s"] for a, b in zip(rows[mode], rows["sync"])]
@@ -384,6 +418,7 @@ def overlap_gain(cfg: GPTConfig, config: hetmem.Config, batches, repeats: int, d
             "iteration_s": median(rows[mode], "total_s"), "fwd_bwd_s": median(rows[mode], "fwd_bwd_s"),
             "step_call_s": median(rows[mode], "step_call_s"), "ratio_to_sync_median": statistics.median(ratios),
             "target_ratio": median(rows[mode], "total_s") / max(fwd_bwd, disk),
+            "shared_cpu_ratio": median(rows[mode], "total_s") / max(fwd_bwd + step_cpu, disk) if shared else None,
             "speculated_groups_median": median(rows[mode], "speculated"),
             "step_work_s": median(rows[mode], "step_work_s"), "step_blocked_s": median(rows[mode], "step_blocked_s"),
             "step_kernels_s": median(rows[mode], "step_kernels_s"),
@@ -429,7 +464,7 @@ def disk_lines(r: dict) -> str:
     low, high = own["step_vs_replay_range"]
     return "\n".join([
         f"the step's own IO ({own['requests']:.0f} requests, {own['step_bytes'] / 1e9:.2f} GB, up to {own['max_inflight']} "
-        f"in flight; medians of {own['steps']} steady steps, each replayed alone after training): "
+        f"in flight; medians of {own['steps']} steady steps, each replayed alone right after it): "
         f"{own['step_s']:.2f} s in the step = {own['step_bytes_per_s'] / 1e9:.2f} GB/s [{kind}]; replayed "
         f"{own['seconds']:.2f} s = {own['bytes_per_s'] / 1e9:.2f} GB/s [{own['buffer_kind']}] -> the step "
         f"reached {own['step_vs_replay']:.0%} ({low:.0%}-{high:.0%}) of the disk under its own pattern (target >= 90%)"
@@ -445,11 +480,16 @@ def overlap_line(o: dict) -> str:
         return "overlapped step: not compared (--overlap-repeats 0)"
     lines = [f"overlapped step ({o['pairs']} steps per engine, rotating order, medians): forward+backward "
              f"{o['fwd_bwd_s']:.2f} s, the step's disk time {o['disk_s']:.2f} s "
-             f"({o['disk_bytes_per_step'] / 1e9:.2f} GB) (sync engine)"]
+             f"({o['disk_bytes_per_step'] / 1e9:.2f} GB) (sync engine)"
+             + (f"; the step's own CPU work {o['step_cpu_s']:.2f} s shares the cores with forward+backward here "
+                f"(the device is this CPU)" if o.get("cpu_shared") else "")]
     for mode, m in o["modes"].items():
         lines.append(f"  {mode:<11} iteration {m['iteration_s']:.2f} s (fwd+bwd {m['fwd_bwd_s']:.2f} s, step() "
                      f"{m['step_call_s']:.2f} s), paired /sync {m['ratio_to_sync_median']:.3f}, / max(fwd+bwd, disk) "
-                     f"= {m['target_ratio']:.2f}; groups updated during backward {m['speculated_groups_median']:g} "
+                     f"= {m['target_ratio']:.2f}"
+                     + (f" (/ max(fwd+bwd + step CPU, disk) = {m['shared_cpu_ratio']:.2f})"
+                        if m.get("shared_cpu_ratio") is not None else "")
+                     + f"; groups updated during backward {m['speculated_groups_median']:g} "
                      f"of {o['groups']}, rolled back {m['rolled_back_groups']}; the step's main-thread work "
                      f"{m['step_work_s']:.2f} s (blocked {m['step_blocked_s']:.2f} s, Adam {m['step_kernels_s']:.2f} s)")
     return "\n".join(lines)
@@ -458,7 +498,8 @@ def overlap_line(o: dict) -> str:
 def checksum_line(c: dict) -> str:
     if not c:
         return "swap checksums: not compared (--checksum-repeats 0)"
-    return (f"swap checksums ({c['algorithm']}): step time on/off {c['ratio_on_off_median']:.3f} (median of "
+    return (f"swap checksums ({c['algorithm']}, {c.get('engine', 'sync')} step): iteration time on/off "
+            f"{c['ratio_on_off_median']:.3f} (median of "
             f"{c['pairs']} paired steps, quartiles {c['ratio_on_off_quartiles'][0]:.3f}-"
             f"{c['ratio_on_off_quartiles'][1]:.3f}); {c['algorithm']} itself {c['crc_share_of_step_median']:.2%} of "
             f"the step on the swap space's worker threads, {c['crc_inline_share_of_step_median']:.2%} on the "

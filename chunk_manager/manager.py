@@ -194,13 +194,9 @@ class ChunkManager:
                 logger.error("loading %s from NVMe failed: %s", chunk.name, exc)
 
             request = self.nvme.load(chunk, target)
-            loaded = None
             if optional:
                 request = _Optional(request, chunk.name, "reading")
-
-                def loaded(transfer: Transfer, request=request, load_failed=load_failed) -> None:
-                    if request.failed is not None:
-                        load_failed(request.failed)
+            loaded = _failed_read_handler(request, load_failed) if optional else None
             transfer = Transfer.for_request(request, label, chunk.nbytes, route=(src, dst), keepalive=(target,),
                                             on_done=loaded, on_error=load_failed)
             chunk.tier, chunk.payload, chunk.transfer = Tier.HOST, target, transfer
@@ -571,3 +567,13 @@ class _Optional:
                 self.failed = exc
                 logger.warning("%s %s (optional) failed; nothing changed, it is retried when needed: %s",
                                self._what, self._name, exc)
+
+
+def _failed_read_handler(request: _Optional, load_failed: Callable[[BaseException], None]):
+    """The on_done of an optional read ahead: a read that failed (logged by ``request``) puts
+    the chunk back on NVMe through ``load_failed``, as a failure that raised would."""
+    def loaded(transfer: Transfer) -> None:
+        if request.failed is not None:
+            load_failed(request.failed)
+
+    return loaded

@@ -72,6 +72,16 @@ def speculation_mode(config, distributed: bool) -> str | None:
 
 
 @dataclass
+class _Work:
+    """This backward's speculative work, charged to the step it belongs to (``Speculation.charge``)."""
+
+    seconds: float = 0.0   # main-thread seconds at backward's moments
+    blocked_s: float = 0.0  # of which blocked on transfers
+    kernels_s: float = 0.0  # of which in the Adam kernels
+    moved_bytes: int = 0   # bytes moved meanwhile
+
+
+@dataclass
 class _Record:
     """A speculated group and what its rollback restores."""
 
@@ -108,7 +118,7 @@ class Speculation:
         # figures: groups updated, rolled back, passed over (dirty state), seconds at moments
         self.speculated = self.rolled_back = self.passed = self.last_speculated = self.written_back = 0
         self.work_s = 0.0
-        self.figures = [0.0, 0.0, 0.0, 0]  # this backward's seconds, blocked, in kernels, bytes moved
+        self.work = _Work()               # this backward's, until charged to its step
         if mode is not None:
             grads.on_arrival = self._on_arrival
 
@@ -126,7 +136,7 @@ class Speculation:
             return
         self.grad_scale = self.adam.scaler.scale
         self.order = [g for g in reversed(self.adam.layout.groups) if g.trainable]
-        self.cursor, self.last_speculated, self.figures = 0, 0, [0.0, 0.0, 0.0, 0]
+        self.cursor, self.last_speculated, self.work = 0, 0, _Work()
         self.armed = self.in_backward = True
 
     def end_backward(self) -> None:
@@ -155,9 +165,11 @@ class Speculation:
         finally:
             seconds = time.perf_counter() - started
             self.work_s += seconds
-            self.figures = [self.figures[0] + seconds, self.figures[1] + self.manager.blocked_s - blocked,
-                            self.figures[2] + self.adam._compute_s - compute,
-                            self.figures[3] + self.manager.moved_bytes - moved]
+            work = self.work
+            work.seconds += seconds
+            work.blocked_s += self.manager.blocked_s - blocked
+            work.kernels_s += self.adam._compute_s - compute
+            work.moved_bytes += self.manager.moved_bytes - moved
 
     def _spill_key(self):
         """While speculating: groups updated (or passed over) first - their next use is the next
@@ -175,12 +187,13 @@ class Speculation:
 
     def charge(self, pending) -> None:
         """Count this backward's speculative work into the step it belongs to (its figures)."""
-        pending.work_s += self.figures[0]
-        pending.blocked_s += self.figures[1]
-        pending.compute_s += self.figures[2]
-        pending.moved_bytes += self.figures[3]
+        work = self.work
+        pending.work_s += work.seconds
+        pending.blocked_s += work.blocked_s
+        pending.compute_s += work.kernels_s
+        pending.moved_bytes += work.moved_bytes
         pending.speculated = self.last_speculated
-        self.figures = [0.0, 0.0, 0.0, 0]
+        self.work = _Work()
 
     def _complete(self, group: ChunkGroup) -> bool:
         return all(s.grad_fires >= (s.expected_fires or 0) for s in group.slots if s.trainable)

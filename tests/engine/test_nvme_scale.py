@@ -26,6 +26,10 @@ def test_state_three_times_the_budgets_trains_within_rss(tmp_path):
     losses = [s["loss"] for s in result["steps"]]
     assert all(0 < loss < 10 for loss in losses)
     assert result["model"]["bytes_on_nvme_at_end"] > 0
-    replays = result["disk"]["step_replays"]  # each steady step's own requests, replayed alone
+    replays = result["disk"]["step_replays"]  # each steady step's own requests, replayed alone right after it
     assert len(replays) == 2 and all(r["bytes"] == r["step_bytes"] > 0 for r in replays)
+    overlap = result["overlap"]  # the device is this CPU: the bound with the step's CPU work is reported too
+    assert overlap["cpu_shared"] and overlap["step_cpu_s"] > 0
+    for mode in overlap["modes"].values():  # max(fwd+bwd + CPU work, disk) >= max(fwd+bwd, disk)
+        assert 0 < mode["shared_cpu_ratio"] <= mode["target_ratio"], mode
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("hetmem.swap")]  # closed: removed
