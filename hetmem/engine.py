@@ -206,6 +206,7 @@ class Engine:
 
     def _use_plan(self, plan: PipelinePlan) -> None:
         self.nvme_plan, self.adam.pipeline.read_ahead = plan, plan.depth
+        self.adam.pipeline.group_bytes = plan.group_bytes
 
     def _on_schedule_change(self, reason: str) -> None:
         self.tracer.mark_stale(reason)

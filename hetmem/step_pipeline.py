@@ -8,7 +8,10 @@ how far it got.  ``StepPipeline`` applies it group by group: while group i is up
 next ``read_ahead`` groups are read from NVMe and the groups already updated are written
 back as the host budget makes room (``_spill_order``), so ``read_ahead + 2`` groups are in
 host memory at a time (the engine sets ``read_ahead`` from ``nvme_pipeline_depth``:
-hetmem/nvme/pipeline_plan.py).
+hetmem/nvme/pipeline_plan.py).  The plan keeps room for ``read_ahead`` of the largest group;
+where the groups read ahead are smaller (a layer norm's, a 4 MiB projection's), the groups
+after them are read too, within that room and only where it is free or held by updated
+groups' state (``_read_ahead``), so the disk is not left idle behind a small group.
 
 Synchronous (``overlap_step: false``, no NVMe tier, or distributed): ``engine.step()`` runs
 the pipeline to the end.  Overlapped (the default with the NVMe tier): ``engine.step()`` only
@@ -103,12 +106,16 @@ class StepPipeline:
         self.update_group = update_group      # ChunkedAdam._step_group: one group's update
         self.operand_chunks = operand_chunks  # the chunks a group's update reads and writes
         self.read_ahead = READ_AHEAD_GROUPS   # groups read ahead of the one being updated
+        # the largest group's bytes (the NVMe plan's unit): set, the read-ahead is that many
+        # groups' worth of bytes, so small groups do not leave the disk idle (_ahead_stop)
+        self.group_bytes: int | None = None
+        self._sizes: dict[int, int] = {}      # group.index -> its chunks' bytes
 
     def issue(self, pending: PendingStep) -> None:
         """Start reading the first groups' chunks (returns at once)."""
         groups = pending.groups
         try:
-            self._work(pending, lambda: self._read_ahead_from(groups, 0, 1 + self.read_ahead))
+            self._work(pending, lambda: self._read_ahead(groups, 0, 1 + self.read_ahead))
         except BaseException:
             pending.interrupted = True  # as in _advance: step() applies it, zero_grad() drops it
             raise
@@ -126,7 +133,7 @@ class StepPipeline:
             i = pending.next
             try:
                 with self.manager.spill_order(self._spill_order(groups, i)):
-                    self._read_ahead_from(groups, i + 1, i + 1 + self.read_ahead)
+                    self._read_ahead(groups, i + 1, self.read_ahead)
                     self.update_group(groups[i], pending.grad_scale)
             except OSError as exc:
                 pending.interrupted = True
@@ -152,6 +159,43 @@ class StepPipeline:
             pending.work_s += time.perf_counter() - started
             pending.blocked_s += self.manager.blocked_s - blocked
             pending.moved_bytes += self.manager.moved_bytes - moved
+
+    def _read_ahead(self, groups: list[ChunkGroup], start: int, count: int) -> None:
+        """Read ``groups[start:start + count]``, making room as needed; then, while the groups read
+        ahead stay within ``read_ahead`` of the largest group's bytes (the room the plan keeps for
+        them) and host memory has the room, the groups after those too: a layer norm's group or a
+        4 MiB projection's is a fraction of the largest, and reading only it would leave the disk
+        idle.  The room for those is free memory or the updated groups' optimizer state (written
+        back before its next use anyway), never parameters or state still to be updated: where
+        host memory is tight they are not read."""
+        stop = min(len(groups), start + count)
+        self._read_ahead_from(groups, start, stop)
+        if self.group_bytes is None or self.manager.host_limit is None:
+            return
+        budget = self.read_ahead * self.group_bytes - sum(self._size(g) for g in groups[stop - self.read_ahead:stop])
+        manager = self.manager
+        # updated groups (before the one being updated, start - 1): their state may make room
+        reclaimable = sum(c.nbytes for g in groups[:max(0, start - 1)] for kind in STATE_KINDS
+                          if (c := g.chunks.get(kind)) is not None and c.tier is Tier.HOST and not c.pins
+                          and c.transfer is None)
+        for group in groups[stop:]:
+            budget -= self._size(group)
+            if budget < 0:
+                return
+            missing = [c for c in set(self.operand_chunks(group).values())
+                       if c.tier is Tier.NVME and c.transfer is None]
+            over = manager.bytes_on(Tier.HOST) + sum(c.nbytes for c in missing) - manager.host_limit
+            if over > reclaimable:
+                return  # it would push out parameters or state still to be updated
+            reclaimable -= max(0, over)
+            for chunk in missing:
+                manager.move(chunk, Tier.HOST, cause="optimizer")
+
+    def _size(self, group: ChunkGroup) -> int:
+        size = self._sizes.get(group.index)
+        if size is None:
+            size = self._sizes[group.index] = sum(c.nbytes for c in group.chunks.values())
+        return size
 
     def _read_ahead_from(self, groups: list[ChunkGroup], start: int, stop: int) -> None:
         for group in groups[start:stop]:
