@@ -11,16 +11,17 @@ from hetmem.chunk_manager.states import ChunkKind, Tier
 from .helpers import batches, config, pair, train_engine
 
 
-def _engine(tmp_path, name: str) -> hetmem.Engine:
+def _engine(tmp_path, name: str, overlap: bool = False) -> hetmem.Engine:
     _, model = pair()
     return hetmem.initialize(model, config(device_budget="2304KiB", nvme_dir=str(tmp_path / name),
-                                           host_budget="2MiB", overlap_step=False, nvme_pipeline_depth=1))
+                                           host_budget="2MiB", overlap_step=overlap, step_speculation=False,
+                                           nvme_pipeline_depth=1))
 
 
 def _count_based(engine) -> None:
     """The read-ahead before: ``read_ahead`` groups, whatever their size."""
     pipeline = engine.adam.pipeline
-    pipeline._read_ahead = lambda groups, start, count: pipeline._read_ahead_from(
+    pipeline._read_ahead = lambda groups, start, count, overlapped=False: pipeline._read_ahead_from(
         groups, start, min(len(groups), start + count))
 
 
@@ -94,3 +95,12 @@ def test_small_groups_are_read_further_ahead_exactly_and_within_the_budget(tmp_p
         assert torch.equal(pa, pb), a.name
     for engine in engines.values():
         engine.close()
+
+
+def test_an_overlapped_step_reads_no_further_than_its_depth(tmp_path):
+    engine = _engine(tmp_path, "overlapped", overlap=True)  # the next forward needs that room
+    seen = _watch(engine)
+    train_engine(engine, batches(4))
+    assert engine.adam.pipeline.read_ahead == 1 and seen["extras"] == 0
+    assert not seen["over_budget"], seen["over_budget"]
+    engine.close()
