@@ -102,7 +102,6 @@ class RssSampler(threading.Thread):
         self.period = period
         self.peak = self.process.memory_info().rss
         self._halt = threading.Event()
-
         self._paused = threading.Event()
 
     def run(self) -> None:
@@ -202,7 +201,7 @@ def measure(args, progress=None) -> dict:
         with sampler.paused():
             return step_disk(directory, config, records)
 
-    run = train(cfg, config, batches, progress, idle_poll_s=args.idle_poll_ms / 1e3 or None, replay_step=replay_now)
+    run = train(cfg, config, batches, replay_now, progress, idle_poll_s=args.idle_poll_ms / 1e3 or None)
     steps, init_s = run["steps"], run["init_s"]
     peak = sampler.stop()
     after = disk_mixed(directory, config, run["chunk_bytes"], sample)
@@ -251,11 +250,11 @@ def measure(args, progress=None) -> dict:
     }
 
 
-def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None, idle_poll_s: float | None = None,
-          replay_step=None) -> dict:
+def train(cfg: GPTConfig, config: hetmem.Config, batches, replay_step, progress=None,
+          idle_poll_s: float | None = None) -> dict:
     """One engine from scratch (meta-device model), a warm-up step and the steady steps (their swap
-    requests recorded; ``idle_poll_s``: and the time none was in flight; ``replay_step(records)``:
-    called right after each steady step, its result kept as the step's ``replayed``)."""
+    requests recorded and ``replay_step(records)`` called right after each, its result kept as the
+    step's ``replayed``; ``idle_poll_s``: and the time none was in flight)."""
     started = time.perf_counter()
     with torch.device("meta"):
         model = GPT(cfg)
@@ -272,7 +271,7 @@ def train(cfg: GPTConfig, config: hetmem.Config, batches, progress=None, idle_po
         result = engine.last_step
         if recorder is not None and recorder.records:
             recorded.append({"step": i, "requests": len(recorder.records),
-                             "replayed": None if replay_step is None else replay_step(recorder.records),
+                             "replayed": replay_step(recorder.records),
                              "seconds": result.seconds, "io_bytes": recorder.bytes(), "step_io_bytes": result.io_bytes,
                              "max_inflight": max(r.inflight for r in recorder.records),
                              "idle_s": recorder.idle_s, "recorded_s": recorder.elapsed_s})

@@ -68,6 +68,11 @@ class ChunkGroup:
     def numel(self) -> int:
         return sum(s.numel for s in self.slots)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all its chunks (the NVMe pipeline's unit is the largest group's)."""
+        return sum(c.nbytes for c in self.chunks.values())
+
     def chunk(self, kind: ChunkKind) -> "Chunk":
         try:
             return self.chunks[kind]

@@ -185,7 +185,7 @@ class Engine:
                    f"memory: lower device_budget)" if self.config.host_budget == "auto" and self.device.type == "cpu"
                    else ""))
         if self.config.nvme_dir is not None:  # the optimizer step's pipeline (hetmem/nvme/pipeline_plan.py)
-            sizes = [sum(c.nbytes for c in g.chunks.values()) for g in self.layout.groups]
+            sizes = [g.nbytes for g in self.layout.groups]
             self.nvme_plan = plan_pipeline(max(sizes), self.budgets.host, self.config.nvme_pipeline_depth,
                                            total_bytes=sum(sizes), groups=len(sizes))
 

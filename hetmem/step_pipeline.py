@@ -107,10 +107,9 @@ class StepPipeline:
         self.update_group = update_group      # ChunkedAdam._step_group: one group's update
         self.operand_chunks = operand_chunks  # the chunks a group's update reads and writes
         self.read_ahead = READ_AHEAD_GROUPS   # groups read ahead of the one being updated
-        # the largest group's bytes (the NVMe plan's unit): set, the read-ahead is that many
-        # groups' worth of bytes, so small groups do not leave the disk idle (_ahead_stop)
+        # the largest group's bytes (the NVMe plan's unit): set, a synchronous step reads ahead
+        # that many groups' worth of bytes, so small groups do not leave the disk idle (_read_ahead)
         self.group_bytes: int | None = None
-        self._sizes: dict[int, int] = {}      # group.index -> its chunks' bytes
 
     def issue(self, pending: PendingStep) -> None:
         """Start reading the first groups' chunks (returns at once)."""
@@ -175,14 +174,14 @@ class StepPipeline:
         self._read_ahead_from(groups, start, stop)
         if overlapped or self.group_bytes is None or self.manager.host_limit is None:
             return
-        budget = self.read_ahead * self.group_bytes - sum(self._size(g) for g in groups[stop - self.read_ahead:stop])
+        budget = self.read_ahead * self.group_bytes - sum(g.nbytes for g in groups[stop - self.read_ahead:stop])
         manager = self.manager
         # updated groups (before the one being updated, start - 1): their state may make room
         reclaimable = sum(c.nbytes for g in groups[:max(0, start - 1)] for kind in STATE_KINDS
                           if (c := g.chunks.get(kind)) is not None and c.tier is Tier.HOST and not c.pins
                           and c.transfer is None)
         for group in groups[stop:]:
-            budget -= self._size(group)
+            budget -= group.nbytes
             if budget < 0:
                 return
             missing = [c for c in set(self.operand_chunks(group).values())
@@ -193,12 +192,6 @@ class StepPipeline:
             reclaimable -= max(0, over)
             for chunk in missing:
                 manager.move(chunk, Tier.HOST, cause="optimizer")
-
-    def _size(self, group: ChunkGroup) -> int:
-        size = self._sizes.get(group.index)
-        if size is None:
-            size = self._sizes[group.index] = sum(c.nbytes for c in group.chunks.values())
-        return size
 
     def _read_ahead_from(self, groups: list[ChunkGroup], start: int, stop: int) -> None:
         for group in groups[start:stop]:
