@@ -22,7 +22,9 @@ both paths, in every dtype: the step sums them with one host sync to skip a non-
 checkpoint (which warms up on GRAD chunks) computes exactly what the uninterrupted run
 (in-slot) computed.  With accumulation the entry is the sum of each micro-step's squared
 norm: finite exactly when every gradient was (the clipping norm then comes from the GRAD
-chunks).  Cost: one ``vector_norm`` per gradient (see README "Reliability").
+chunks).  Cost: one pass over each gradient (``hetmem.ops.adam.squared_norm``: for a 16-bit
+gradient on a CPU the op's float64 sum of squares, with no fp32 copy; torch's ``vector_norm``
+otherwise; see README "Reliability").
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
 from hetmem.layout import Layout
+from hetmem.ops.adam import squared_norm
 
 logger = logging.getLogger("hetmem.grads")
 
@@ -135,7 +138,7 @@ class GradRouter:
     def track_norm(self, slot: ParamSlot, grad: torch.Tensor, target: torch.Tensor, had_grad: bool) -> None:
         """Record the squared norm of the gradient that just arrived (see the module docstring)."""
         if self.accumulating:  # each micro-step's gradient: a finiteness witness, not the norm
-            square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            square = squared_norm(grad)
             previous = self.norm_parts.get(id(slot))
             self.norm_parts[id(slot)] = square if previous is None else previous + square.to(previous.device)
         else:
@@ -144,7 +147,7 @@ class GradRouter:
             # where it accumulated, which that path waited for.  Only then: a first gradient's
             # target may be a copy still in flight on the copy stream (_offload)
             source = target if had_grad else grad
-            self.norm_parts[id(slot)] = torch.linalg.vector_norm(source, dtype=torch.float32).square()
+            self.norm_parts[id(slot)] = squared_norm(source)
 
     def _offload(self, chunk, slot: ParamSlot, grad: torch.Tensor) -> torch.Tensor | None:
         """A device gradient bound for a host chunk: copied on the copy stream, no host sync per

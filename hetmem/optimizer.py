@@ -33,6 +33,7 @@ from hetmem.config import Config
 from hetmem.grads import GradRouter
 from hetmem.layout import Layout
 from hetmem.loss_scaler import LossScaler
+from hetmem.ops.adam import squared_norm
 from hetmem.speculation import Speculation
 from hetmem.step_pipeline import PendingStep, StepPipeline
 
@@ -310,9 +311,7 @@ class ChunkedAdam:
             runs = grad_runs(group)
             if runs:
                 payload = self.manager.payload_in_memory(group.chunks[ChunkKind.GRAD])
-                parts += [torch.linalg.vector_norm(payload.narrow(0, start, stop - start),
-                                                   dtype=torch.float32).square()
-                          for start, stop, _, _ in runs]
+                parts += [squared_norm(payload.narrow(0, start, stop - start)) for start, stop, _, _ in runs]
         if not parts:
             return 0.0
         return math.sqrt(float(_sum_in_order(parts))) / self.scaler.scale

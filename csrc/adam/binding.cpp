@@ -78,6 +78,13 @@ void stream_probe_binding(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, ui
   stream_probe(b, options);
 }
 
+double sum_squares_binding(uintptr_t data, size_t numel, const std::string& dtype) {
+  if (numel > 0 && !data) throw py::value_error("data must be a non-null pointer");
+  const ElemType type = parse_type(dtype, "dtype", true);
+  py::gil_scoped_release release;
+  return sum_squares(reinterpret_cast<const void*>(data), type, numel);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -94,6 +101,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("out") = 0,
         py::arg("numel"), py::arg("grad_dtype") = "float32", py::arg("out_dtype") = "bfloat16",
         py::arg("prefetch") = true, py::arg("streaming_stores") = false, py::arg("static_split") = false);
+  m.def("sum_squares", &sum_squares_binding,
+        "Sum of the squares of a flat fp32/fp16/bf16 buffer, in double (same bits on every SIMD path).",
+        py::arg("data"), py::arg("numel"), py::arg("dtype") = "float32");
   m.def("simd_level", [] { return std::string(simd_level_name(simd_level())); },
         "The SIMD path adam_step uses now.");
   m.def("max_simd_level", [] { return std::string(simd_level_name(max_simd_level())); },

@@ -222,6 +222,35 @@ static inline void dispatch_types(const AdamBuffers& b, const Kernel& kernel) {
   }
 }
 
+// -- sum of squares (kernels.h: sum_squares) ----------------------------------------------
+// Element i's square, exact in double (a 24-bit significand squared fits in 53 bits), goes
+// into lane i % kSumLanes; the lanes are then added in order.  Exact products make a fused
+// and an unfused multiply-add round alike, so every level returns the same bits, and the
+// lanes follow the index, not the address, so every alignment does too.
+constexpr size_t kSumLanes = 16;
+
+// Elements [begin, n) into `lanes` one at a time (the vector paths' tail), then the lane sum.
+template <ElemType T>
+static inline double sum_squares_finish(const void* data, size_t begin, size_t n, double* lanes) {
+  for (size_t i = begin; i < n; ++i) {
+    const double x = load_elem<T>(data, i);
+    lanes[i % kSumLanes] += x * x;
+  }
+  double total = 0.0;
+  for (size_t k = 0; k < kSumLanes; ++k) total += lanes[k];
+  return total;
+}
+
+// Calls kernel.template run<T>() for the element type.
+template <typename Kernel>
+static inline double dispatch_sum_type(ElemType type, const Kernel& kernel) {
+  switch (type) {
+    case ElemType::kFloat16: return kernel.template run<ElemType::kFloat16>();
+    case ElemType::kBFloat16: return kernel.template run<ElemType::kBFloat16>();
+    default: return kernel.template run<ElemType::kFloat32>();
+  }
+}
+
 }  // namespace detail
 }  // namespace adam
 }  // namespace hetmem

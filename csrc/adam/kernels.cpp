@@ -248,6 +248,15 @@ void adam_step(const AdamBuffers& buffers, const AdamHyper& hyper) {
             [&](size_t begin, size_t end) { range(buffers, constants, begin, end); });
 }
 
+double sum_squares(const void* data, ElemType type, size_t n) {
+  if (n == 0) return 0.0;
+  const SimdLevel level = simd_level();
+  auto sum = level == SimdLevel::kAvx512 ? detail::sum_squares_avx512
+             : level == SimdLevel::kAvx2 ? detail::sum_squares_avx2
+                                         : detail::sum_squares_scalar;
+  return sum(data, type, n);
+}
+
 void stream_probe(const AdamBuffers& buffers, const ProbeOptions& options) {
   if (buffers.n == 0) return;
   const SimdLevel level = simd_level();

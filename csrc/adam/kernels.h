@@ -105,6 +105,12 @@ struct ProbeOptions {
 // also the same prefetch and thread split.
 void stream_probe(const AdamBuffers& buffers, const ProbeOptions& options = ProbeOptions());
 
+// The sum of the squares of n elements of `type` (the squared L2 norm of a gradient), in
+// double, in one pass with no temporary; the same bits on every SIMD path and alignment
+// (element.h says how).  Runs on the calling thread only: its caller is autograd's thread,
+// which must not queue behind an Adam call on the pool.
+double sum_squares(const void* data, ElemType type, size_t n);
+
 // -- configuration ------------------------------------------------------------------------
 
 SimdLevel max_simd_level();          // the best path this CPU (and OS) supports
@@ -129,6 +135,9 @@ void adam_range_avx512(const AdamBuffers& b, const AdamConstants& c, size_t begi
 void probe_range_scalar(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end);
 void probe_range_avx2(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end);
 void probe_range_avx512(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end);
+double sum_squares_scalar(const void* data, ElemType type, size_t n);
+double sum_squares_avx2(const void* data, ElemType type, size_t n);
+double sum_squares_avx512(const void* data, ElemType type, size_t n);
 }  // namespace detail
 
 }  // namespace adam

@@ -165,6 +165,35 @@ struct ProbeAvx2 {
   }
 };
 
+inline __m256d square_add(__m256d acc, __m128 x) {
+  const __m256d d = _mm256_cvtps_pd(x);
+  return _mm256_add_pd(acc, _mm256_mul_pd(d, d));
+}
+
+// Lanes 0-3, 4-7, 8-11 and 12-15 of element.h's sixteen, 16 elements per iteration.
+struct SumSquaresAvx2 {
+  const void* data;
+  size_t n;
+  template <ElemType T>
+  double run() const {
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    const size_t full = n - n % kSumLanes;
+    for (size_t i = 0; i < full; i += kSumLanes) {
+      const __m256 lo = load_grad<T>(data, i), hi = load_grad<T>(data, i + kLanes);
+      a0 = square_add(a0, _mm256_castps256_ps128(lo));
+      a1 = square_add(a1, _mm256_extractf128_ps(lo, 1));
+      a2 = square_add(a2, _mm256_castps256_ps128(hi));
+      a3 = square_add(a3, _mm256_extractf128_ps(hi, 1));
+    }
+    alignas(32) double lanes[kSumLanes];
+    _mm256_store_pd(lanes, a0);
+    _mm256_store_pd(lanes + 4, a1);
+    _mm256_store_pd(lanes + 8, a2);
+    _mm256_store_pd(lanes + 12, a3);
+    return sum_squares_finish<T>(data, full, n, lanes);
+  }
+};
+
 }  // namespace
 
 void adam_range_avx2(const AdamBuffers& b, const AdamConstants& c, size_t begin, size_t end) {
@@ -173,6 +202,10 @@ void adam_range_avx2(const AdamBuffers& b, const AdamConstants& c, size_t begin,
 
 void probe_range_avx2(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end) {
   dispatch_types(b, ProbeAvx2{b, options, begin, end});
+}
+
+double sum_squares_avx2(const void* data, ElemType type, size_t n) {
+  return dispatch_sum_type(type, SumSquaresAvx2{data, n});
 }
 
 }  // namespace detail
@@ -192,6 +225,7 @@ void adam_range_avx2(const AdamBuffers& b, const AdamConstants& c, size_t begin,
 void probe_range_avx2(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end) {
   probe_range_scalar(b, options, begin, end);
 }
+double sum_squares_avx2(const void* data, ElemType type, size_t n) { return sum_squares_scalar(data, type, n); }
 }  // namespace detail
 }  // namespace adam
 }  // namespace hetmem

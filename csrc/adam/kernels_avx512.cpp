@@ -167,6 +167,28 @@ struct ProbeAvx512 {
   }
 };
 
+// Lanes 0-7 and 8-15 of element.h's sixteen, 16 elements per iteration.
+struct SumSquaresAvx512 {
+  const void* data;
+  size_t n;
+  template <ElemType T>
+  double run() const {
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0;
+    const size_t full = n - n % kSumLanes;
+    for (size_t i = 0; i < full; i += kSumLanes) {
+      const __m512 x = load_grad<T>(data, i);
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+      a0 = _mm512_add_pd(a0, _mm512_mul_pd(lo, lo));
+      a1 = _mm512_add_pd(a1, _mm512_mul_pd(hi, hi));
+    }
+    alignas(64) double lanes[kSumLanes];
+    _mm512_store_pd(lanes, a0);
+    _mm512_store_pd(lanes + 8, a1);
+    return sum_squares_finish<T>(data, full, n, lanes);
+  }
+};
+
 }  // namespace
 
 void adam_range_avx512(const AdamBuffers& b, const AdamConstants& c, size_t begin, size_t end) {
@@ -175,6 +197,10 @@ void adam_range_avx512(const AdamBuffers& b, const AdamConstants& c, size_t begi
 
 void probe_range_avx512(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end) {
   dispatch_types(b, ProbeAvx512{b, options, begin, end});
+}
+
+double sum_squares_avx512(const void* data, ElemType type, size_t n) {
+  return dispatch_sum_type(type, SumSquaresAvx512{data, n});
 }
 
 }  // namespace detail
@@ -194,6 +220,7 @@ void adam_range_avx512(const AdamBuffers& b, const AdamConstants& c, size_t begi
 void probe_range_avx512(const AdamBuffers& b, const ProbeOptions& options, size_t begin, size_t end) {
   probe_range_scalar(b, options, begin, end);
 }
+double sum_squares_avx512(const void* data, ElemType type, size_t n) { return sum_squares_scalar(data, type, n); }
 }  // namespace detail
 }  // namespace adam
 }  // namespace hetmem

@@ -16,6 +16,16 @@ struct AdamScalar {
   void run() const { adam_elements<G, O, HasOut>(b, c, begin, end); }
 };
 
+struct SumSquaresScalar {
+  const void* data;
+  size_t n;
+  template <ElemType T>
+  double run() const {
+    double lanes[kSumLanes] = {};
+    return sum_squares_finish<T>(data, 0, n, lanes);
+  }
+};
+
 struct ProbeScalar {
   const AdamBuffers& b;
   size_t begin, end;
@@ -32,6 +42,10 @@ void adam_range_scalar(const AdamBuffers& b, const AdamConstants& c, size_t begi
 // (no software prefetch or streaming stores here: `options` changes nothing but the split)
 void probe_range_scalar(const AdamBuffers& b, const ProbeOptions& /*options*/, size_t begin, size_t end) {
   dispatch_types(b, ProbeScalar{b, begin, end});
+}
+
+double sum_squares_scalar(const void* data, ElemType type, size_t n) {
+  return dispatch_sum_type(type, SumSquaresScalar{data, n});
 }
 
 }  // namespace detail

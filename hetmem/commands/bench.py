@@ -11,6 +11,7 @@ import importlib
 # `hetmem bench NAME` -> module under hetmem.benchmarks
 BENCHMARKS = {
     "adam": "cpu_adam",
+    "grad-norm": "grad_norm",
     "nvme": "nvme_swap",
     "scale": "train_scale",
     "throughput": "train_throughput",

@@ -35,6 +35,7 @@ import torch
 from hetmem.chunk_manager.chunk import ChunkGroup
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.states import ChunkKind, TensorState
+from hetmem.ops.adam import squared_norm
 
 from .comm import Comm, Pending
 from .context import DistContext
@@ -93,8 +94,7 @@ class ShardedStep:
                 self.manager.unpin(group.chunks[ChunkKind.GRAD])
             if self.owns(group):
                 view.div_(world)
-                squares.extend(torch.linalg.vector_norm(view.narrow(0, s.offset, s.numel), dtype=torch.float32)
-                               .square() for s in group.slots if s.has_grad)
+                squares.extend(squared_norm(view.narrow(0, s.offset, s.numel)) for s in group.slots if s.has_grad)
 
         try:
             for group in reduced:

@@ -327,6 +327,34 @@ def stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                     "bfloat16" if out is None else _DTYPE_NAMES[out.dtype], **options)
 
 
+# -- gradient norms ------------------------------------------------------------------------
+
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of the squares of ``tensor``'s elements (its squared L2 norm), a 0-d fp32
+    tensor on its device.
+
+    A dense fp16 or bf16 CPU tensor goes through the op's ``sum_squares``: summed in float64
+    in one pass without a temporary (a non-contiguous tensor is copied first, so layout never
+    changes the bits), the same bits on every SIMD path, rounded once to fp32.  torch's
+    ``vector_norm(t, dtype=float32)`` first copies such a tensor to fp32 whole (16 MiB for a
+    1024 x 4096 weight); inside training it took 6x as long (``benchmarks/grad_norm.py``).
+    Everything else (fp32, whose norm torch takes without a copy and on two threads, faster
+    than this op's one; an accelerator's tensor; no op) takes torch's
+    ``vector_norm(t, dtype=float32).square()``.  The result is fp32 on both paths, so a sum
+    past fp32's range is infinite on both (the non-finite check skips such a step, as it
+    skips a NaN or an infinite gradient).
+    """
+    if tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype in _LOW_PRECISION:
+        op = _op()
+        if op is not None:
+            flat = tensor if tensor.is_contiguous() else tensor.contiguous()
+            return torch.tensor(op.sum_squares(flat.data_ptr(), flat.numel(), _DTYPE_NAMES[flat.dtype]),
+                                dtype=torch.float32)
+    if tensor.dtype not in _DTYPE_NAMES:  # vector_norm's dtype may only widen
+        tensor = tensor.float()
+    return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+
+
 # -- fallback ------------------------------------------------------------------------------
 
 def torch_adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
