@@ -67,6 +67,13 @@ EARLY_READ_SHARE = 0.75
 STATE_KINDS = (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)
 
 
+def _spillable_state_bytes(group: ChunkGroup) -> int:
+    """The bytes of ``group``'s optimizer state in host memory that a spill may take now (not
+    pinned, no transfer in flight)."""
+    return sum(c.nbytes for kind in STATE_KINDS if (c := group.chunks.get(kind)) is not None
+               and c.tier is Tier.HOST and not c.pins and c.transfer is None)
+
+
 @dataclass
 class PendingStep:
     """A step decided at ``engine.step()`` and not applied to every group yet."""
@@ -177,9 +184,7 @@ class StepPipeline:
         budget = self.read_ahead * self.group_bytes - sum(g.nbytes for g in groups[stop - self.read_ahead:stop])
         manager = self.manager
         # updated groups (before the one being updated, start - 1): their state may make room
-        reclaimable = sum(c.nbytes for g in groups[:max(0, start - 1)] for kind in STATE_KINDS
-                          if (c := g.chunks.get(kind)) is not None and c.tier is Tier.HOST and not c.pins
-                          and c.transfer is None)
+        reclaimable = sum(_spillable_state_bytes(g) for g in groups[:max(0, start - 1)])
         for group in groups[stop:]:
             budget -= group.nbytes
             if budget < 0:
@@ -210,9 +215,7 @@ class StepPipeline:
         # spillable[i]: optimizer-state bytes of groups[i:] in host memory that a spill may take
         spillable = [0] * (len(groups) + 1)
         for i in range(len(groups) - 1, -1, -1):
-            spillable[i] = spillable[i + 1] + sum(
-                c.nbytes for k in STATE_KINDS if (c := groups[i].chunks.get(k)) is not None
-                and c.tier is Tier.HOST and not c.pins and c.transfer is None)
+            spillable[i] = spillable[i + 1] + _spillable_state_bytes(groups[i])
         taken = 0
         for i, group in enumerate(groups):
             for kind in STATE_KINDS:
