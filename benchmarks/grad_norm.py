@@ -21,7 +21,8 @@ state on NVMe in DIR (device 64 MiB, host ``--host-budget``, batch 2 x block siz
 checkpointing, the overlapped step) and the engine's norm function is switched between the two
 contenders step by step (alternating, after one warm-up step of each), timed around every call.
 There the norm shares the two cores with the IO threads, the checksum workers and the
-optimizer's updates, and torch's two-thread reductions wait for a descheduled thread.  Figures:
+optimizer's updates (most likely why torch's two-thread reduction is slower there than alone;
+not measured apart).  Figures:
 medians over steps of the norm time per backward and of the whole iteration, per contender.
 
     python benchmarks/grad_norm.py [--d-model 1024] [--layers 12] [--dtype bf16] [--rounds 15] [--json]
@@ -62,15 +63,20 @@ def parse_args(argv):
     return args
 
 
+def gpt_config(args, checkpoint: bool = False):
+    from hetmem.models.gpt import GPTConfig
+
+    return GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
+                     d_model=args.d_model, checkpoint=checkpoint)
+
+
 def gradients(args) -> list[torch.Tensor]:
     """One random gradient per parameter of the GPT, in the training dtype (the shapes come from
     the model built on the meta device, so nothing model-sized is initialized)."""
-    from hetmem.models.gpt import GPT, GPTConfig
+    from hetmem.models.gpt import GPT
 
-    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
-                    d_model=args.d_model)
     with torch.device("meta"):
-        shapes = [p.shape for p in GPT(cfg).parameters()]
+        shapes = [p.shape for p in GPT(gpt_config(args)).parameters()]
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(shape, generator=gen).to(DTYPES[args.dtype]) for shape in shapes]
 
@@ -89,15 +95,15 @@ def run(args) -> dict:
     from hetmem.ops import adam
 
     grads = gradients(args)
-    contenders_ = contenders()
-    for fn in contenders_.values():  # warm-up (and the op's build, if it is not built yet)
+    fns = contenders()
+    for fn in fns.values():  # warm-up (and the op's build, if it is not built yet)
         for g in grads[:4]:
             fn(g)
-    times = {name: [] for name in contenders_}
-    order = list(contenders_)
+    times = {name: [] for name in fns}
+    order = list(fns)
     for r in range(args.rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
-            fn = contenders_[name]
+            fn = fns[name]
             start = time.perf_counter()
             for g in grads:
                 fn(g)
@@ -105,7 +111,7 @@ def run(args) -> dict:
     largest = max(grads, key=torch.Tensor.numel)
     numel = sum(g.numel() for g in grads)
     exact = sum(float(torch.sum(g.double() ** 2)) for g in grads)
-    got = {name: sum(float(fn(g)) for g in grads) for name, fn in contenders_.items()}
+    got = {name: sum(float(fn(g)) for g in grads) for name, fn in fns.items()}
     return {
         "benchmark": "grad_norm",
         "config": {"d_model": args.d_model, "layers": args.layers, "dtype": args.dtype, "rounds": args.rounds,
@@ -128,12 +134,11 @@ def run_in_training(args) -> dict:
     import hetmem
     import hetmem.grads
     from hetmem.corpus import load_corpus, random_batch
-    from hetmem.models.gpt import GPT, GPTConfig
+    from hetmem.models.gpt import GPT
     from hetmem.ops import adam
 
     torch.manual_seed(0)
-    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
-                    d_model=args.d_model, checkpoint=True)
+    cfg = gpt_config(args, checkpoint=True)
     gen = torch.Generator().manual_seed(0)
     data = load_corpus()
     config = hetmem.Config(device="cpu", device_budget="64MiB", host_budget=args.host_budget, dtype=args.dtype,
@@ -142,8 +147,9 @@ def run_in_training(args) -> dict:
     with torch.device("meta"):
         model = GPT(cfg)
     engine = hetmem.initialize(model, config, init_fn=model.init_weights)
+    fns = contenders()
     spent = [0.0]
-    chosen = {"fn": adam.squared_norm}
+    chosen = {"fn": fns["hetmem"]}
 
     def timed(g):
         start = time.perf_counter()
@@ -153,13 +159,13 @@ def run_in_training(args) -> dict:
 
     original = hetmem.grads.squared_norm
     hetmem.grads.squared_norm = timed
-    norm_s = {name: [] for name in contenders()}
-    iteration_s = {name: [] for name in contenders()}
+    norm_s = {name: [] for name in fns}
+    iteration_s = {name: [] for name in fns}
     try:
-        order = list(contenders())
+        order = list(fns)
         for i in range(2 * (args.steps + 1)):
             name = order[i % 2]
-            chosen["fn"] = contenders()[name]
+            chosen["fn"] = fns[name]
             x, y = random_batch(data, 2, args.block_size, gen)
             spent[0] = 0.0
             start = time.perf_counter()
