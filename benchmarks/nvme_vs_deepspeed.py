@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sub-group-size", type=float, default=2e7, help="DeepSpeed's optimizer sub-group (elements)")
     p.add_argument("--ds-offload-param", choices=("none", "cpu", "nvme"), default="none",
                    help="where DeepSpeed keeps parameters (none: its 'device' memory, which is RAM on a CPU)")
+    p.add_argument("--compare-release", action="store_true",
+                   help="also run hetmem with nvme_release_idle=false each round ('hetmem_kept'), to measure what "
+                        "handing the IO pool's idle pages back for each backward buys")
     p.add_argument("--timeout", type=float, default=900, help="seconds one child may run")
     p.add_argument("--json", action="store_true")
     return p
@@ -118,7 +121,8 @@ def run_hetmem(spec: dict) -> dict:
     config = hetmem.Config(device="cpu", device_budget=spec["device_budget"], host_budget=spec["host_budget"],
                            nvme_dir=os.path.join(spec["dir"], "hetmem"), dtype="bf16", memory_trace=False,
                            nvme_block_size=spec["block_size_io"], nvme_queue_depth=spec["queue_depth"],
-                           nvme_threads=spec["threads"], optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
+                           nvme_threads=spec["threads"], optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1),
+                           nvme_release_idle=spec.get("release_idle", "auto"))
     baseline_rss, baseline = status_bytes()["VmRSS"], allocator_state()
     t0 = time.perf_counter()
     with torch.device("meta"):
@@ -144,6 +148,11 @@ def run_hetmem(spec: dict) -> dict:
                 "rss_breakdown_at_end": breakdown_now(engine, baseline_rss, baseline)})
     engine.close(keep_weights=False)
     return out
+
+
+def run_hetmem_kept(spec: dict) -> dict:
+    """hetmem with the IO pool's idle pages kept resident through backward (child side)."""
+    return run_hetmem(spec | {"release_idle": False})
 
 
 def deepspeed_config(spec: dict) -> dict:
@@ -225,7 +234,8 @@ def child_spec(args, directory: str) -> dict:
 def measure(args, progress=None) -> dict:
     directory = args.dir or tempfile.mkdtemp(prefix="hetmem-vs-ds-")
     spec = child_spec(args, directory)
-    frameworks = ["hetmem"] + (["deepspeed"] if deepspeed_available() else [])
+    frameworks = (["hetmem"] + (["hetmem_kept"] if args.compare_release else [])
+                  + (["deepspeed"] if deepspeed_available() else []))
     runs: dict[str, list[dict]] = {f: [] for f in frameworks}
     for r in range(args.rounds):
         order = frameworks if r % 2 == 0 else frameworks[::-1]
@@ -241,7 +251,19 @@ def measure(args, progress=None) -> dict:
            "summary": summary, "runs": runs}
     if "deepspeed" in summary and summary["deepspeed"]["ok"] and summary["hetmem"]["ok"]:
         out["ratios"] = ratios(summary["hetmem"], summary["deepspeed"], runs)
+    if "hetmem_kept" in summary and summary["hetmem_kept"]["ok"] and summary["hetmem"]["ok"]:
+        out["release_idle"] = release_effect(runs)
     return out
+
+
+def release_effect(runs: dict) -> dict:
+    """hetmem (idle IO pages released for each backward) over hetmem_kept, paired by round."""
+    pairs = [(a, b) for a in runs["hetmem"] for b in runs["hetmem_kept"] if a["round"] == b["round"] and a["ok"] and b["ok"]]
+    time = [statistics.median(a["step_seconds"][1:]) / statistics.median(b["step_seconds"][1:]) for a, b in pairs]
+    rss = [a["peak_rss_bytes"] / b["peak_rss_bytes"] for a, b in pairs]
+    return {"s_per_step_per_round": time, "s_per_step_median": statistics.median(time),
+            "peak_rss_per_round": rss, "peak_rss_median": statistics.median(rss),
+            "peak_rss_saved_bytes_per_round": [b["peak_rss_bytes"] - a["peak_rss_bytes"] for a, b in pairs]}
 
 
 def summarize(results: list[dict]) -> dict:
@@ -298,13 +320,13 @@ def table(result: dict) -> str:
              f"{c['threads']} thread(s)"]
     if not result["deepspeed_available"]:
         lines.append("DeepSpeed is not importable (pip install deepspeed==0.19.8; libaio-dev): hetmem alone")
-    lines.append(f"{'framework':>10s} {'params':>12s} {'s/step':>7s} {'(min-max)':>12s} {'disk GB/step':>13s} "
+    lines.append(f"{'framework':>11s} {'params':>12s} {'s/step':>7s} {'(min-max)':>12s} {'disk GB/step':>13s} "
                  f"{'peak RSS GiB':>13s} {'(min-max)':>12s}")
     for name, s in result["summary"].items():
         if not s["ok"]:
-            lines.append(f"{name:>10s} failed: {s['errors']}")
+            lines.append(f"{name:>11s} failed: {s['errors']}")
             continue
-        lines.append(f"{name:>10s} {s['parameters']:12,d} {s['s_per_step_median']:7.2f} "
+        lines.append(f"{name:>11s} {s['parameters']:12,d} {s['s_per_step_median']:7.2f} "
                      f"{s['s_per_step_range'][0]:5.2f}-{s['s_per_step_range'][1]:<6.2f} "
                      f"{s['disk_bytes_per_step'] / 1e9:13.2f} {s['peak_rss_median'] / GiB:13.2f} "
                      f"{s['peak_rss_range'][0] / GiB:5.2f}-{s['peak_rss_range'][1] / GiB:<6.2f}")
@@ -314,6 +336,12 @@ def table(result: dict) -> str:
         disk = f"{r['disk_bytes_per_step']:.2f}" if r["disk_bytes_per_step"] is not None else "n/a"
         lines.append(f"hetmem/DeepSpeed: s/step {r['s_per_step']:.2f} (per round {per_round}), disk bytes {disk}, "
                      f"peak RSS {r['peak_rss']:.2f}; target ({r['target']}): {'met' if r['target_met'] else 'NOT met'}")
+    if "release_idle" in result:
+        e = result["release_idle"]
+        saved = ", ".join(f"{b / 2**20:.0f}" for b in e["peak_rss_saved_bytes_per_round"])
+        lines.append(f"idle IO pages released / kept (paired by round): s/step {e['s_per_step_median']:.3f} "
+                     f"({', '.join(f'{x:.3f}' for x in e['s_per_step_per_round'])}), peak RSS "
+                     f"{e['peak_rss_median']:.3f} ({saved} MiB less)")
     hetmem_runs = [r for r in result["runs"]["hetmem"] if r["ok"]]
     if hetmem_runs:
         last = hetmem_runs[-1]
@@ -321,7 +349,8 @@ def table(result: dict) -> str:
         lines.append(f"hetmem's last run: baseline includes {last['torch_lazy_imports'] / 2**20:.0f} MiB of torch modules "
                      f"imported on first use (torch._dynamo); IO pool {pool['capacity'] / 2**20:.0f} MiB "
                      f"({pool['kind']}), {pool['peak_in_use'] / 2**20:.0f} MiB at most in use, "
-                     f"{pool['defragment_spills']} defragmenting spills; chunk padding {last['chunk_padding']:.1%}")
+                     f"{pool['defragment_spills']} defragmenting spills, {pool['releases']} releases of idle pages "
+                     f"({pool['refaulted'] / 2**20:.0f} MiB faulted back); chunk padding {last['chunk_padding']:.1%}")
         if last["rss_breakdown_at_peak"] is not None:
             lines.append("  at its peak: " + format_breakdown(last["rss_breakdown_at_peak"]))
         lines.append("  at its end:  " + format_breakdown(last["rss_breakdown_at_end"]))

@@ -143,6 +143,20 @@ class NvmeTier:
             self.outside_pool)
         return aligned_tensor(numel, dtype)
 
+    def release_idle(self) -> int:
+        """Hand the IO pool's idle pages back to the kernel (the manager's cached free host buffers
+        first: they hold pool ranges); the pool faults them in again as blocks are taken.  For a
+        compute device that shares host RAM, at the start of backward: the pool's free ranges are
+        then largest and backward's activations and gradients need the RAM.  Returns the bytes
+        released."""
+        if self.manager is not None:
+            self.manager.pool.trim(Tier.HOST)
+        released = self.pool.release_idle()
+        if released:
+            logger.debug("released %d B of idle IO buffer pages (%d B released in all)", released,
+                         self.pool.released_bytes)
+        return released
+
     def _spill_for(self, nbytes: int) -> bool:
         """Free pool ranges towards one of ``nbytes``: wait for a store in flight (its payload is
         freed when it lands: no new IO), else spill a host chunk; False when nothing can go."""

@@ -107,6 +107,8 @@ class Config:
     nvme_threads: int = 1
     nvme_checksum: bool = True               # crc32c on every swap write, verified on read
     nvme_lock_buffers: str = "auto"          # mlock the IO buffers: "auto" (warn if refused) | "required" | "off"
+    nvme_release_idle: bool | str = AUTO     # hand the IO buffers' idle pages back to the OS for each backward:
+                                             # "auto" (when the compute device is the CPU) | true | false
     nvme_pipeline_depth: int | str = AUTO    # chunk groups the NVMe optimizer step reads ahead: "auto" | int >= 1
     activation_offload: str = AUTO           # "auto": saved activations to host memory when the
                                              # budget needs it (hetmem/activations); "off": never
@@ -168,6 +170,10 @@ class Config:
             _fail("nvme_lock_buffers", self.nvme_lock_buffers,
                   "use 'auto' (lock, or warn and go on unlocked), 'required' (an error when mlock is refused) or 'off'")
         check_depth_setting(self.nvme_pipeline_depth)
+        if self.nvme_release_idle != AUTO and not isinstance(self.nvme_release_idle, bool):
+            _fail("nvme_release_idle", self.nvme_release_idle,
+                  "use 'auto' (release when the compute device is the CPU, whose activations share host RAM "
+                  "with the IO buffers), true or false")
         self._check_speculation()
         if self.nvme_backend not in NVME_BACKENDS:
             _fail("nvme_backend", self.nvme_backend, f"use one of {', '.join(NVME_BACKENDS)}")

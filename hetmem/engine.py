@@ -90,6 +90,7 @@ class Engine:
             self.recorder = Recorder(self.layout, self.budgets, device=str(self.device), dtype=config.dtype,
                                      model_name=type(model).__name__)
         self.manager = ChunkManager(self.layout.groups, self.accelerator, events=self.recorder)
+        self._release_idle = False  # set by _attach_nvme
         if config.nvme_dir is not None:
             self._attach_nvme()
         fill_chunks(model, self.layout, self.manager, init_fn=init_fn)
@@ -203,6 +204,9 @@ class Engine:
                         manager=self.manager, shadow_kinds=shadow_kinds(config.mixed_precision)
                         if speculation_mode(config, self.data_parallel is not None) else ())
         self.manager.attach_nvme(tier, host_limit=self.budgets.host)
+        release = config.nvme_release_idle
+        # the IO pool's idle pages go back to the OS for each backward (nvme/io_pool.py)
+        self._release_idle = (not self.accelerator.separate_memory) if release == "auto" else release
 
     def _use_plan(self, plan: PipelinePlan) -> None:
         self.nvme_plan, self.adam.pipeline.read_ahead = plan, plan.depth
@@ -261,6 +265,8 @@ class Engine:
         try:
             self.adam.finish_pending()  # the gradients go where the pending step reads its own
             self.adam.speculation.arm()  # the last groups' update during this backward
+            if self._release_idle:
+                self.manager.nvme.release_idle()  # backward's activations and gradients use that RAM
         except BaseException:
             self._abort()
             raise

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hetmem.nvme import SwapSpace
-from hetmem.nvme.io_pool import PAGE, IoBufferPool, MemlockError, memlock_limit
+from hetmem.nvme.io_pool import HUGE_PAGE, PAGE, IoBufferPool, MemlockError, memlock_limit
 
 ROOT = Path(__file__).resolve().parents[2]
 KiB = 1024
@@ -176,3 +176,94 @@ def test_io_through_pool_blocks_is_byte_exact(tmp_path, nbytes):
         swap.load("b", into=plain).wait()
         assert torch.equal(plain, data)
 
+
+
+@pytest.mark.parametrize("lock", ["auto", "off"])
+def test_release_idle_drops_free_pages_and_take_faults_them_back(tmp_path, lock):
+    MiB = 1 << 20
+    pool = IoBufferPool(16 * MiB, lock=lock)
+    assert pool.address % HUGE_PAGE == 0, "the region starts on a huge page, so blocks own whole ones"
+    locked = "locked" in pool.kind
+    kept = pool.take(6 * MiB)
+    kept.copy_(torch.randint(0, 256, (6 * MiB,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
+    copy = kept.clone()
+    small = pool.take(PAGE)  # a 4 KiB block: the free range after it starts mid-huge-page
+    before, lck = resident_pages(pool), locked_kib()
+    released = pool.release_idle()
+    # the free range [6 MiB + 4 KiB, 16 MiB) holds four whole huge pages: [8, 16) MiB
+    assert released == 8 * MiB and pool.released_bytes == 8 * MiB and pool.releases == 1
+    assert resident_pages(pool) == before - released // PAGE
+    if locked:
+        assert lck - locked_kib() == released // KiB
+    assert torch.equal(kept, copy), "a block handed out must keep its bytes"
+    assert pool.release_idle() == 0 and pool.releases == 1, "released pages are not released twice"
+
+    rest = 10 * MiB - PAGE
+    back = pool.take(rest)  # [6 MiB + 4 KiB, 16 MiB): every released page
+    assert pool.refaulted == 8 * MiB and pool.released_bytes == 0
+    assert resident_pages(pool) == pool.capacity // PAGE, "a block is resident when it is handed out"
+    if locked:
+        assert locked_kib() == lck
+    back.copy_(torch.randint(0, 256, (rest,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)))
+    with SwapSpace(tmp_path, {"a": rest}, owned_bytes=pool.owned_bytes) as swap:
+        swap.store("a", back).wait()
+        again = back.clone()
+        back.fill_(0)
+        swap.load("a", into=back).wait()
+    assert torch.equal(back, again)
+    del small
+
+
+def test_release_idle_leaves_short_free_ranges_and_closed_pools_alone():
+    MiB = 1 << 20
+    pool = IoBufferPool(4 * MiB, lock="off")
+    held = pool.take(3 * MiB)
+    assert pool.release_idle() == 0, "1 MiB free holds no whole huge page"
+    assert pool.release_idle(min_bytes=8 * MiB) == 0
+    del held
+    assert pool.release_idle(min_bytes=8 * MiB) == 0, "a range shorter than min_bytes is kept"
+    assert pool.release_idle() == 4 * MiB
+    pool.close()
+    assert pool.release_idle() == 0
+
+
+def test_a_refused_relock_faults_the_pages_in_unlocked_and_says_so_once(monkeypatch, caplog):
+    from hetmem.nvme import io_pool
+
+    MiB = 1 << 20
+    pool = IoBufferPool(8 * MiB, lock="auto")
+    if "locked" not in pool.kind:
+        pytest.skip("mlock is refused here: the pool is unlocked from the start")
+    assert pool.release_idle() == 8 * MiB
+
+    class Refusing:  # libc whose mlock fails from now on (another region took the rest of the limit)
+        def __init__(self, libc):
+            self._libc = libc
+
+        def mlock(self, address, length):
+            ctypes.set_errno(12)  # ENOMEM
+            return -1
+
+        def __getattr__(self, name):
+            return getattr(self._libc, name)
+
+    monkeypatch.setattr(io_pool, "_libc", Refusing(io_pool._lib()))
+    monkeypatch.setattr(io_pool, "_lock_warned", False)
+    with caplog.at_level("WARNING", logger="hetmem.nvme.io_pool"):
+        block = pool.take(4 * MiB)
+        block.fill_(5)
+        assert pool.release_idle() == 0  # 4 MiB free, already released
+        other = pool.take(4 * MiB)
+    assert resident_pages(pool) == pool.capacity // PAGE, "refused locking must still fault the block in"
+    assert pool.refaulted == 8 * MiB and pool.released_bytes == 0
+    assert int(block.sum()) == 5 * 4 * MiB and other.numel() == 4 * MiB
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "ulimit -l" in warnings[0].getMessage()
+
+
+def test_a_pool_locked_as_required_keeps_its_pages():
+    limit = memlock_limit()
+    if os.geteuid() != 0 and limit is not None and limit < (4 << 20) + locked_kib() * KiB:
+        pytest.skip(f"RLIMIT_MEMLOCK ({limit} B) is below 4 MiB here")
+    pool = IoBufferPool(4 << 20, lock="required")
+    assert pool.release_idle() == 0 and resident_pages(pool) == pool.capacity // PAGE
