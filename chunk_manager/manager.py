@@ -483,16 +483,22 @@ class ChunkManager:
         transfer = self.move(chunk, dst, cause="evict")
         return transfer
 
-    def make_room(self, nbytes: int, budget: int, policy: EvictionPolicy,
+    def make_room(self, nbytes: int, budget: int | Callable[[], int], policy: EvictionPolicy,
                   protect: Iterable[Chunk] = (), why: str = "") -> float:
         """Evict until ``nbytes`` more fit in ``budget`` device bytes; seconds blocked.
 
+        ``budget`` may be a function (device budget minus the non-model bytes the allocator
+        shows), asked once more before giving up: a chunk copied off the device holds its source
+        buffer until the copy lands, counted among the non-model bytes when the budget was taken,
+        so once every such copy has landed the budget may have grown.
         Raises DeviceBudgetError when what is left cannot be evicted.
         """
         protect = list(protect)
+        room = budget() if callable(budget) else budget
+        asked_again = not callable(budget)
         blocked = 0.0
         self.poll()
-        while self.bytes_on(Tier.DEVICE) + nbytes > budget:
+        while self.bytes_on(Tier.DEVICE) + nbytes > room:
             # an eviction still copying holds its device bytes: let it land before choosing more
             landing = self._evictions_in_flight()
             if landing:
@@ -507,7 +513,10 @@ class ChunkManager:
                     for c in in_flight:
                         blocked += self.wait(c)
                     continue
-                raise DeviceBudgetError(self._budget_message(nbytes, budget, why))
+                if not asked_again:  # every copy off the device has landed (waited above)
+                    asked_again, room = True, budget()
+                    continue
+                raise DeviceBudgetError(self._budget_message(nbytes, room, why))
             victim, reason = policy.choose(candidates)
             transfer = self.evict(victim, reason + (f"; room for {why}" if why else ""))
             if not self.accelerator.separate_memory:

@@ -346,8 +346,11 @@ class Scheduler:
                 self.wait_s += self.activations.relieve(short)
                 budget = self.chunk_budget(extra)
         if self.device_bytes() + need > budget:
+            # asked again before giving up, once every copy off the device has landed: until then
+            # their source buffers count among the non-model bytes (not after evicting here: the
+            # probe keeps the highest reading as this moment's peak)
             self.wait_s += self.manager.make_room(
-                need, budget, self.policy, protect=protect,
+                need, lambda: self.chunk_budget(extra), self.policy, protect=protect,
                 why=f"{why}; activations {format_bytes(self.non_model_now())}")
         return budget
 

@@ -62,6 +62,42 @@ def test_pinned_chunks_do_not_move_and_budget_error_names_the_fix():
         manager.unpin(chunks[1])
 
 
+def test_a_budget_function_is_asked_again_once_copies_off_the_device_have_landed():
+    """A chunk being copied off the device holds its source buffer, which the allocator-based
+    budget counts among the non-model bytes: once it has landed, the room is there."""
+    layout, manager = _manager(4)
+    chunks = [g.chunks[ChunkKind.PARAM] for g in layout.groups]
+    n = chunks[0].nbytes
+    for c in chunks[:3]:
+        manager.move(c, Tier.DEVICE, cause="fetch")
+        manager.ready_for_compute(c)
+    for c in chunks[:2]:
+        manager.pin(c)
+    manager.move(chunks[2], Tier.HOST, cause="evict")  # in flight: its device buffer is still allocated
+    leaving = chunks[2]
+    asked = []
+
+    def budget():  # device budget 4n minus the non-model bytes the allocator shows
+        asked.append(leaving.transfer is not None)
+        return 3 * n - (n if leaving.transfer is not None else 0)
+
+    policy = EvictionPolicy(lambda cid: None)
+    manager.make_room(n, budget, policy, why="test")
+    assert asked == [True, False], "asked on entry, and again once the copy off the device landed"
+    assert leaving.tier is Tier.HOST and leaving.transfer is None
+    # a fixed budget taken while the copy was in flight stays too small: the error, as before
+    manager.move(chunks[2], Tier.DEVICE, cause="fetch")
+    manager.ready_for_compute(chunks[2])
+    manager.move(chunks[2], Tier.HOST, cause="evict")
+    with pytest.raises(DeviceBudgetError, match="raise device_budget"):
+        manager.make_room(n, 2 * n, policy, why="test")
+    # a function that still says no after the landing is asked once more, not forever
+    with pytest.raises(DeviceBudgetError, match="raise device_budget"):
+        manager.make_room(2 * n, budget, policy, why="test")
+    for c in chunks[:2]:
+        manager.unpin(c)
+
+
 def test_release_frees_and_accounts():
     layout, manager = _manager(1)
     chunk = layout.groups[0].chunks[ChunkKind.PARAM]
