@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", default="auto", help="chunk_size: the NVMe pipeline's unit (elements, bytes, 'auto')")
     p.add_argument("--pipeline-depth", default="auto", help="nvme_pipeline_depth: groups the step reads ahead")
     p.add_argument("--lock-buffers", default="auto", choices=("auto", "required", "off"), help="nvme_lock_buffers")
+    p.add_argument("--release-idle", default="auto", choices=("auto", "true", "false"),
+                   help="nvme_release_idle: hand the IO pool's idle pages back for each backward")
     p.add_argument("--idle-poll-ms", type=float, default=0.0,
                    help="also measure how long nothing of each steady step's IO was in flight, polling every "
                         "this many ms (a diagnostic: the polling thread takes the GIL; 0: off)")
@@ -175,6 +177,7 @@ def measure(args, progress=None) -> dict:
     config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
                            nvme_dir=directory, dtype=args.dtype, memory_trace=False, chunk_size=chunk_size,
                            nvme_pipeline_depth=depth, nvme_lock_buffers=args.lock_buffers,
+                           nvme_release_idle={"auto": "auto", "true": True, "false": False}[args.release_idle],
                            overlap_step=False,  # the main run times the step alone (overlap_gain: both)
                            optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
     data = load_corpus()
