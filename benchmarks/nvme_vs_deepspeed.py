@@ -252,13 +252,18 @@ def measure(args, progress=None) -> dict:
     if "deepspeed" in summary and summary["deepspeed"]["ok"] and summary["hetmem"]["ok"]:
         out["ratios"] = ratios(summary["hetmem"], summary["deepspeed"], runs)
     if "hetmem_kept" in summary and summary["hetmem_kept"]["ok"] and summary["hetmem"]["ok"]:
-        out["release_idle"] = release_effect(runs)
+        effect = release_effect(runs)
+        if effect is not None:
+            out["release_idle"] = effect
     return out
 
 
-def release_effect(runs: dict) -> dict:
-    """hetmem (idle IO pages released for each backward) over hetmem_kept, paired by round."""
+def release_effect(runs: dict) -> dict | None:
+    """hetmem (idle IO pages released for each backward) over hetmem_kept, paired by round; None
+    when no round has both."""
     pairs = [(a, b) for a in runs["hetmem"] for b in runs["hetmem_kept"] if a["round"] == b["round"] and a["ok"] and b["ok"]]
+    if not pairs:
+        return None
     time = [statistics.median(a["step_seconds"][1:]) / statistics.median(b["step_seconds"][1:]) for a, b in pairs]
     rss = [a["peak_rss_bytes"] / b["peak_rss_bytes"] for a, b in pairs]
     return {"s_per_step_per_round": time, "s_per_step_median": statistics.median(time),

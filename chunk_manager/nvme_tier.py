@@ -9,7 +9,7 @@ the whole run: page-aligned, huge pages asked for, faulted in, locked (``nvme_lo
 pinned by the accelerator.  Its cap is the host bytes chunks may hold (host_budget, at most every
 chunk) plus two of the largest chunks of headroom (payloads kept alive by a view past their
 chunk's accounting, and a staging buffer for the checkpoint's reads and writes from buffers of
-its own).  Past the cap a payload is allocated outside the pool, logged once and counted
+its own), rounded up to whole 2 MiB huge pages.  Past the cap a payload is allocated outside the pool, logged once and counted
 (``buffer_stats()["outside_pool"]``).
 ``nvme_valid`` on a chunk says its blob holds its current bytes: spilling such a chunk writes
 nothing.
@@ -30,7 +30,7 @@ import torch
 
 from hetmem.nvme import SwapSpace, aligned_tensor
 from hetmem._core.units import format_bytes
-from hetmem.nvme.io_pool import IoBufferPool, MemlockError, round_up
+from hetmem.nvme.io_pool import HUGE_PAGE, IoBufferPool, MemlockError, round_up
 
 from .chunk import Chunk
 from .spill import spill_key
@@ -76,9 +76,10 @@ def check_nvme_dir(directory: str) -> None:
 
 def pool_bytes(chunks: list[Chunk], host_limit: int) -> int:
     """The IO pool's cap: the host bytes chunks may hold (at most all of them, page-padded) and
-    two of the largest chunks of headroom."""
+    two of the largest chunks of headroom, in whole huge pages (so the large payloads carved from
+    the region's top start on one too, and ``release_idle`` can drop them whole)."""
     padded = [round_up(c.nbytes) for c in chunks]
-    return min(host_limit, sum(padded)) + 2 * max(padded)
+    return round_up(min(host_limit, sum(padded)) + 2 * max(padded), HUGE_PAGE)
 
 
 def large_payload(chunks: list[Chunk]) -> int:
@@ -149,6 +150,8 @@ class NvmeTier:
         compute device that shares host RAM, at the start of backward: the pool's free ranges are
         then largest and backward's activations and gradients need the RAM.  Returns the bytes
         released."""
+        if not self.pool.releasable:
+            return 0
         if self.manager is not None:
             self.manager.pool.trim(Tier.HOST)
         released = self.pool.release_idle()

@@ -46,7 +46,7 @@ import torch
 logger = logging.getLogger("hetmem.nvme.io_pool")
 
 PAGE = 4096
-HUGE_PAGE = 2 << 20  # release_idle drops whole huge pages, so it splits none
+HUGE_PAGE = 2 << 20  # release_idle drops whole huge pages and take() faults whole ones back
 LOCK_MODES = ("auto", "required", "off")
 # the properties a buffer kind is named by, joined with "+" (benchmarks print it next to every figure)
 PROPERTIES = ("aligned", "prefaulted", "huge", "locked", "pinned")
@@ -113,7 +113,8 @@ class IoBufferPool:
             self.properties.append("pinned")
         else:
             # one huge page more than the capacity, so the region can start on a huge-page boundary
-            # (release_idle then drops whole huge pages of every block a multiple of one in size)
+            # (release_idle drops whole huge pages; blocks carved from the top are aligned too when
+            # the capacity is a multiple of one, as the NVMe tier sizes it)
             self._owner = mmap.mmap(-1, self.capacity + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if huge and hasattr(mmap, "MADV_HUGEPAGE"):
                 self._owner.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, or it is too late
@@ -129,6 +130,8 @@ class IoBufferPool:
         self.lock_mode = lock                     # "required": locked for the whole run (release_idle keeps it)
         if not pin and lock != "off":
             self._lock(lock)
+        self._locked = "locked" in self.properties  # the region was locked: release_idle unlocks first
+        self._relock = self._locked               # take() re-locks released pages (until refused once)
         self._mutex = threading.Lock()            # finalizers run on any thread
         self._free: list[list[int]] = [[0, self.capacity]]  # [offset, length], sorted, coalesced
         self._live: dict[int, int] = {}           # offset -> length of blocks handed out
@@ -191,31 +194,44 @@ class IoBufferPool:
         return torch.frombuffer(block, dtype=torch.uint8).view(dtype)[:numel]
 
     def _refault(self, offset: int, length: int) -> None:
-        """Fault (and lock, when the region is locked) the released pages of [offset, offset+length)
-        back in, under the mutex: the block is resident before anyone transfers into it."""
-        first = offset // PAGE
-        pages = self._released[first:first + length // PAGE]
+        """Fault (and lock, when the region is locked) the released pages of the huge pages under
+        [offset, offset+length) back in, under the mutex: the block is resident before anyone
+        transfers into it.  Whole huge pages, as they were released: touching one 4 KiB page of a
+        released huge page brings the whole of it back."""
+        first = offset // HUGE_PAGE * HUGE_PAGE // PAGE
+        stop = min(self.capacity, round_up(offset + length, HUGE_PAGE)) // PAGE
+        pages = self._released[first:stop]
         for start, end in _runs(pages, True):
             at, nbytes = (first + start) * PAGE, (end - start) * PAGE
-            if "locked" not in self.properties or _lib().mlock(self.address + at, nbytes) != 0:
-                if "locked" in self.properties:
+            if self._relock and _lib().mlock(self.address + at, nbytes) == 0:
+                self.refaulted += nbytes  # mlock faults the pages in
+            else:
+                if self._relock:  # refused: this and later refaults go unlocked, and the kind says so
                     err = ctypes.get_errno()
+                    self._relock = False
+                    self.properties.remove("locked")
                     _warn_once(f"{_lock_advice(self.capacity)} (re-locking {nbytes} B after release_idle: "
                                f"{errno.errorcode.get(err, err)})")
-                self._array[at:at + nbytes].reshape(-1, PAGE)[:, 0] = 0  # fault in, unlocked
+                if "prefaulted" in self.properties or self._locked:  # else pages fault in with use
+                    self._array[at:at + nbytes].reshape(-1, PAGE)[:, 0] = 0
+                    self.refaulted += nbytes
             pages[start:end] = False
             self.released_bytes -= nbytes
-            self.refaulted += nbytes
+
+    @property
+    def releasable(self) -> bool:
+        """Whether ``release_idle`` may release anything: not for a pinned region (the
+        accelerator's allocator owns its pages), one locked with ``lock="required"`` (re-locking
+        could be refused later) or a closed pool."""
+        return "pinned" not in self.properties and self.lock_mode != "required" and self._array is not None
 
     def release_idle(self, min_bytes: int = HUGE_PAGE) -> int:
         """Hand the pages of every free range back to the kernel (unlock, ``MADV_DONTNEED``): the
         whole huge pages of ranges spanning at least ``min_bytes``.  ``take`` faults them in again.
-        Returns the bytes released; 0 for a pinned region (the accelerator's allocator owns its
-        pages), a region locked with ``lock="required"`` (re-locking could be refused later) or a
-        closed pool.  Blocks given back later keep their pages: releasing those too
+        Returns the bytes released; 0 when not ``releasable``.  Blocks given back later keep their pages: releasing those too
         (measured for each backward) refaulted about 1 GB per step, and with huge pages faulted
         under ``defrag=madvise`` steps then took 2 to 9 s instead of 3."""
-        if "pinned" in self.properties or self.lock_mode == "required" or self._array is None:
+        if not self.releasable:
             return 0
         with self._mutex:
             before = self.released_bytes
@@ -235,13 +251,13 @@ class IoBufferPool:
         pages = self._released[begin // PAGE:end // PAGE]
         for start, stop in _runs(pages, False):
             at, nbytes = begin + start * PAGE, (stop - start) * PAGE
-            if "locked" in self.properties:
+            if self._locked:
                 _lib().munlock(self.address + at, nbytes)  # MADV_DONTNEED refuses locked pages
             if _lib().madvise(self.address + at, nbytes, mmap.MADV_DONTNEED) != 0:
                 err = ctypes.get_errno()
                 logger.debug("madvise(MADV_DONTNEED) of %d B of the IO pool failed (%s); kept", nbytes,
                              errno.errorcode.get(err, err))
-                if "locked" in self.properties:
+                if self._relock:
                     _lib().mlock(self.address + at, nbytes)
                 continue
             pages[start:stop] = True

@@ -61,6 +61,8 @@ def test_the_release_comparison_pairs_runs_by_round():
     e = nvme_vs_deepspeed.release_effect(runs)
     assert e["s_per_step_per_round"] == [0.5, 1.0] and e["s_per_step_median"] == 0.75
     assert e["peak_rss_per_round"] == [0.9, 0.8] and e["peak_rss_saved_bytes_per_round"] == [10, 20]
+    unpaired = {"hetmem": [_run(0, [99.0, 2.0], 8.0, 90)], "hetmem_kept": [_run(1, [99.0, 3.0], 8.0, 100)]}
+    assert nvme_vs_deepspeed.release_effect(unpaired) is None
 
 
 def test_the_accelerator_path_runs_on_the_simulated_device(monkeypatch):

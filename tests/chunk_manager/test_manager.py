@@ -94,6 +94,7 @@ def test_a_budget_function_is_asked_again_once_copies_off_the_device_have_landed
     # a function that still says no after the landing is asked once more, not forever
     with pytest.raises(DeviceBudgetError, match="raise device_budget"):
         manager.make_room(2 * n, budget, policy, why="test")
+    assert asked[2:] == [False, False], "asked on entry and once more, then the error"
     for c in chunks[:2]:
         manager.unpin(c)
 

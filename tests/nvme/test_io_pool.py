@@ -267,3 +267,27 @@ def test_a_pool_locked_as_required_keeps_its_pages():
         pytest.skip(f"RLIMIT_MEMLOCK ({limit} B) is below 4 MiB here")
     pool = IoBufferPool(4 << 20, lock="required")
     assert pool.release_idle() == 0 and resident_pages(pool) == pool.capacity // PAGE
+
+
+def test_an_unlocked_pool_faults_released_huge_pages_back_whole():
+    """Touching one 4 KiB page of a released huge page brings the whole of it back: the pool's
+    figures must say so, and a later release must drop it whole again."""
+    MiB = 1 << 20
+    pool = IoBufferPool(8 * MiB, lock="off")
+    assert pool.release_idle() == 8 * MiB and resident_pages(pool) == 0
+    small = pool.take(PAGE)
+    assert pool.refaulted == 2 * MiB and pool.released_bytes == 6 * MiB
+    assert resident_pages(pool) * PAGE <= 2 * MiB
+    del small
+    assert pool.release_idle() == 2 * MiB and pool.released_bytes == 8 * MiB
+    assert resident_pages(pool) == 0, "every page the pool counts as released is out of memory"
+
+
+def test_an_unprefaulted_pool_does_not_count_pages_it_never_faulted():
+    MiB = 1 << 20
+    pool = IoBufferPool(4 * MiB, prefault=False, lock="off")
+    assert pool.release_idle() == 4 * MiB
+    block = pool.take(MiB)
+    assert pool.refaulted == 0 and pool.released_bytes == 2 * MiB, "pages fault in with use there"
+    block.fill_(1)
+    assert int(block.sum()) == MiB
