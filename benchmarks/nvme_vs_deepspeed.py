@@ -258,10 +258,16 @@ def measure(args, progress=None) -> dict:
     return out
 
 
+def paired_by_round(runs: dict, first: str, second: str) -> list[tuple[dict, dict]]:
+    """(``first``'s run, ``second``'s run) of every round where both succeeded, in ``first``'s order."""
+    seconds = {r["round"]: r for r in runs[second] if r["ok"]}
+    return [(r, seconds[r["round"]]) for r in runs[first] if r["ok"] and r["round"] in seconds]
+
+
 def release_effect(runs: dict) -> dict | None:
     """hetmem (idle IO pages released for each backward) over hetmem_kept, paired by round; None
     when no round has both."""
-    pairs = [(a, b) for a in runs["hetmem"] for b in runs["hetmem_kept"] if a["round"] == b["round"] and a["ok"] and b["ok"]]
+    pairs = paired_by_round(runs, "hetmem", "hetmem_kept")
     if not pairs:
         return None
     time = [statistics.median(a["step_seconds"][1:]) / statistics.median(b["step_seconds"][1:]) for a, b in pairs]
@@ -289,14 +295,8 @@ def summarize(results: list[dict]) -> dict:
 
 def ratios(h: dict, d: dict, runs: dict) -> dict:
     """hetmem/DeepSpeed: of the medians, and per round (the spread)."""
-    by_round = {}
-    for name in ("hetmem", "deepspeed"):
-        for r in runs[name]:
-            if r["ok"]:
-                by_round.setdefault(r["round"], {})[name] = r
-    per_round = [statistics.median(pair["hetmem"]["step_seconds"][1:]) /
-                 statistics.median(pair["deepspeed"]["step_seconds"][1:])
-                 for pair in by_round.values() if len(pair) == 2]
+    per_round = [statistics.median(a["step_seconds"][1:]) / statistics.median(b["step_seconds"][1:])
+                 for a, b in paired_by_round(runs, "hetmem", "deepspeed")]
     time_ratio = h["s_per_step_median"] / d["s_per_step_median"]
     rss_ratio = h["peak_rss_median"] / d["peak_rss_median"]
     return {"s_per_step": time_ratio, "s_per_step_per_round": per_round,

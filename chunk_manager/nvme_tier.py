@@ -9,8 +9,8 @@ the whole run: page-aligned, huge pages asked for, faulted in, locked (``nvme_lo
 pinned by the accelerator.  Its cap is the host bytes chunks may hold (host_budget, at most every
 chunk) plus two of the largest chunks of headroom (payloads kept alive by a view past their
 chunk's accounting, and a staging buffer for the checkpoint's reads and writes from buffers of
-its own), rounded up to whole 2 MiB huge pages.  Past the cap a payload is allocated outside the pool, logged once and counted
-(``buffer_stats()["outside_pool"]``).
+its own), rounded up to whole 2 MiB huge pages.  Past the cap a payload is allocated outside the
+pool, logged once and counted (``buffer_stats()["outside_pool"]``).
 ``nvme_valid`` on a chunk says its blob holds its current bytes: spilling such a chunk writes
 nothing.
 

@@ -228,9 +228,9 @@ class IoBufferPool:
     def release_idle(self, min_bytes: int = HUGE_PAGE) -> int:
         """Hand the pages of every free range back to the kernel (unlock, ``MADV_DONTNEED``): the
         whole huge pages of ranges spanning at least ``min_bytes``.  ``take`` faults them in again.
-        Returns the bytes released; 0 when not ``releasable``.  Blocks given back later keep their pages: releasing those too
-        (measured for each backward) refaulted about 1 GB per step, and with huge pages faulted
-        under ``defrag=madvise`` steps then took 2 to 9 s instead of 3."""
+        Returns the bytes released; 0 when not ``releasable``.  Blocks given back later keep their
+        pages: releasing those too (measured for each backward) refaulted about 1 GB per step, and
+        with huge pages faulted under ``defrag=madvise`` steps then took 2 to 9 s instead of 3."""
         if not self.releasable:
             return 0
         with self._mutex:
