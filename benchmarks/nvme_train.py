@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "step by step; 0: none")
     p.add_argument("--chunk-size", default="auto", help="chunk_size: the NVMe pipeline's unit (elements, bytes, 'auto')")
     p.add_argument("--pipeline-depth", default="auto", help="nvme_pipeline_depth: groups the step reads ahead")
+    p.add_argument("--spill-ahead", type=int, default=None,
+                   help="nvme_spill_ahead: groups past the read-ahead whose room each update makes (default: its default)")
     p.add_argument("--lock-buffers", default="auto", choices=("auto", "required", "off"), help="nvme_lock_buffers")
     p.add_argument("--release-idle", default="auto", choices=("auto", "true", "false"),
                    help="nvme_release_idle: hand the IO pool's idle pages back for each backward")
@@ -177,6 +179,7 @@ def measure(args, progress=None) -> dict:
     config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
                            nvme_dir=directory, dtype=args.dtype, memory_trace=False, chunk_size=chunk_size,
                            nvme_pipeline_depth=depth, nvme_lock_buffers=args.lock_buffers,
+                           **({} if args.spill_ahead is None else {"nvme_spill_ahead": args.spill_ahead}),
                            nvme_release_idle={"auto": "auto", "true": True, "false": False}[args.release_idle],
                            overlap_step=False,  # the main run times the step alone (overlap_gain: both)
                            optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))

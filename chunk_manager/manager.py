@@ -161,8 +161,8 @@ class ChunkManager:
         label = f"{chunk.name} {src.value}->{dst.value}"
         if dst is Tier.NVME:
             source = chunk.payload
-            self._account(Tier.NVME, chunk, +1)
             if chunk.nvme_valid:  # the blob is current: spilling writes nothing
+                self._account(Tier.NVME, chunk, +1)
                 self._account(Tier.HOST, chunk, -1)
                 self.pool.give(Tier.HOST, source)
                 chunk.payload, chunk.tier = None, Tier.NVME
@@ -178,14 +178,13 @@ class ChunkManager:
                 chunk.tier, chunk.payload, chunk.transfer = Tier.HOST, source, None  # the bytes are still here
                 logger.error("storing %s to NVMe failed; it stays in host memory: %s", chunk.name, exc)
 
-            request = self.nvme.store(chunk, source)
+            request = self.nvme.store(chunk, source)  # (raising, it changed nothing: the chunk stays here)
+            self._account(Tier.NVME, chunk, +1)
             transfer = Transfer.for_request(request, label, chunk.nbytes, route=(src, dst), keepalive=(source,),
                                             on_done=stored, on_error=store_failed)
             chunk.tier, chunk.payload, chunk.transfer = Tier.NVME, None, transfer
         else:
             target = self.pool.take(Tier.HOST, chunk.dtype, chunk.capacity)
-            self._account(Tier.HOST, chunk, +1)
-            self._account(Tier.NVME, chunk, -1)
 
             def load_failed(exc: BaseException, chunk=chunk) -> None:
                 self._account(Tier.HOST, chunk, -1)
@@ -193,7 +192,13 @@ class ChunkManager:
                 chunk.tier, chunk.payload, chunk.transfer = Tier.NVME, None, None
                 logger.error("loading %s from NVMe failed: %s", chunk.name, exc)
 
-            request = self.nvme.load(chunk, target)
+            try:
+                request = self.nvme.load(chunk, target)
+            except BaseException:  # nothing was issued: the chunk stays on NVMe, its buffer goes back
+                self.pool.give(Tier.HOST, target)
+                raise
+            self._account(Tier.HOST, chunk, +1)
+            self._account(Tier.NVME, chunk, -1)
             if optional:
                 request = _Optional(request, chunk.name, "reading")
             loaded = _failed_read_handler(request, load_failed) if optional else None
@@ -329,7 +334,7 @@ class ChunkManager:
             over = self.bytes_on(Tier.HOST) + nbytes - self.host_limit
             if over <= 0:
                 return
-            landing = [c for c in self.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
+            landing = self.stores_in_flight()
             deficit = over - sum(c.nbytes for c in landing)
             if deficit > 0:
                 candidates = [c for c in self.chunks if c.tier is Tier.HOST and c.pins == 0 and not c.resident
@@ -398,6 +403,10 @@ class ChunkManager:
                 chunk.transfer = None
                 if transfer.error is not None:
                     raise transfer.error
+
+    def stores_in_flight(self) -> list[Chunk]:
+        """Chunks being stored from host memory to NVMe: their host bytes are freed as they land."""
+        return [c for c in self.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
 
     def _evictions_in_flight(self) -> list[Chunk]:
         return [c for c in self.chunks if c.transfer is not None and c.transfer.route[:1] == (Tier.DEVICE,)]

@@ -164,7 +164,7 @@ class NvmeTier:
         """Free pool ranges towards one of ``nbytes``: wait for a store in flight (its payload is
         freed when it lands: no new IO), else spill a host chunk; False when nothing can go."""
         manager = self.manager
-        landing = [c for c in manager.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
+        landing = manager.stores_in_flight()
         if landing:
             manager.wait(landing[0])
         else:

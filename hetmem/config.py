@@ -19,7 +19,7 @@ from typing import Any, Mapping, Union
 
 from hetmem.accelerator import validate_device_name
 from hetmem.nvme.io_pool import LOCK_MODES  # nvme_lock_buffers values
-from hetmem.nvme.pipeline_plan import check_depth_setting
+from hetmem.nvme.pipeline_plan import SPILL_AHEAD, check_depth_setting, check_spill_ahead
 from hetmem.units import parse_size
 
 AUTO = "auto"
@@ -110,6 +110,8 @@ class Config:
     nvme_release_idle: bool | str = AUTO     # hand the IO buffers' idle pages back to the OS for each backward:
                                              # "auto" (when the compute device is the CPU) | true | false
     nvme_pipeline_depth: int | str = AUTO    # chunk groups the NVMe optimizer step reads ahead: "auto" | int >= 1
+    nvme_spill_ahead: int = SPILL_AHEAD      # groups past the read-ahead whose room each update makes (stores
+                                             # started early): int 0..8, 0 = when a read needs it
     activation_offload: str = AUTO           # "auto": saved activations to host memory when the
                                              # budget needs it (hetmem/activations); "off": never
 
@@ -170,6 +172,7 @@ class Config:
             _fail("nvme_lock_buffers", self.nvme_lock_buffers,
                   "use 'auto' (lock, or warn and go on unlocked), 'required' (an error when mlock is refused) or 'off'")
         check_depth_setting(self.nvme_pipeline_depth)
+        check_spill_ahead(self.nvme_spill_ahead)
         if self.nvme_release_idle != AUTO and not isinstance(self.nvme_release_idle, bool):
             _fail("nvme_release_idle", self.nvme_release_idle,
                   "use 'auto' (release when the compute device is the CPU, whose activations share host RAM "

@@ -120,6 +120,7 @@ class Engine:
                                 and self.data_parallel is None,   # data parallel: never overlapped
                                 shard=None if self.data_parallel is None else
                                 self.data_parallel.sharded_step(self.manager, lambda: self.tracer.store.schedule))
+        self.adam.pipeline.spill_ahead = config.nvme_spill_ahead  # room for reads made an update early
         self.pipeline_tuner = None  # re-plans the NVMe step's depth from measured steps (nvme/pipeline_tuner.py)
         if self.nvme_plan is not None:  # groups read from NVMe ahead of the one updated
             self._use_plan(self.nvme_plan)

@@ -12,7 +12,11 @@ hetmem/nvme/pipeline_plan.py).  The plan keeps room for ``read_ahead`` of the la
 where the groups read ahead are smaller (a layer norm's, a 4 MiB projection's), the groups
 after them are read too, within that room and only where it is free or held by updated
 groups' state (``_read_ahead``), so the disk is not left idle behind a small group (the
-synchronous step only: overlapped, the next forward needs that room).
+synchronous step only: overlapped, the next forward needs that room).  After each group's
+update the pipeline also starts the stores that the next ``spill_ahead`` groups' reads will
+need room for (``_spill_ahead``: updated groups' optimizer state and gradients, which the
+budget would spill next anyway), so a read finds its room freed instead of waiting for a store
+issued just before it, and the disk has writes queued while the training thread runs Adam.
 
 Synchronous (``overlap_step: false``, no NVMe tier, or distributed): ``engine.step()`` runs
 the pipeline to the end.  Overlapped (the default with the NVMe tier): ``engine.step()`` only
@@ -54,6 +58,7 @@ from hetmem.chunk_manager.chunk import Chunk, ChunkGroup
 from hetmem.chunk_manager.manager import ChunkManager
 from hetmem.chunk_manager.spill import KIND_ORDER
 from hetmem.chunk_manager.states import ChunkKind, Tier
+from hetmem.nvme.pipeline_plan import SPILL_AHEAD
 
 logger = logging.getLogger("hetmem.step_pipeline")
 
@@ -117,6 +122,8 @@ class StepPipeline:
         # the largest group's bytes (the NVMe plan's unit): set, a synchronous step reads ahead
         # that many groups' worth of bytes, so small groups do not leave the disk idle (_read_ahead)
         self.group_bytes: int | None = None
+        # groups whose reads get their room made one update ahead (0: when the read needs it)
+        self.spill_ahead = SPILL_AHEAD
 
     def issue(self, pending: PendingStep) -> None:
         """Start reading the first groups' chunks (returns at once)."""
@@ -143,19 +150,30 @@ class StepPipeline:
                     self._read_ahead(groups, i + 1, self.read_ahead, pending.overlapped)
                     self.update_group(groups[i], pending.grad_scale)
             except OSError as exc:
-                pending.interrupted = True
-                where = "the next forward or " if pending.overlapped else ""
-                raise OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {i} of "
-                                         f"{len(groups)} chunk groups ({exc}); no bytes were lost, but this step is "
-                                         f"only partly applied: {where}call engine.step() again to apply the rest "
-                                         f"(exact), or load the last checkpoint",
-                              getattr(exc, "filename", None)) from exc
+                raise self._interrupted(pending, i, exc) from exc
             except BaseException:
                 pending.interrupted = True
                 raise
             pending.interrupted = False
             pending.next = i + 1
             logger.debug("step applied to chunk group %d (%d of %d)", groups[i].index, i + 1, len(groups))
+            try:  # after next moved on: group i is applied whatever happens here
+                self._spill_ahead(groups, i)
+            except OSError as exc:
+                raise self._interrupted(pending, i + 1, exc) from exc
+            except BaseException:
+                pending.interrupted = True
+                raise
+
+    @staticmethod
+    def _interrupted(pending: PendingStep, updated: int, exc: OSError) -> OSError:
+        """The error to raise for an IO error after ``updated`` groups of ``pending`` were applied."""
+        pending.interrupted = True
+        where = "the next forward or " if pending.overlapped else ""
+        return OSError(exc.errno, f"the optimizer step was interrupted by an IO error after updating {updated} of "
+                                  f"{len(pending.groups)} chunk groups ({exc}); no bytes were lost, but this step "
+                                  f"is only partly applied: {where}call engine.step() again to apply the rest "
+                                  f"(exact), or load the last checkpoint", getattr(exc, "filename", None))
 
     def _work(self, pending: PendingStep, body: Callable[[], None]) -> None:
         """Run ``body``, counting its time, blocked time and bytes moved into ``pending``."""
@@ -183,7 +201,8 @@ class StepPipeline:
             return
         budget = self.read_ahead * self.group_bytes - sum(g.nbytes for g in groups[stop - self.read_ahead:stop])
         manager = self.manager
-        # updated groups (before the one being updated, start - 1): their state may make room
+        # updated groups (before the one being updated, start - 1): their state may make room, and
+        # the stores in flight (``_spill_ahead``'s) free theirs as they land
         reclaimable = sum(_spillable_state_bytes(g) for g in groups[:max(0, start - 1)])
         for group in groups[stop:]:
             budget -= group.nbytes
@@ -191,12 +210,50 @@ class StepPipeline:
                 return
             missing = [c for c in set(self.operand_chunks(group).values())
                        if c.tier is Tier.NVME and c.transfer is None]
-            over = manager.bytes_on(Tier.HOST) + sum(c.nbytes for c in missing) - manager.host_limit
+            landing = sum(c.nbytes for c in manager.stores_in_flight())
+            over = (manager.bytes_on(Tier.HOST) - landing + sum(c.nbytes for c in missing)
+                    - manager.host_limit)
             if over > reclaimable:
                 return  # it would push out parameters or state still to be updated
             reclaimable -= max(0, over)
             for chunk in missing:
                 manager.move(chunk, Tier.HOST, cause="optimizer")
+
+    def _spill_ahead(self, groups: list[ChunkGroup], current: int) -> int:
+        """Group ``current`` was just updated: start the stores that the reads of the next
+        ``spill_ahead`` groups past the read-ahead will need room for, so that each read finds
+        its room freed (or freeing) instead of issuing a store and waiting for it to land while
+        the disk has nothing else queued.  Only chunks of groups this step has updated go, in the
+        step's spill order (the one a read making its own room would use): their optimizer state
+        (written once per step anyway) and gradients; never parameters, never a group still to
+        be updated, and only as many bytes as those reads lack once the stores already in flight
+        land.  Waits for nothing.  Returns the bytes of the chunks it sent to NVMe.
+
+        Unlike writing every updated group back at once (README "Training with state on NVMe":
+        tried and dropped), nothing is written that the budget would not have spilled a moment
+        later; the stores are only started one update earlier."""
+        manager = self.manager
+        first = current + 1 + self.read_ahead  # the group the next update's read-ahead reads
+        if not self.spill_ahead or manager.nvme is None or manager.host_limit is None or first >= len(groups):
+            return 0
+        need = sum(c.nbytes for g in groups[first:first + self.spill_ahead]
+                   for c in set(self.operand_chunks(g).values()) if c.tier is Tier.NVME)
+        landing = sum(c.nbytes for c in manager.stores_in_flight())
+        over = manager.bytes_on(Tier.HOST) - landing + need - manager.host_limit
+        if over <= 0:
+            return 0
+        updated = {g.index for g in groups[:current + 1]}
+        candidates = sorted((c for c in manager.chunks if c.group.index in updated and c.kind is not ChunkKind.PARAM
+                             and c.tier is Tier.HOST and not c.pins and not c.resident and c.transfer is None),
+                            key=self._spill_order(groups, current + 1))
+        started = 0
+        for victim in candidates:
+            if over <= 0:
+                break
+            manager.move(victim, Tier.NVME, cause="spill")
+            over -= victim.nbytes
+            started += victim.nbytes
+        return started
 
     def _read_ahead_from(self, groups: list[ChunkGroup], start: int, stop: int) -> None:
         for group in groups[start:stop]:

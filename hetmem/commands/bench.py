@@ -18,6 +18,7 @@ BENCHMARKS = {
     "trace": "trace_overhead",
     "activations": "activation_offload",
     "nvme-train": "nvme_train",
+    "nvme-pipeline": "nvme_pipeline_plan",
     "vs-deepspeed": "nvme_vs_deepspeed",
     "memory": "memory_overhead",
     "gpu": "gpu_acceptance",
