@@ -79,9 +79,10 @@ MAX_AUTO_DEPTH = 8       # "auto" reads at most this many groups ahead
 REPLAN_MARGIN = 0.25     # groups the measured need must pass the current depth's band by to change it
 # nvme_spill_ahead: after each update, the step starts the stores that this many groups' reads past
 # the read-ahead will need room for (hetmem/step_pipeline.py ``_spill_ahead``).  The 151.5M GPT of
-# benchmarks/nvme_train.py, synchronous step, two engines stepped in turn: at a 384 MiB host
-# budget the disk sat idle 4.5% of the step against 11.8% without, step 0.95x (paired median);
-# 3 was slower than 2 (1.04x); at 256 MiB, where little host room is free, 2 was even (1.01x).
+# benchmarks/nvme_train.py at a 384 MiB host budget, synchronous step (README "Training with state
+# on NVMe"): the disk sat idle 2.7-4.1% of the step against 9.2-11.4% without, and the step reached
+# 87-90% of its own replay against 74-75%; end to end (benchmarks/nvme_pipeline_plan.py, engines
+# stepped in turn) even within the noise at 256, 384 and 768 MiB (0.94-1.03x the step).
 SPILL_AHEAD = 2
 MAX_SPILL_AHEAD = 8
 
