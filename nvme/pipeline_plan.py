@@ -81,7 +81,7 @@ REPLAN_MARGIN = 0.25     # groups the measured need must pass the current depth'
 # the read-ahead will need room for (hetmem/step_pipeline.py ``_spill_ahead``).  The 151.5M GPT of
 # benchmarks/nvme_train.py at a 384 MiB host budget, synchronous step (README "Training with state
 # on NVMe"): the disk sat idle 2.7-4.1% of the step against 9.2-11.4% without, and the step reached
-# 87-90% of its own replay against 74-75%; end to end (benchmarks/nvme_pipeline_plan.py, engines
+# 87-89.6% of its own replay against 74-75%; end to end (benchmarks/nvme_pipeline_plan.py, engines
 # stepped in turn) even within the noise at 256, 384 and 768 MiB (0.94-1.03x the step).
 SPILL_AHEAD = 2
 MAX_SPILL_AHEAD = 8
