@@ -337,8 +337,7 @@ class ChunkManager:
             landing = self.stores_in_flight()
             deficit = over - sum(c.nbytes for c in landing)
             if deficit > 0:
-                candidates = [c for c in self.chunks if c.tier is Tier.HOST and c.pins == 0 and not c.resident
-                              and c.transfer is None and c.id not in protected]
+                candidates = [c for c in self.chunks if self.can_spill(c) and c.id not in protected]
                 if candidates:
                     victim = min(candidates, key=self.spill_preference or spill_key)
                     self.move(victim, Tier.NVME, cause="spill")
@@ -407,6 +406,17 @@ class ChunkManager:
     def stores_in_flight(self) -> list[Chunk]:
         """Chunks being stored from host memory to NVMe: their host bytes are freed as they land."""
         return [c for c in self.chunks if c.transfer is not None and c.transfer.route == (Tier.HOST, Tier.NVME)]
+
+    def host_excess(self, nbytes: int) -> int:
+        """Host chunk bytes past host_limit with ``nbytes`` more, once the stores in flight land."""
+        landing = sum(c.nbytes for c in self.stores_in_flight())
+        return self.bytes_on(Tier.HOST) - landing + nbytes - self.host_limit
+
+    @staticmethod
+    def can_spill(chunk: Chunk) -> bool:
+        """Whether a spill may take ``chunk`` now: in host memory, not pinned, not resident, nothing
+        in flight."""
+        return chunk.tier is Tier.HOST and chunk.pins == 0 and not chunk.resident and chunk.transfer is None
 
     def _evictions_in_flight(self) -> list[Chunk]:
         return [c for c in self.chunks if c.transfer is not None and c.transfer.route[:1] == (Tier.DEVICE,)]

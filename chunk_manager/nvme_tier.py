@@ -168,8 +168,8 @@ class NvmeTier:
         if landing:
             manager.wait(landing[0])
         else:
-            candidates = [c for c in manager.chunks if c.tier is Tier.HOST and c.pins == 0 and not c.resident
-                          and c.transfer is None and c.payload is not None and self.pool.owns(c.payload)]
+            candidates = [c for c in manager.chunks if manager.can_spill(c) and c.payload is not None
+                          and self.pool.owns(c.payload)]
             if not candidates:
                 return False
             # a chunk whose range closes the gap first, then the manager's spill order (preferring

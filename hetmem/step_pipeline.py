@@ -210,9 +210,7 @@ class StepPipeline:
                 return
             missing = [c for c in set(self.operand_chunks(group).values())
                        if c.tier is Tier.NVME and c.transfer is None]
-            landing = sum(c.nbytes for c in manager.stores_in_flight())
-            over = (manager.bytes_on(Tier.HOST) - landing + sum(c.nbytes for c in missing)
-                    - manager.host_limit)
+            over = manager.host_excess(sum(c.nbytes for c in missing))
             if over > reclaimable:
                 return  # it would push out parameters or state still to be updated
             reclaimable -= max(0, over)
@@ -238,14 +236,12 @@ class StepPipeline:
             return 0
         need = sum(c.nbytes for g in groups[first:first + self.spill_ahead]
                    for c in set(self.operand_chunks(g).values()) if c.tier is Tier.NVME)
-        landing = sum(c.nbytes for c in manager.stores_in_flight())
-        over = manager.bytes_on(Tier.HOST) - landing + need - manager.host_limit
+        over = manager.host_excess(need)
         if over <= 0:
             return 0
         updated = {g.index for g in groups[:current + 1]}
         candidates = sorted((c for c in manager.chunks if c.group.index in updated and c.kind is not ChunkKind.PARAM
-                             and c.tier is Tier.HOST and not c.pins and not c.resident and c.transfer is None),
-                            key=self._spill_order(groups, current + 1))
+                             and manager.can_spill(c)), key=self._spill_order(groups, current + 1))
         started = 0
         for victim in candidates:
             if over <= 0:

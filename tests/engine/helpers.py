@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import subprocess
 import sys
@@ -102,3 +103,22 @@ def run_resume_worker(*args) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "tests.engine.resume_worker", *map(str, args)], check=True, cwd=ROOT,
                    env=env, timeout=300)
+
+
+class FailingStore:
+    """A swap store request whose IO lands and then reports an IO error (as a short write does):
+    the bytes stay in host memory (chunk_manager/manager.py ``store_failed``)."""
+
+    def __init__(self, request, message: str = "injected write error"):
+        self.request, self.message = request, message
+
+    def done(self) -> bool:
+        return self.request.done()
+
+    def wait(self) -> None:
+        self.request.wait()
+        raise OSError(errno.EIO, self.message)
+
+    @property
+    def error(self):
+        return OSError(errno.EIO, self.message) if self.request.done() else None

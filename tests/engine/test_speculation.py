@@ -18,7 +18,7 @@ import hetmem
 from hetmem.chunk_manager.states import Tier
 from hetmem.speculation import Speculation
 from tests.engine.checkpoint_state import training_state
-from tests.engine.helpers import assert_no_pins, batches, config, pair
+from tests.engine.helpers import FailingStore, assert_no_pins, batches, config, pair
 
 HOST = "900KiB"  # a third of the model's chunk bytes (tests/engine/test_overlap_step.py)
 
@@ -199,20 +199,6 @@ def test_an_io_error_during_speculation_leaves_the_rest_to_the_step(tmp_path, mo
         engine.close()
 
 
-class _FailingWrite:
-    """A store request that lands and then reports an IO error (as a short write does)."""
-
-    def __init__(self, request):
-        self.request = request
-
-    def done(self) -> bool:
-        return self.request.done()
-
-    def wait(self) -> None:
-        self.request.wait()
-        raise OSError(errno.EIO, "injected write error")
-
-
 def test_a_failed_write_back_of_a_speculated_group_is_rolled_back_exactly(tmp_path, monkeypatch):
     """The speculated groups' write-backs fail during backward: backward raises the IO error (as
     any failed transfer it meets), the speculation is rolled back although the bytes it drops
@@ -227,7 +213,7 @@ def test_a_failed_write_back_of_a_speculated_group_is_rolled_back_exactly(tmp_pa
 
     def store(chunk, payload):  # the speculated state's writes (to shadow blobs) fail
         request = real_store(chunk, payload)
-        return _FailingWrite(request) if tier.speculative(chunk) else request
+        return FailingStore(request) if tier.speculative(chunk) else request
 
     monkeypatch.setattr(tier, "store", store)
     with pytest.raises(OSError, match="injected write error"):

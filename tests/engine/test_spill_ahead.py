@@ -17,7 +17,7 @@ import hetmem
 from hetmem.chunk_manager.states import ChunkKind, Tier
 from tests.engine.checkpoint_state import assert_same_state, training_state
 
-from .helpers import assert_no_pins, batches, config, pair, train_engine
+from .helpers import FailingStore, assert_no_pins, batches, config, pair, train_engine
 
 HOST = "26MiB"  # about half the chunk bytes (bf16, tests/engine/test_release_idle.py): the step spills
 
@@ -122,31 +122,12 @@ def _raise_at_once(chunk, dst, cause, move):
     raise OSError(errno.EIO, "injected IO error")
 
 
-class _FailedStore:
-    """A store request whose IO completes and then reports an IO error (the bytes stay in host
-    memory: chunk_manager/manager.py ``store_failed``)."""
-
-    def __init__(self, request):
-        self._request = request
-
-    def done(self) -> bool:
-        return self._request.done()
-
-    def wait(self) -> None:
-        self._request.wait()
-        raise OSError(errno.EIO, "injected IO error (the store failed)")
-
-    @property
-    def error(self):
-        return OSError(errno.EIO, "injected IO error (the store failed)") if self._request.done() else None
-
-
 def _fail_when_it_lands(engine):
     tier = engine.manager.nvme
 
     def fail(chunk, dst, cause, move):
         store = tier.store
-        tier.store = lambda c, payload: _FailedStore(store(c, payload))
+        tier.store = lambda c, payload: FailingStore(store(c, payload), "injected IO error (the store failed)")
         try:
             return move(chunk, dst, cause=cause)
         finally:
