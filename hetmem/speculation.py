@@ -6,8 +6,9 @@ update is known except for what is global: the non-finite skip, fp16 overflow, c
 (README "Reliability").  ``Speculation`` applies it then anyway, with the arguments the step
 would use (loss scale, the param groups' hyperparameters read when backward starts), reading
 the groups' master weights and Adam moments from NVMe ahead of backward's order (last groups
-first: the next group's reads make room, the ones after it stay within ``READ_SHARE`` of
-host_budget) and writing the updated state back at once, so
+first: the next group's reads make room; the ``EXTRA_READ_AHEAD`` + read-ahead groups after it
+stay within ``READ_SHARE`` of host_budget, the stores that make that room started at once and
+their reads issued at a later moment) and writing the updated state back at once, so
 the disk works through the whole backward.  ``engine.step()`` then commits it or rolls it back;
 what speculation did not reach (the first layers, whose gradients complete last) is applied by
 the waiting pipeline (hetmem/step_pipeline.py) during the next forward.
@@ -42,12 +43,17 @@ from typing import Callable
 from hetmem.chunk_manager.chunk import ChunkGroup, ParamSlot
 from hetmem.chunk_manager.spill import spill_key
 from hetmem.chunk_manager.states import ChunkKind, TensorState, Tier
+from hetmem.step_pipeline import STATE_KINDS
 
 logger = logging.getLogger("hetmem.speculation")
 
 # speculation's reads for the groups after the next one fill at most this share of host_budget
-# (backward's own reads use the rest); the next group's make room if needed
-READ_SHARE = 0.75
+# (backward's own moves use the rest); the next group's make room if needed.  0.9 and one group
+# more than the step's read-ahead, with room made: 0.87-0.95x the iteration of 0.75, none more
+# and no room made, at 384 and 768 MiB (benchmarks/speculation_read_ahead.py; README
+# "Speculation's read-ahead"; 1.03-1.04x at 256 MiB); 0.85 and 1.0 gained less
+READ_SHARE = 0.9
+EXTRA_READ_AHEAD = 1
 
 
 def shadow_kinds(mixed: bool) -> tuple[ChunkKind, ...]:
@@ -119,6 +125,9 @@ class Speculation:
         self.speculated = self.rolled_back = self.passed = self.last_speculated = self.written_back = 0
         self.work_s = 0.0
         self.work = _Work()               # this backward's, until charged to its step
+        # the read-ahead past the next group (_read_ahead; benchmarks/speculation_read_ahead.py
+        # sets the round-before values on one of its engines)
+        self.read_share, self.extra_read_ahead, self.room_ahead = READ_SHARE, EXTRA_READ_AHEAD, True
         if mode is not None:
             grads.on_arrival = self._on_arrival
 
@@ -278,24 +287,55 @@ class Speculation:
 
     def _read_ahead(self) -> None:
         """Read the next groups' (in backward's order) operands: the next one's wherever host memory
-        is (spilling by ``_spill_key``), the ones after it within READ_SHARE of host_budget."""
+        is (spilling by ``_spill_key``), each of the ``read_ahead + extra_read_ahead`` after it once
+        all of its reads fit ``read_share`` of host_budget.  When they do not, the stores that make
+        that room are started (``_make_room``) and the reads wait for a later moment: the disk
+        writes the room while backward computes, instead of after the next update."""
         manager = self.manager
-        wanted = self.adam.pipeline.read_ahead + 1
-        limit = None  # the next group's reads make room (spill order: _spill_key)
-        for group in self.order[self.cursor:]:
-            if wanted <= 0:
-                return
-            if not self._committed_current(group):
-                continue
-            wanted -= 1
+        window = self._window()
+        for i, group in enumerate(window):
             self._write_back(group)
-            for chunk in sorted(set(self.adam._operand_chunks(group).values()), key=lambda c: c.id):
-                if chunk.tier is not Tier.NVME or chunk.transfer is not None:
-                    continue
-                if limit is not None and manager.bytes_on(Tier.HOST) + chunk.nbytes > limit:
+            chunks = sorted({c for c in self.adam._operand_chunks(group).values()
+                             if c.tier is Tier.NVME and c.transfer is None}, key=lambda c: c.id)
+            if i and chunks:
+                need, limit = sum(c.nbytes for c in chunks), manager.host_limit * self.read_share
+                if manager.bytes_on(Tier.HOST) + need > limit:
+                    if self.room_ahead:
+                        self._make_room(need, limit, {g.index for g in window})
                     return
+            for chunk in chunks:
                 manager.move(chunk, Tier.HOST, cause="optimizer", optional=True)  # a failure: left to the step
-            limit = manager.host_limit * READ_SHARE  # the groups after it: a share
+
+    def _window(self) -> list[ChunkGroup]:
+        """The groups read ahead: the next ones in backward's order that can be speculated."""
+        wanted = self.adam.pipeline.read_ahead + 1 + self.extra_read_ahead
+        window = []
+        for group in self.order[self.cursor:]:
+            if len(window) == wanted:
+                break
+            if self._committed_current(group):
+                window.append(group)
+        return window
+
+    def _make_room(self, nbytes: int, limit: float, keep: set[int]) -> None:
+        """Start storing optimizer state (Adam moments and master weights; never parameters or
+        gradients, never a group in ``keep``), in the speculation's spill order, until ``nbytes``
+        more fit ``limit`` once the stores in flight land; nothing when those would not be
+        enough.  Waits for nothing: what it stores is updated already (written once per step
+        anyway) or state that a spill would write when backward or the next reads need the room."""
+        manager = self.manager
+        over = manager.host_excess(nbytes) + manager.host_limit - limit
+        if over <= 0:
+            return
+        candidates = [c for c in manager.chunks if c.kind in STATE_KINDS and c.group.index not in keep
+                      and manager.can_spill(c)]
+        if sum(c.nbytes for c in candidates) < over:
+            return  # the room is not there to make (parameters fill host_budget): store nothing
+        for chunk in sorted(candidates, key=self._spill_key()):
+            if over <= 0:
+                break
+            manager.move(chunk, Tier.NVME, cause="spill")
+            over -= chunk.nbytes
 
     def _on_arrival(self, slot: ParamSlot) -> None:
         """A gradient is about to be routed: one for a group updated already (more than the

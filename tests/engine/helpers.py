@@ -122,3 +122,35 @@ class FailingStore:
     @property
     def error(self):
         return OSError(errno.EIO, self.message) if self.request.done() else None
+
+
+def watch_sends(engine, owner, name: str, describe) -> dict:
+    """Wrap ``owner.<name>`` and ``engine.manager.move``: each move made inside a call of that
+    method goes to ``seen["sent"]`` as ``describe(chunk, dst, call_args)``, host bytes past
+    host_budget after any move to ``seen["over_budget"]``; ``seen["calls"]`` counts the calls."""
+    from hetmem.chunk_manager.states import Tier
+
+    manager = engine.manager
+    seen = {"sent": [], "over_budget": [], "calls": 0}
+    method, move = getattr(owner, name), manager.move
+    inside: list[tuple] = []
+
+    def watched(*args):
+        seen["calls"] += 1
+        inside.append(args)
+        try:
+            return method(*args)
+        finally:
+            inside.pop()
+
+    def watched_move(chunk, dst, *, cause, optional=False):
+        if inside:
+            seen["sent"].append(describe(chunk, dst, inside[-1]))
+        transfer = move(chunk, dst, cause=cause, optional=optional)
+        if manager.bytes_on(Tier.HOST) > manager.host_limit:
+            seen["over_budget"].append(manager.bytes_on(Tier.HOST))
+        return transfer
+
+    setattr(owner, name, watched)
+    manager.move = watched_move
+    return seen

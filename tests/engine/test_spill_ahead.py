@@ -11,13 +11,12 @@ import errno
 import re
 
 import pytest
-import torch
 
 import hetmem
 from hetmem.chunk_manager.states import ChunkKind, Tier
 from tests.engine.checkpoint_state import assert_same_state, training_state
 
-from .helpers import FailingStore, assert_no_pins, batches, config, pair, train_engine
+from .helpers import FailingStore, assert_no_pins, batches, config, pair, train_engine, watch_sends
 
 HOST = "26MiB"  # about half the chunk bytes (bf16, tests/engine/test_release_idle.py): the step spills
 
@@ -33,30 +32,12 @@ def _engine(tmp_path, name: str, **overrides) -> hetmem.Engine:
 def _watch(engine) -> dict:
     """Record every chunk ``_spill_ahead`` sends to NVMe (its kind, its group's position in the
     step, the group just updated) and host bytes over host_budget at any move."""
-    pipeline, manager = engine.adam.pipeline, engine.manager
-    seen = {"sent": [], "over_budget": [], "calls": 0}
-    spill_ahead, move = pipeline._spill_ahead, manager.move
-    inside = {"current": None, "position": {}}
+    def describe(chunk, dst, args):
+        groups, current = args
+        position = {g.index: i for i, g in enumerate(groups)}
+        return chunk.kind, position.get(chunk.group.index), current, dst
 
-    def watched_spill_ahead(groups, current):
-        seen["calls"] += 1
-        inside["current"], inside["position"] = current, {g.index: i for i, g in enumerate(groups)}
-        try:
-            return spill_ahead(groups, current)
-        finally:
-            inside["current"] = None
-
-    def watched_move(chunk, dst, *, cause, optional=False):
-        if inside["current"] is not None:
-            seen["sent"].append((chunk.kind, inside["position"].get(chunk.group.index), inside["current"], dst))
-        transfer = move(chunk, dst, cause=cause, optional=optional)
-        if manager.bytes_on(Tier.HOST) > manager.host_limit:
-            seen["over_budget"].append(manager.bytes_on(Tier.HOST))
-        return transfer
-
-    pipeline._spill_ahead = watched_spill_ahead
-    manager.move = watched_move
-    return seen
+    return watch_sends(engine, engine.adam.pipeline, "_spill_ahead", describe)
 
 
 CASES = {  # dtype, overlap_step, step_speculation
