@@ -123,7 +123,7 @@ def measure(args, progress=None) -> dict:
             order = [v[0] for v in variants]
             order = order[r % len(order):] + order[:r % len(order)]
             for label in order:
-                rows[label].append(step(engines[label], x, y))
+                rows[label].append(step(engines[label], x, y, finish=r == args.rounds - 1))
             if progress:
                 progress(f"round {r + 1}: " + ", ".join(f"{k} {rows[k][-1]['seconds']:.1f} s" for k in order))
         plans = {label: plan_of(engine) for label, engine in engines.items()}
@@ -156,14 +156,19 @@ def measure(args, progress=None) -> dict:
             "variants": results}
 
 
-def step(engine, x, y) -> dict:
-    """One forward + backward + step; its seconds and bytes moved (all transfers, and NVMe)."""
+def step(engine, x, y, finish: bool = True) -> dict:
+    """One forward + backward + step; its seconds and bytes moved (all transfers, and NVMe).
+
+    An overlapped step (``--overlap on``) is left pending unless ``finish`` (the last round):
+    ``engine.last_step`` would finish it at once, so its optimizer figures are then the previous
+    step's (finished by this backward) and its rest is applied, and timed, in the next forward."""
     stats = engine.manager.nvme.swap.stats
     moved, nvme = engine.manager.moved_bytes, stats["loaded_bytes"] + stats["stored_bytes"]
     t0 = time.perf_counter()
     engine.backward(engine(x, y))
     engine.step()
-    result = engine.last_step
+    overlapped = engine.adam.pending is not None and not finish
+    result = engine.adam.last_result if overlapped else engine.last_step
     return {"seconds": time.perf_counter() - t0, "moved_bytes": engine.manager.moved_bytes - moved,
             "nvme_bytes": stats["loaded_bytes"] + stats["stored_bytes"] - nvme, "optimizer_s": result.seconds,
             "optimizer_io_wait_s": result.io_wait_s, "depth": engine.nvme_plan.depth}

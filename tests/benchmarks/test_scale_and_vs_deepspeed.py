@@ -87,3 +87,25 @@ def test_without_deepspeed_it_says_so_and_runs_hetmem_alone(monkeypatch, tmp_pat
     assert result["summary"]["hetmem"]["disk_bytes_per_step"] > 0  # the state really is on NVMe
     assert "ratios" not in result
     assert "DeepSpeed is not importable" in nvme_vs_deepspeed.table(result)
+
+
+def test_hetmems_steps_run_overlapped_and_only_the_last_is_finished_early(monkeypatch, tmp_path):
+    """``engine.last_step`` finishes an overlapped step at once: the benchmark reads it only
+    after the last step, so every other step's rest runs in the next forward, as in training."""
+    import hetmem.engine
+
+    args = nvme_vs_deepspeed.build_parser().parse_args(
+        ["--dir", str(tmp_path), "--d-model", "128", "--layers", "4", "--block-size", "32", "--rounds", "1",
+         "--steps", "3", "--device-budget", "2MiB", "--host-budget", "6MiB"])
+    spec = nvme_vs_deepspeed.child_spec(args, str(tmp_path))
+    finished_early = []
+    real = hetmem.engine.Engine.last_step
+
+    def last_step(engine):
+        finished_early.append(engine.adam.pending is not None)
+        return real.fget(engine)
+
+    monkeypatch.setattr(hetmem.engine.Engine, "last_step", property(last_step))
+    result = nvme_vs_deepspeed.run_hetmem(spec)
+    assert finished_early == [True], finished_early  # once: the last step, which was pending
+    assert len(result["step_seconds"]) == 4 and result["optimizer_io_bytes_per_step"] > 0
