@@ -116,14 +116,14 @@ def measure(args, progress=None) -> dict:
             config = base.replace(chunk_size=chunk, nvme_pipeline_depth=depth, nvme_spill_ahead=spill,
                                   nvme_dir=os.path.join(root, label))
             engines[label] = hetmem.initialize(model, config, init_fn=model.init_weights)
-            rows[label].append(step(engines[label], *batches[0]))  # the warm-up step
+            record(rows[label], step(engines[label], *batches[0]))  # the warm-up step
             if progress:
                 progress(f"{label}: warm-up {rows[label][-1]['seconds']:.1f} s, depth {engines[label].nvme_plan.depth}")
         for r, (x, y) in enumerate(batches[1:]):
             order = [v[0] for v in variants]
             order = order[r % len(order):] + order[:r % len(order)]
             for label in order:
-                rows[label].append(step(engines[label], x, y, finish=r == args.rounds - 1))
+                record(rows[label], step(engines[label], x, y, finish=r == args.rounds - 1))
             if progress:
                 progress(f"round {r + 1}: " + ", ".join(f"{k} {rows[k][-1]['seconds']:.1f} s" for k in order))
         plans = {label: plan_of(engine) for label, engine in engines.items()}
@@ -156,22 +156,35 @@ def measure(args, progress=None) -> dict:
             "variants": results}
 
 
-def step(engine, x, y, finish: bool = True) -> dict:
-    """One forward + backward + step; its seconds and bytes moved (all transfers, and NVMe).
+def step(engine, x, y, finish: bool = True) -> tuple[dict, object]:
+    """One forward + backward + step: its row (seconds, bytes moved: all transfers, and NVMe;
+    the optimizer's figures) and the previous step's result (``StepResult``, finished by this
+    backward).
 
     An overlapped step (``--overlap on``) is left pending unless ``finish`` (the last round):
-    ``engine.last_step`` would finish it at once, so its optimizer figures are then the previous
-    step's (finished by this backward) and its rest is applied, and timed, in the next forward."""
+    ``engine.last_step`` would finish it at once.  Its rest is then applied, and timed, in the
+    next forward, and its optimizer figures are None until the next step's backward finishes it
+    (``record`` fills them in)."""
     stats = engine.manager.nvme.swap.stats
     moved, nvme = engine.manager.moved_bytes, stats["loaded_bytes"] + stats["stored_bytes"]
     t0 = time.perf_counter()
     engine.backward(engine(x, y))
+    previous = engine.adam.last_result
     engine.step()
-    overlapped = engine.adam.pending is not None and not finish
-    result = engine.adam.last_result if overlapped else engine.last_step
-    return {"seconds": time.perf_counter() - t0, "moved_bytes": engine.manager.moved_bytes - moved,
-            "nvme_bytes": stats["loaded_bytes"] + stats["stored_bytes"] - nvme, "optimizer_s": result.seconds,
-            "optimizer_io_wait_s": result.io_wait_s, "depth": engine.nvme_plan.depth}
+    own = engine.last_step if finish or engine.adam.pending is None else None
+    row = {"seconds": time.perf_counter() - t0, "moved_bytes": engine.manager.moved_bytes - moved,
+           "nvme_bytes": stats["loaded_bytes"] + stats["stored_bytes"] - nvme,
+           "optimizer_s": None if own is None else own.seconds,
+           "optimizer_io_wait_s": None if own is None else own.io_wait_s, "depth": engine.nvme_plan.depth}
+    return row, previous
+
+
+def record(rows: list[dict], taken: tuple[dict, object]) -> None:
+    """Append a step's row; an overlapped step before it gets its optimizer figures now."""
+    row, previous = taken
+    if rows and rows[-1]["optimizer_s"] is None and previous is not None:
+        rows[-1]["optimizer_s"], rows[-1]["optimizer_io_wait_s"] = previous.seconds, previous.io_wait_s
+    rows.append(row)
 
 
 def plan_of(engine) -> dict:

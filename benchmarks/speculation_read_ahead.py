@@ -8,8 +8,9 @@ backward's order.  Two settings of that read-ahead:
            they fit 0.9 of host_budget, and when they do not, the stores that make that room
            are started at once (Adam state of groups updated already or far from backward's
            reach) and a later moment reads them
-  before   the round before: the read-ahead groups after the next one only within 0.75 of
-           host_budget, no room made for them
+  before   the round before's settings: the read-ahead groups after the next one only within
+           0.75 of host_budget, no room made for them (in this round's code, which reads such a
+           group whole or not at all; the round before's could read part of one)
 
 Two engines (the same model, config and batches; state on NVMe in DIR, device 64 MiB, the GPT of
 ``nvme_train.py``: 151.5M parameters, bf16, batch 2 x 128, activation checkpointing, the
