@@ -412,6 +412,17 @@ class ChunkManager:
         landing = sum(c.nbytes for c in self.stores_in_flight())
         return self.bytes_on(Tier.HOST) - landing + nbytes - self.host_limit
 
+    def spill_early(self, candidates: Iterable[Chunk], nbytes: int) -> int:
+        """Start spilling ``candidates`` (spillable host chunks, in the order given) until at least
+        ``nbytes`` are on their way to NVMe; waits for nothing.  Returns the bytes sent."""
+        sent = 0
+        for chunk in candidates:
+            if sent >= nbytes:
+                break
+            self.move(chunk, Tier.NVME, cause="spill")
+            sent += chunk.nbytes
+        return sent
+
     @staticmethod
     def can_spill(chunk: Chunk) -> bool:
         """Whether a spill may take ``chunk`` now: in host memory, not pinned, not resident, nothing

@@ -331,11 +331,7 @@ class Speculation:
                       and manager.can_spill(c)]
         if sum(c.nbytes for c in candidates) < over:
             return  # the room is not there to make (parameters fill host_budget): store nothing
-        for chunk in sorted(candidates, key=self._spill_key()):
-            if over <= 0:
-                break
-            manager.move(chunk, Tier.NVME, cause="spill")
-            over -= chunk.nbytes
+        manager.spill_early(sorted(candidates, key=self._spill_key()), over)
 
     def _on_arrival(self, slot: ParamSlot) -> None:
         """A gradient is about to be routed: one for a group updated already (more than the

@@ -242,14 +242,7 @@ class StepPipeline:
         updated = {g.index for g in groups[:current + 1]}
         candidates = sorted((c for c in manager.chunks if c.group.index in updated and c.kind is not ChunkKind.PARAM
                              and manager.can_spill(c)), key=self._spill_order(groups, current + 1))
-        started = 0
-        for victim in candidates:
-            if over <= 0:
-                break
-            manager.move(victim, Tier.NVME, cause="spill")
-            over -= victim.nbytes
-            started += victim.nbytes
-        return started
+        return manager.spill_early(candidates, over)
 
     def _read_ahead_from(self, groups: list[ChunkGroup], start: int, stop: int) -> None:
         for group in groups[start:stop]:
