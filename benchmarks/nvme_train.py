@@ -60,9 +60,11 @@ from hetmem.train_job import state_bytes
 from hetmem.units import format_bytes, parse_size
 
 
-def add_model_arguments(p: argparse.ArgumentParser, dir_help: str) -> None:
-    """The GPT, batch and budgets of the NVMe benchmarks (also benchmarks/nvme_pipeline_plan.py)."""
-    p.add_argument("--dir", default=None, help=dir_help)
+def add_model_arguments(p: argparse.ArgumentParser, dir_help: str | None) -> None:
+    """The GPT, batch and budgets of the NVMe benchmarks (also benchmarks/nvme_pipeline_plan.py and
+    disk_beside_compute.py); ``--dir`` too unless ``dir_help`` is None (a positional folder)."""
+    if dir_help is not None:
+        p.add_argument("--dir", default=None, help=dir_help)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--block-size", type=int, default=128)

@@ -1,0 +1,248 @@
+"""How fast the disk moves a training step's own IO while the CPU computes beside it.
+
+``benchmarks/nvme_train.py`` measures the step's disk time by replaying the step's requests
+alone (hetmem/nvme/replay.py).  Inside training the disk works beside forward, backward and the
+Adam kernels; where the compute device is this CPU they share its cores and its memory
+bandwidth with the IO threads and the swap checksums.  This benchmark asks what that costs the
+disk itself: one steady NVMe optimizer step of the GPT of ``nvme_train.py`` is recorded (bf16,
+``overlap_step`` off), then its requests are replayed alone and beside a *load*, a child
+process that computes through the whole replay:
+
+  adam     hetmem's fused Adam kernel over 4M-element fp32 states in a loop (memory-bound,
+           what the step itself runs beside its IO)
+  matmul   a 1024x1024 @ 1024x4096 float32 matmul in a loop on every core (compute-bound, like
+           forward and backward)
+
+each at niceness 0 (competing equally with the IO threads) and 19 (yielding to them).  Rounds
+run every load once, in an order reversed each round, with a replay alone in every round (each
+measurement replays the step as often as fills a second); the
+figure per load is the median over rounds of its replay rate over that round's alone rate
+(paired), and the load's CPU use during its replays (cores: its CPU seconds over the replay's
+wall time) shows that it ran.
+
+    python benchmarks/disk_beside_compute.py DIR [--rounds 3] [--loads adam/0,adam/19,...] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+if __name__ == "__main__" and not __package__:  # run as a file: use this checkout's hetmem
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REPO = str(Path(__file__).resolve().parent.parent)
+# the child processes' code: each computes until killed
+LOAD_CODE = {
+    "adam": ("import sys; sys.path.insert(0, {repo!r})\n"
+             "import torch\nfrom hetmem.ops.adam import adam_step\n"
+             "n = 4 << 20\nw, g, m, v = (torch.randn(n) for _ in range(4))\n"
+             "g = g.bfloat16(); out = torch.empty(n, dtype=torch.bfloat16)\n"
+             "while True:\n"
+             "    adam_step(w, g, m, v, step=1, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,\n"
+             "              decoupled=True, grad_scale=1.0, out=out, bias_correction=True)\n"),
+    "matmul": ("import os, torch\ntorch.set_num_threads(os.cpu_count() or 1)\n"
+               "a, b = torch.randn(1024, 1024), torch.randn(1024, 4096)\n"
+               "while True:\n    a @ b\n"),
+}
+NICE = (0, 19)
+MIN_SECONDS = 1.0  # each measurement replays the step at least this long
+DEFAULT_LOADS = [f"{kind}/{nice}" for kind in LOAD_CODE for nice in NICE]
+
+
+def parse_loads(text: str) -> list[str]:
+    loads = [item.strip() for item in text.split(",") if item.strip()]
+    for load in loads:
+        kind, _, nice = load.partition("/")
+        if kind not in LOAD_CODE or nice not in {str(n) for n in NICE}:
+            raise argparse.ArgumentTypeError(
+                f"load {load!r} is not one of {', '.join(DEFAULT_LOADS)}; give them comma-separated")
+    if not loads:
+        raise argparse.ArgumentTypeError(f"no load given; choose from {', '.join(DEFAULT_LOADS)}")
+    return loads
+
+
+def parse_args(argv):
+    from hetmem.benchmarks.nvme_train import add_model_arguments
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("dir", help="a folder on the disk to test (the swap and replay files are removed after)")
+    add_model_arguments(p, None)  # nvme_train.py's GPT, batch and budgets
+    p.add_argument("--rounds", type=int, default=3, help="passes over the loads, each with a replay alone")
+    p.add_argument("--loads", type=parse_loads, default=DEFAULT_LOADS,
+                   help=f"comma-separated, from {','.join(DEFAULT_LOADS)} (kind/niceness)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    if min(args.rounds, args.d_model, args.layers, args.block_size, args.batch_size) < 1:
+        p.error("--rounds, --d-model, --layers, --block-size and --batch-size must be >= 1")
+    from hetmem._core.units import parse_size
+
+    for key in ("device_budget", "host_budget"):
+        try:
+            parse_size(getattr(args, key), key="--" + key.replace("_", "-"))
+        except ValueError as exc:
+            p.error(str(exc))
+    return args
+
+
+def record_step(args, folder: str):
+    """One steady synchronous optimizer step's swap requests (after a warm-up step), and the
+    engine's IO settings."""
+    import torch
+
+    import hetmem
+    from hetmem.corpus import load_corpus, random_batch
+    from hetmem.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
+                    d_model=args.d_model, checkpoint=True)
+    config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
+                           nvme_dir=folder, dtype=args.dtype, memory_trace=False, overlap_step=False,
+                           optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
+    data, gen = load_corpus(), torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    engine = hetmem.initialize(model, config, init_fn=model.init_weights)
+    try:
+        for step in range(2):
+            engine.backward(engine(*random_batch(data, args.batch_size, args.block_size, gen)))
+            if step == 0:
+                engine.step()
+                continue
+            with engine.manager.nvme.swap.recording() as recorder:
+                engine.step()
+        buffer_kind = engine.manager.nvme.buffer_stats()["kind"]
+    finally:
+        engine.close(keep_weights=False)
+    if not recorder.records:
+        raise ValueError(f"the step moved nothing to or from NVMe at host_budget={args.host_budget}: the state "
+                         f"fits host memory; lower --host-budget so that the step uses the disk")
+    return list(recorder.records), config, buffer_kind
+
+
+class Load:
+    """A child process computing ``kind`` at ``nice`` until stopped; its CPU seconds are read."""
+
+    def __init__(self, kind: str, nice: int):
+        code = LOAD_CODE[kind].format(repo=REPO)
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(nice))
+        self._ps = psutil.Process(self.process.pid)
+        deadline = time.monotonic() + 30.0
+        while self.cpu_s() < 0.3:  # started: imports done, computing
+            if self.process.poll() is not None:
+                lines = self.process.stderr.read().decode(errors="replace").strip().splitlines() or ["no output"]
+                self.process.stderr.close()
+                raise RuntimeError(f"the {kind!r} load exited at once ({lines[-1][-300:]}); run "
+                                   f"benchmarks/disk_beside_compute.py from a checkout whose hetmem imports")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the {kind!r} load did not start computing within 30 s")
+            time.sleep(0.05)
+
+    def cpu_s(self) -> float:
+        times = self._ps.cpu_times()
+        return times.user + times.system
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stderr.close()
+
+
+def measure(args, progress=None) -> dict:
+    from hetmem.nvme.replay import replay
+
+    os.makedirs(args.dir, exist_ok=True)
+    folder = os.path.join(args.dir, "disk-beside-compute")
+    try:
+        records, config, buffer_kind = record_step(args, os.path.join(folder, "swap"))
+
+        def replay_for(seconds: float) -> dict:
+            """The step replayed as often as needed to fill ``seconds`` (a small model's step is too
+            short to time, or to read a load's CPU time over): its total time and rate."""
+            total_s = total_bytes = count = 0
+            out = {}
+            while total_s < seconds:
+                out = replay(records, folder, backend=config.nvme_backend, block_size=config.nvme_block_size,
+                             queue_depth=config.nvme_queue_depth, threads=config.nvme_threads,
+                             lock=config.nvme_lock_buffers)
+                total_s, total_bytes, count = total_s + out["seconds"], total_bytes + out["bytes"], count + 1
+            backends.add(out["backend"])
+            return {"seconds": total_s, "bytes_per_s": total_bytes / total_s, "replays": count}
+
+        backends: set[str] = set()  # the backend the replays resolved "auto" to
+        order = ["none", *args.loads]
+        rows = {name: [] for name in order}
+        for r in range(args.rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                load = None if name == "none" else Load(name.split("/")[0], int(name.split("/")[1]))
+                try:
+                    before, started = (load.cpu_s() if load else 0.0), time.perf_counter()
+                    out = replay_for(MIN_SECONDS)
+                    # the load's CPU seconds over the wall time of the replays (and the files' setup)
+                    cores = (load.cpu_s() - before) / (time.perf_counter() - started) if load else 0.0
+                finally:
+                    if load:
+                        load.stop()
+                rows[name].append({"round": r, "seconds": out["seconds"], "replays": out["replays"],
+                                   "bytes_per_s": out["bytes_per_s"], "load_cores": cores})
+                if progress:
+                    progress(f"round {r + 1}: {name}: {out['bytes_per_s'] / 1e9:.2f} GB/s")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    alone = {row["round"]: row["bytes_per_s"] for row in rows["none"]}
+    loads = {}
+    for name in order:
+        ratios = [row["bytes_per_s"] / alone[row["round"]] for row in rows[name]]
+        loads[name] = {"bytes_per_s": statistics.median(row["bytes_per_s"] for row in rows[name]),
+                       "vs_alone": statistics.median(ratios), "vs_alone_range": [min(ratios), max(ratios)],
+                       "load_cores": statistics.median(row["load_cores"] for row in rows[name]), "rows": rows[name]}
+    return {"benchmark": "disk_beside_compute", "cores": os.cpu_count(),
+            "step": {"requests": len(records), "bytes": sum(r.nbytes for r in records),
+                     "buffer_kind": buffer_kind, "backend": ", ".join(sorted(backends)),
+                     "model": {"d_model": args.d_model, "layers": args.layers, "dtype": args.dtype,
+                               "host_budget": args.host_budget}},
+            "rounds": args.rounds, "loads": loads}
+
+
+def table(result: dict) -> str:
+    step = result["step"]
+    lines = [f"one steady optimizer step's own IO: {step['requests']} requests, {step['bytes'] / 1e9:.2f} GB "
+             f"[{step['buffer_kind']}, {step['backend']}], replayed alone and beside each load, {result['rounds']} rounds "
+             f"({result['cores']} cores)",
+             f"{'load':<12} {'GB/s (median)':>13} {'/ alone (paired median, range)':>32} {'load on cores':>14}"]
+    for name, row in result["loads"].items():
+        low, high = row["vs_alone_range"]
+        paired = "" if name == "none" else f"{row['vs_alone']:.3f} ({low:.3f}-{high:.3f})"
+        cores = "" if name == "none" else f"{row['load_cores']:.2f}"
+        lines.append(f"{name:<12} {row['bytes_per_s'] / 1e9:>13.2f} {paired:>32} {cores:>14}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    progress = None if args.json else (lambda msg: print("  " + msg, file=sys.stderr, flush=True))
+    try:
+        result = measure(args, progress)
+    except (ValueError, RuntimeError) as exc:
+        print(f"disk_beside_compute: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the folder: not creatable, full, read-only
+        print(f"disk_beside_compute: {args.dir!r} cannot hold the swap and replay files ({exc}); give a "
+              f"writable folder on the disk to test", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
