@@ -31,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,25 +136,36 @@ class Load:
         code = LOAD_CODE[kind].format(repo=REPO)
         self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(nice))
-        self._ps = psutil.Process(self.process.pid)
+        try:
+            self._wait_started(kind)
+        except BaseException:  # an error or an interrupt while it starts: the child goes too
+            self.stop()
+            raise
+
+    def _wait_started(self, kind: str) -> None:
         deadline = time.monotonic() + 30.0
-        while self.cpu_s() < 0.3:  # started: imports done, computing
+        while True:
             if self.process.poll() is not None:
                 lines = self.process.stderr.read().decode(errors="replace").strip().splitlines() or ["no output"]
-                self.process.stderr.close()
                 raise RuntimeError(f"the {kind!r} load exited at once ({lines[-1][-300:]}); run "
                                    f"benchmarks/disk_beside_compute.py from a checkout whose hetmem imports")
+            if self.cpu_s() >= 0.3:  # started: imports done, computing
+                return
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"the {kind!r} load did not start computing within 30 s")
             time.sleep(0.05)
 
     def cpu_s(self) -> float:
-        times = self._ps.cpu_times()
+        """The child's CPU seconds so far (0 once it is gone)."""
+        try:
+            times = psutil.Process(self.process.pid).cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
         return times.user + times.system
 
     def stop(self) -> None:
-        self.process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
         self.process.wait()
         self.process.stderr.close()
 
@@ -162,7 +174,7 @@ def measure(args, progress=None) -> dict:
     from hetmem.nvme.replay import replay
 
     os.makedirs(args.dir, exist_ok=True)
-    folder = os.path.join(args.dir, "disk-beside-compute")
+    folder = tempfile.mkdtemp(prefix="disk-beside-compute-", dir=args.dir)  # removed at the end: only ours
     try:
         records, config, buffer_kind = record_step(args, os.path.join(folder, "swap"))
 

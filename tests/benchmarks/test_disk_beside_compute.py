@@ -34,6 +34,15 @@ def test_replays_alone_and_beside_a_computing_load_paired_by_round(tmp_path, cap
     assert not any(tmp_path.iterdir()), "the swap and replay files are removed"
 
 
+def test_only_its_own_files_are_removed(tmp_path, capsys):
+    mine = tmp_path / "disk-beside-compute"  # a folder of the user's with the benchmark's name
+    mine.mkdir()
+    (mine / "keep.txt").write_text("data")
+    assert bench.main([str(tmp_path), *TOY, "--rounds", "1", "--loads", "matmul/19", "--json"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk-beside-compute"]
+    assert (mine / "keep.txt").read_text() == "data"
+
+
 @pytest.mark.parametrize("argv,message", [(["--loads", "adam/5"], "load 'adam/5' is not one of"),
                                           (["--loads", ","], "no load given"),
                                           (["--rounds", "0"], "must be >= 1"),
