@@ -17,8 +17,9 @@ each at niceness 0 (competing equally with the IO threads) and 19 (yielding to t
 run every load once, in an order reversed each round, with a replay alone in every round (each
 measurement replays the step as often as fills a second); the
 figure per load is the median over rounds of its replay rate over that round's alone rate
-(paired), and the load's CPU use during its replays (cores: its CPU seconds over the replay's
-wall time) shows that it ran.
+(paired), and the load's CPU use (cores: its CPU seconds over the measurement's wall time, the
+replays' setup included) shows that it ran.  A load starts when its child process has set up and
+run one iteration; a load that stops before the end of its measurement is an error.
 
     python benchmarks/disk_beside_compute.py DIR [--rounds 3] [--loads adam/0,adam/19,...] [--json]
 """
@@ -29,6 +30,8 @@ import json
 import os
 import shutil
 import statistics
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,21 +44,28 @@ if __name__ == "__main__" and not __package__:  # run as a file: use this checko
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = str(Path(__file__).resolve().parent.parent)
-# the child processes' code: each computes until killed
+# the child processes' code: each sets its niceness, dies with its parent (Linux), sets up, runs
+# one iteration, prints "ready" and computes until killed
+PRELUDE = ("import ctypes, os, sys\n"
+           "os.nice({nice})\n"
+           "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL\n"
+           "except (OSError, AttributeError):\n    pass\n"
+           "sys.path.insert(0, {repo!r})\n")
 LOAD_CODE = {
-    "adam": ("import sys; sys.path.insert(0, {repo!r})\n"
-             "import torch\nfrom hetmem.ops.adam import adam_step\n"
+    "adam": ("import torch\nfrom hetmem.ops.adam import adam_step\n"
              "n = 4 << 20\nw, g, m, v = (torch.randn(n) for _ in range(4))\n"
              "g = g.bfloat16(); out = torch.empty(n, dtype=torch.bfloat16)\n"
-             "while True:\n"
+             "def work():\n"
              "    adam_step(w, g, m, v, step=1, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,\n"
              "              decoupled=True, grad_scale=1.0, out=out, bias_correction=True)\n"),
-    "matmul": ("import os, torch\ntorch.set_num_threads(os.cpu_count() or 1)\n"
+    "matmul": ("import torch\ntorch.set_num_threads(os.cpu_count() or 1)\n"
                "a, b = torch.randn(1024, 1024), torch.randn(1024, 4096)\n"
-               "while True:\n    a @ b\n"),
+               "def work():\n    a @ b\n"),
 }
+LOOP = "work()\nprint('ready', flush=True)\nwhile True:\n    work()\n"
 NICE = (0, 19)
 MIN_SECONDS = 1.0  # each measurement replays the step at least this long
+START_TIMEOUT_S = 60.0  # a load's setup (torch's import) and first iteration
 DEFAULT_LOADS = [f"{kind}/{nice}" for kind in LOAD_CODE for nice in NICE]
 
 
@@ -68,6 +78,9 @@ def parse_loads(text: str) -> list[str]:
                 f"load {load!r} is not one of {', '.join(DEFAULT_LOADS)}; give them comma-separated")
     if not loads:
         raise argparse.ArgumentTypeError(f"no load given; choose from {', '.join(DEFAULT_LOADS)}")
+    twice = sorted({load for load in loads if loads.count(load) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"load {twice[0]!r} is given twice; give each load once")
     return loads
 
 
@@ -84,6 +97,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if min(args.rounds, args.d_model, args.layers, args.block_size, args.batch_size) < 1:
         p.error("--rounds, --d-model, --layers, --block-size and --batch-size must be >= 1")
+    if args.d_model % max(1, args.d_model // 64):  # the GPT's heads are d_model // 64 wide
+        p.error(f"--d-model {args.d_model} must be below 128 or a multiple of its {args.d_model // 64} heads "
+                f"(d_model // 64); try {args.d_model // 64 * 64}")
     from hetmem._core.units import parse_size
 
     for key in ("device_budget", "host_budget"):
@@ -133,9 +149,10 @@ class Load:
     """A child process computing ``kind`` at ``nice`` until stopped; its CPU seconds are read."""
 
     def __init__(self, kind: str, nice: int):
-        code = LOAD_CODE[kind].format(repo=REPO)
-        self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(nice))
+        self.kind = kind
+        code = "\n".join([PRELUDE.format(nice=nice, repo=REPO), LOAD_CODE[kind], LOOP])
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
         try:
             self._wait_started(kind)
         except BaseException:  # an error or an interrupt while it starts: the child goes too
@@ -143,17 +160,27 @@ class Load:
             raise
 
     def _wait_started(self, kind: str) -> None:
-        deadline = time.monotonic() + 30.0
-        while True:
-            if self.process.poll() is not None:
-                lines = self.process.stderr.read().decode(errors="replace").strip().splitlines() or ["no output"]
-                raise RuntimeError(f"the {kind!r} load exited at once ({lines[-1][-300:]}); run "
-                                   f"benchmarks/disk_beside_compute.py from a checkout whose hetmem imports")
-            if self.cpu_s() >= 0.3:  # started: imports done, computing
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the {kind!r} load did not start computing within 30 s")
-            time.sleep(0.05)
+        """Until the child prints "ready" (set up, one iteration done: computing from now on)."""
+        ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else b""
+        if line.strip() == b"ready":
+            return
+        if self.process.poll() is None and not ready:
+            raise RuntimeError(f"the {kind!r} load did not start computing within {START_TIMEOUT_S:.0f} s")
+        self.process.wait()
+        raise RuntimeError(f"the {kind!r} load exited at once ({self._last_error()}); run "
+                           f"benchmarks/disk_beside_compute.py from a checkout whose hetmem imports")
+
+    def _last_error(self) -> str:
+        lines = self.process.stderr.read().decode(errors="replace").strip().splitlines() or ["no output"]
+        return lines[-1][-300:]
+
+    def check_alive(self) -> None:
+        """Raise if the child stopped computing before it was stopped (its figure would be wrong)."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the {self.kind!r} load exited during its measurement (exit status "
+                               f"{self.process.returncode}: {self._last_error()}); its figure would not be "
+                               f"beside compute, so none is given")
 
     def cpu_s(self) -> float:
         """The child's CPU seconds so far (0 once it is gone)."""
@@ -167,13 +194,15 @@ class Load:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        self.process.stdout.close()
         self.process.stderr.close()
 
 
 def measure(args, progress=None) -> dict:
     from hetmem.nvme.replay import replay
 
-    os.makedirs(args.dir, exist_ok=True)
+    if not os.path.isdir(args.dir):
+        raise ValueError(f"{args.dir!r} is not a folder; give an existing folder on the disk to test")
     folder = tempfile.mkdtemp(prefix="disk-beside-compute-", dir=args.dir)  # removed at the end: only ours
     try:
         records, config, buffer_kind = record_step(args, os.path.join(folder, "swap"))
@@ -189,9 +218,11 @@ def measure(args, progress=None) -> dict:
                              lock=config.nvme_lock_buffers)
                 total_s, total_bytes, count = total_s + out["seconds"], total_bytes + out["bytes"], count + 1
             backends.add(out["backend"])
+            kinds.add(out["buffer_kind"])
             return {"seconds": total_s, "bytes_per_s": total_bytes / total_s, "replays": count}
 
         backends: set[str] = set()  # the backend the replays resolved "auto" to
+        kinds: set[str] = set()     # the buffers the replays used
         order = ["none", *args.loads]
         rows = {name: [] for name in order}
         for r in range(args.rounds):
@@ -200,8 +231,11 @@ def measure(args, progress=None) -> dict:
                 try:
                     before, started = (load.cpu_s() if load else 0.0), time.perf_counter()
                     out = replay_for(MIN_SECONDS)
-                    # the load's CPU seconds over the wall time of the replays (and the files' setup)
+                    # the load's CPU seconds over the wall time of the measurement (the replays and
+                    # the setup of each: buffers, the scratch file's layout)
                     cores = (load.cpu_s() - before) / (time.perf_counter() - started) if load else 0.0
+                    if load:
+                        load.check_alive()
                 finally:
                     if load:
                         load.stop()
@@ -220,7 +254,8 @@ def measure(args, progress=None) -> dict:
                        "load_cores": statistics.median(row["load_cores"] for row in rows[name]), "rows": rows[name]}
     return {"benchmark": "disk_beside_compute", "cores": os.cpu_count(),
             "step": {"requests": len(records), "bytes": sum(r.nbytes for r in records),
-                     "buffer_kind": buffer_kind, "backend": ", ".join(sorted(backends)),
+                     "buffer_kind": ", ".join(sorted(kinds)), "engine_buffer_kind": buffer_kind,
+                     "backend": ", ".join(sorted(backends)),
                      "model": {"d_model": args.d_model, "layers": args.layers, "dtype": args.dtype,
                                "host_budget": args.host_budget}},
             "rounds": args.rounds, "loads": loads}
@@ -240,18 +275,34 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+class _Terminated(Exception):
+    """SIGTERM or SIGHUP: raised in the main thread so that the loads and files are cleaned up."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     progress = None if args.json else (lambda msg: print("  " + msg, file=sys.stderr, flush=True))
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = measure(args, progress)
     except (ValueError, RuntimeError) as exc:
         print(f"disk_beside_compute: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the folder: not creatable, full, read-only
+    except OSError as exc:  # the folder: full, read-only
         print(f"disk_beside_compute: {args.dir!r} cannot hold the swap and replay files ({exc}); give a "
               f"writable folder on the disk to test", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, _Terminated) as exc:
+        why = str(exc) or "Ctrl-C"
+        print(f"disk_beside_compute: stopped by {why}; its loads were stopped and its files removed", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 

@@ -69,10 +69,29 @@ def test_a_load_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_folder_that_cannot_hold_the_files_is_one_line(tmp_path, capsys):
+def test_a_path_that_is_not_a_folder_is_one_line_and_nothing_is_created(tmp_path, capsys):
     taken = tmp_path / "a-file"
     taken.write_text("not a folder")
-    assert bench.main([str(taken), *TOY, "--rounds", "1"]) == 2
+    missing = tmp_path / "typo" / "nvme"
+    for path in (taken, missing):
+        assert bench.main([str(path), *TOY, "--rounds", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not a folder; give an existing folder" in err
+    assert taken.read_text() == "not a folder" and not (tmp_path / "typo").exists()
+
+
+def test_a_load_that_stops_during_its_measurement_is_an_error(tmp_path, capsys, monkeypatch):
+    stops = "import time\nT0 = time.time()\ndef work():\n    time.sleep(0.01)\n    if time.time() - T0 > 0.2:\n        sys.exit(3)\n"
+    monkeypatch.setitem(bench.LOAD_CODE, "matmul", stops)
+    assert bench.main([str(tmp_path), *TOY, "--rounds", "1", "--loads", "matmul/0", "--json"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot hold the swap and replay files" in err
-    assert taken.read_text() == "not a folder"
+    assert err.count("\n") == 1 and "the 'matmul' load exited during its measurement (exit status 3" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv,message", [(["--loads", "adam/0,adam/0"], "load 'adam/0' is given twice"),
+                                          (["--d-model", "200"], "--d-model 200 must be below 128 or a multiple")])
+def test_more_bad_arguments_are_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bench.main([str(tmp_path), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
