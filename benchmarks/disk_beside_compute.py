@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -137,8 +138,13 @@ def record_step(args, folder: str):
             with engine.manager.nvme.swap.recording() as recorder:
                 engine.step()
         buffer_kind = engine.manager.nvme.buffer_stats()["kind"]
-    finally:
-        engine.close(keep_weights=False)
+    except BaseException:
+        try:
+            engine.close(keep_weights=False)
+        except OSError as exc:  # a transfer the error (or Ctrl-C) cut short: the first error is the one raised
+            logging.getLogger("hetmem.benchmarks").debug("closing the engine after an error: %s", exc)
+        raise
+    engine.close(keep_weights=False)
     if not recorder.records:
         raise ValueError(f"the step moved nothing to or from NVMe at host_budget={args.host_budget}: the state "
                          f"fits host memory; lower --host-budget so that the step uses the disk")

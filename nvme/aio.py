@@ -120,9 +120,13 @@ class Request:
             return False  # another thread is finishing it (e.g. a swap space's checksum worker)
         try:
             if not self._finished:
-                if not self.file._engine.poll(self._id)[0]:
+                try:
+                    landed = self.file._engine.poll(self._id)[0]
+                except IndexError:  # its status was taken by an interrupted wait (_take_status)
+                    landed = True
+                if not landed:
                     return False
-                self._finish(self.file._engine.wait(self._id))  # already done: returns at once
+                self._finish(self._take_status())  # already done: returns at once
         finally:
             self._lock.release()
         return True
@@ -154,7 +158,19 @@ class Request:
         if not self._finished:
             with self._lock, torch.profiler.record_function(f"hetmem::nvme_wait_{self.op}"):
                 if not self._finished:
-                    self._finish(self.file._engine.wait(self._id))
+                    self._finish(self._take_status())
+
+    def _take_status(self) -> tuple:
+        """The engine's final status of this request (the engine forgets the request then).  A wait
+        broken off between the engine handing the status over and ``_finish`` recording it (Ctrl-C:
+        Python raises KeyboardInterrupt as the engine's call returns) leaves the engine with no such
+        request: its outcome is unknown, so it counts as failed (EINTR), never as done, and the file
+        can still be closed."""
+        try:
+            return self.file._engine.wait(self._id)
+        except IndexError:  # "unknown request id": its status was taken by a wait that was interrupted
+            logger.warning("the completion of %r was lost to an interrupted wait; counted as failed", self)
+            return (True, errno_module.EINTR, False, 0, self.offset, self.nbytes, 0)
 
     def _finish(self, status: tuple) -> None:
         _, err, is_short, moved, fail_offset, fail_length, fail_moved = status
