@@ -118,10 +118,10 @@ def record_step(args, folder: str):
 
     import hetmem
     from hetmem.corpus import load_corpus, random_batch
-    from hetmem.models.gpt import GPT, GPTConfig
+    from hetmem.benchmarks.nvme_train import gpt_config
+    from hetmem.models.gpt import GPT
 
-    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
-                    d_model=args.d_model, checkpoint=True)
+    cfg = gpt_config(args)
     config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
                            nvme_dir=folder, dtype=args.dtype, memory_trace=False, overlap_step=False,
                            optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))

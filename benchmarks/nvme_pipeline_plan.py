@@ -44,7 +44,7 @@ from hetmem.corpus import load_corpus, random_batch
 from hetmem.device import resolve_budgets, resolve_device
 from hetmem.engine import CHUNKS_PER_BUDGET
 from hetmem.layout import collect_parameters
-from hetmem.benchmarks.nvme_train import add_model_arguments
+from hetmem.benchmarks.nvme_train import add_model_arguments, gpt_config
 from hetmem.models.gpt import GPT, GPTConfig
 from hetmem.nvme.pipeline_plan import MAX_SPILL_AHEAD, SPILL_AHEAD, check_spill_ahead
 from hetmem.units import format_bytes
@@ -92,8 +92,7 @@ def parse_variant(text: str, old: int) -> tuple[str, int | str, int | str, int]:
 
 def measure(args, progress=None) -> dict:
     root = args.dir or tempfile.mkdtemp(prefix="hetmem-pipeline-plan-")
-    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
-                    d_model=args.d_model, checkpoint=True)
+    cfg = gpt_config(args)
     base = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,
                          nvme_dir=root, dtype=args.dtype, memory_trace=False, overlap_step=args.overlap == "on",
                          optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))

@@ -74,6 +74,12 @@ def add_model_arguments(p: argparse.ArgumentParser, dir_help: str | None) -> Non
     p.add_argument("--host-budget", default="384MiB")
 
 
+def gpt_config(args) -> GPTConfig:
+    """The GPT that ``add_model_arguments``' arguments describe (heads 64 wide, activation checkpointing)."""
+    return GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
+                     d_model=args.d_model, checkpoint=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(p, "folder for the swap space (default: a temporary folder)")
@@ -174,8 +180,7 @@ def step_disk(directory: str, config: hetmem.Config, records: list) -> dict:
 def measure(args, progress=None) -> dict:
     directory = args.dir or tempfile.mkdtemp(prefix="hetmem-nvme-train-")
     os.makedirs(directory, exist_ok=True)
-    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
-                    d_model=args.d_model, checkpoint=True)
+    cfg = gpt_config(args)
     chunk_size = int(args.chunk_size) if args.chunk_size.isdigit() else args.chunk_size
     depth = int(args.pipeline_depth) if args.pipeline_depth.isdigit() else args.pipeline_depth
     config = hetmem.Config(device="cpu", device_budget=args.device_budget, host_budget=args.host_budget,

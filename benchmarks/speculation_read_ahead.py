@@ -64,10 +64,10 @@ def parse_args(argv):
 
 def _engine(args, name: str, folder: str):
     import hetmem
-    from hetmem.models.gpt import GPT, GPTConfig
+    from hetmem.benchmarks.nvme_train import gpt_config
+    from hetmem.models.gpt import GPT
 
-    cfg = GPTConfig(block_size=args.block_size, n_layer=args.layers, n_head=max(1, args.d_model // 64),
-                    d_model=args.d_model, checkpoint=True)
+    cfg = gpt_config(args)
     config = hetmem.Config(device="cpu", device_budget="64MiB", host_budget=args.host_budget, dtype="bf16",
                            nvme_dir=folder, memory_trace=False, optimizer=hetmem.AdamConfig(lr=1e-4, weight_decay=0.1))
     torch.manual_seed(0)
